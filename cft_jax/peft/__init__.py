@@ -1,0 +1,61 @@
+"""Parameter-efficient fine-tuning: which leaves train, and splitting params before ``grad``.
+
+The trainer differentiates only the trainable subtree; frozen leaves are closed over as constants,
+so they get no gradient and no optimiser state (the memory saving of PEFT). Selection is by path:
+
+- ``lora``: leaves whose path contains ``lora`` (``lora_a``/``lora_b`` of :class:`LoRADense`)
+  plus the classifier ``head``;
+- ``linear_probe``: the ``head`` only (frozen backbone);
+- ``full``: every parameter (full fine-tuning baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+from flax import traverse_util
+
+PyTree = Any
+PEFT_METHODS = ("lora", "linear_probe", "full")
+
+
+def is_trainable(path: Tuple[str, ...], peft_name: str) -> bool:
+  """Whether the parameter at ``path`` (tuple of keys) trains under ``peft_name``.
+
+  Raises:
+    ValueError: for an unknown ``peft_name``.
+  """
+  if peft_name == "full":
+    return True
+  if peft_name == "linear_probe":
+    return path[0] == "head"
+  if peft_name == "lora":
+    return path[0] == "head" or any("lora" in p for p in path)
+  raise ValueError(f"unknown peft.name '{peft_name}'; known: {list(PEFT_METHODS)}")
+
+
+def split_params(params: Dict, peft_name: str) -> Tuple[Dict, Dict]:
+  """Splits a nested param dict into ``(trainable, frozen)`` nested dicts by :func:`is_trainable`.
+
+  Raises:
+    ValueError: if nothing would train (e.g. ``lora`` on a model without LoRA leaves or head).
+  """
+  flat = traverse_util.flatten_dict(params)
+  trainable = {k: v for k, v in flat.items() if is_trainable(k, peft_name)}
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  if not trainable:
+    raise ValueError(f"peft.name='{peft_name}' selects no trainable parameter in this model")
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Dict, frozen: Dict) -> Dict:
+  """Inverse of :func:`split_params`: one nested dict with the leaves of both."""
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def count_params(tree: PyTree) -> int:
+  """Number of scalars in a pytree of arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

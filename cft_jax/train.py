@@ -1,0 +1,386 @@
+"""Class-incremental fine-tuning: jitted pure steps, the per-task loop, evaluation, resume.
+
+Reads top to bottom in stages: data -> scenario -> model -> PEFT split -> optimiser -> steps ->
+checkpoint/resume -> task loop (train, evaluate every seen task, save) -> metrics.
+
+The train step is a pure function of ``(state, frozen, batch, task_lo, step, total_steps, rng)``;
+``task_lo``, ``step`` and ``total_steps`` are traced scalars, so the step compiles once for the
+whole run (every task has the same number of classes ``k``; the local loss slices
+``logits[:, task_lo:task_lo + k]`` with ``lax.dynamic_slice_in_dim``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from cft_jax import metrics as metrics_lib
+from cft_jax import objectives
+from cft_jax import peft
+from cft_jax import scenarios
+from cft_jax.checkpoint import TaskCheckpointer
+from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
+from cft_jax.models import build_model
+
+PyTree = Any
+LOSS_TRAINER_KEYS = ("name", "schedule_scope")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Trainable state; frozen weights live outside it (they never change).
+
+  Attributes:
+    step: global optimisation step (int32 scalar).
+    params: the trainable parameter subtree (see :func:`cft_jax.peft.split_params`).
+    opt_state: optax state of ``params`` only.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
+  ``grad_clip``, ``momentum``).
+
+  Raises:
+    ValueError: for an unknown optimiser name.
+  """
+  name = optim.get("name", "adam")
+  lr = optim.learning_rate
+  wd = optim.get("weight_decay", 0.0)
+  if name == "adam":
+    tx = optax.adam(lr) if not wd else optax.adamw(lr, weight_decay=wd)
+  elif name == "adamw":
+    tx = optax.adamw(lr, weight_decay=wd)
+  elif name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(),
+                     optax.sgd(lr, momentum=optim.get("momentum", 0.9)))
+  else:
+    raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
+  clip = optim.get("grad_clip", 0.0)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx
+
+
+def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
+                    tx: optax.GradientTransformation, classes_per_task: int) -> Callable:
+  """Builds the jitted train step.
+
+  The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
+  total_steps, rng) -> (state, metrics)`` takes ``images [B,h,w,c] uint8``, incremental
+  ``labels [B]`` inside ``[task_lo, task_lo + k)``, ``mask [B]`` (False: padding), and returns
+  the new state and scalar metrics ``loss``, ``accuracy`` (local, %), ``entropy`` (nats),
+  ``alpha`` (aEPG weight of CE). The loss is the masked mean of the per-example local loss
+  (SPEC §1 "Local loss").
+  """
+  k = classes_per_task
+
+  def loss_and_metrics(params, frozen, images, labels, mask, task_lo, step_in_task,
+                       total_steps, rng):
+    rng_aug, rng_drop, rng_loss = jax.random.split(rng, 3)
+    x = preprocess(images, rng_aug, train=True)
+    variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
+    logits = apply_fn(variables, x, train=True, rngs={"dropout": rng_drop})
+    local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
+    local_labels = labels - task_lo
+    per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
+                               rng=rng_loss)
+    w = mask.astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    loss = jnp.sum(per_example * w) / denom
+    acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
+    return loss, dict(loss=loss, accuracy=acc, entropy=aux["entropy"], alpha=aux["alpha"])
+
+  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng):
+    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
+        state.params, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
+                   num_classes: int) -> Callable:
+  """Builds the jitted evaluation step.
+
+  ``eval_step(params, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
+  number of correct class-IL predictions (argmax over the ``num_seen`` classes seen so far) and
+  task-IL predictions (argmax over the task's ``k`` classes ``[task_lo, task_lo + k)``), counting
+  only ``mask`` entries.
+  """
+  k = classes_per_task
+
+  def eval_step(params, frozen, images, labels, mask, num_seen, task_lo):
+    x = preprocess(images, train=False)
+    variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
+    logits = apply_fn(variables, x, train=False)
+    cls = jnp.arange(num_classes)
+    neg = jnp.finfo(logits.dtype).min
+    class_il = jnp.argmax(jnp.where(cls < num_seen, logits, neg), -1)
+    in_task = (cls >= task_lo) & (cls < task_lo + k)
+    task_il = jnp.argmax(jnp.where(in_task, logits, neg), -1)
+    return jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
+
+  return jax.jit(eval_step)
+
+
+class ConfigMismatchError(ValueError):
+  """Resuming a workdir with a configuration that changes what was trained."""
+
+
+RESUME_KEYS = ("seed", "scenario", "data", "model", "peft", "loss", "optim", "train")
+# Keys that may change between a run and its resumption (they do not change what is computed).
+RESUME_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task")
+
+
+def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None:
+  now = json.loads(config.to_json())
+  diffs = []
+  for section in RESUME_KEYS:
+    a, b = saved.get(section), now.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      for key in sorted(set(a) | set(b)):
+        if f"{section}.{key}" in RESUME_IGNORED:
+          continue
+        if a.get(key) != b.get(key):
+          diffs.append(f"{section}.{key}: saved {a.get(key)!r}, now {b.get(key)!r}")
+    elif a != b:
+      diffs.append(f"{section}: saved {a!r}, now {b!r}")
+  if diffs:
+    raise ConfigMismatchError(
+        "the workdir holds a run with a different configuration:\n  " + "\n  ".join(diffs) +
+        "\nUse a new --workdir, or the saved values to resume.")
+
+
+def _loss_hparams(loss_cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
+  return {k: v for k, v in loss_cfg.items() if k not in LOSS_TRAINER_KEYS}
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+  if not enabled:
+    return iterable
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(iterable, total=total, desc=desc, leave=True, dynamic_ncols=True)
+
+
+def evaluate(eval_step, params, frozen, images, labels, indices, batch_size, num_seen,
+             task_lo) -> Tuple[float, float]:
+  """Class-IL and task-IL accuracy (%) of one task's test examples ``indices``."""
+  correct = np.zeros(2, np.int64)
+  for xb, yb, mb in batches(images, labels, indices, batch_size):
+    correct += np.asarray(eval_step(params, frozen, xb, yb, mb, num_seen, task_lo))
+  n = max(len(indices), 1)
+  return 100.0 * correct[0] / n, 100.0 * correct[1] / n
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) a class-incremental fine-tuning job and writes ``workdir/metrics.json``.
+
+  Args:
+    config: the experiment config (see ``configs/default.py``).
+    workdir: output folder: ``config.json``, ``checkpoints/``, ``log.jsonl``, ``metrics.json``.
+
+  Returns:
+    The metrics dict written to ``metrics.json``.
+
+  Raises:
+    ConfigMismatchError: the workdir holds a run with another configuration.
+    ValueError / DatasetNotFoundError: bad config values or missing data, with the fix.
+  """
+  t_start = time.time()
+  verbose = config.train.get("verbose", True)
+  show_bar = verbose and config.train.get("progress", True)
+  os.makedirs(workdir, exist_ok=True)
+
+  # Data and scenario.
+  ds = load_dataset(config.data.name, root=config.data.get("root") or None,
+                    image_size=config.data.image_size)
+  scenario = scenarios.class_incremental(ds.num_classes, config.scenario.num_tasks,
+                                         seed=config.scenario.seed,
+                                         shuffle_classes=config.scenario.get("shuffle_classes",
+                                                                             True))
+  k, T, C = scenario.classes_per_task, scenario.num_tasks, scenario.num_classes
+  train_labels = scenario.relabel(ds.train_labels)
+  test_labels = scenario.relabel(ds.test_labels)
+  train_idx, test_idx = [], []
+  for t in range(T):
+    lo, hi = scenario.task_range(t)
+    tr = np.flatnonzero((train_labels >= lo) & (train_labels < hi))
+    te = np.flatnonzero((test_labels >= lo) & (test_labels < hi))
+    train_idx.append(subsample(tr, config.data.get("train_limit"), seed=config.seed * 1000 + t))
+    test_idx.append(subsample(te, config.data.get("test_limit"), seed=config.seed * 1000 + t + 7))
+    if len(train_idx[-1]) == 0:
+      raise ValueError(f"task {t} has no training images")
+
+  # Model, PEFT split, optimiser, steps.
+  rng = jax.random.PRNGKey(config.seed)
+  rng, init_rng = jax.random.split(rng)
+  peft_name = config.peft.name
+  built = build_model(config.model.name, C,
+                      lora_rank=config.peft.rank if peft_name == "lora" else 0,
+                      lora_alpha=config.peft.get("alpha") or None,
+                      pretrained=config.model.get("pretrained", True),
+                      image_size=config.data.image_size, rng=init_rng,
+                      dropout_rate=config.model.get("dropout_rate", 0.0))
+  variables = dict(built.variables)
+  params0, frozen_params = peft.split_params(variables.pop("params"), peft_name)
+  frozen = {"params": frozen_params, "collections": variables}
+  preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
+                          augment=config.data.get("augment", "none"))
+  loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
+  tx = make_optimizer(config.optim)
+  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k)
+  eval_step = make_eval_step(built.module.apply, preprocess, k, C)
+  bs = config.train.batch_size
+  steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]
+  if config.loss.get("schedule_scope", "task") not in ("task", "global"):
+    raise ValueError("loss.schedule_scope must be 'task' or 'global', got "
+                     f"'{config.loss.schedule_scope}'")
+  global_schedule = config.loss.get("schedule_scope", "task") == "global"
+
+  n_train = peft.count_params(params0)
+  n_total = n_train + peft.count_params(frozen_params)
+  if verbose:
+    print(f"[cft_jax] {config.data.name}: {T} tasks x {k} classes, class order "
+          f"{list(scenario.class_order)}; train/test images per task "
+          f"{[len(i) for i in train_idx]} / {[len(i) for i in test_idx]}")
+    print(f"[cft_jax] {config.model.name} + {peft_name}: {n_train:,} trainable of {n_total:,} "
+          f"parameters ({100.0 * n_train / n_total:.2f}%); loss {config.loss.name}")
+
+  # Resume.
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0))
+  R = np.full((T, T), np.nan)
+  R_task = np.full((T, T), np.nan)
+  entropy_end: List[float] = []
+  ckpt = TaskCheckpointer(os.path.join(workdir, "checkpoints"))
+  start_task = 0
+  latest = ckpt.latest()
+  config_json = json.loads(config.to_json())
+  if latest is not None:
+    state_np, meta = ckpt.restore(latest, state)
+    _check_resume_config(meta["config"], config)
+    if list(meta["class_order"]) != list(scenario.class_order):
+      raise ConfigMismatchError("saved class order differs from this run's; use a new --workdir")
+    state = jax.tree_util.tree_map(jnp.asarray, state_np)
+    R = np.array(meta["accuracy_matrix"], dtype=float)
+    R_task = np.array(meta["task_il_accuracy_matrix"], dtype=float)
+    entropy_end = list(meta.get("entropy_end_of_task", []))
+    start_task = latest
+    if verbose:
+      print(f"[cft_jax] resuming from {ckpt.directory}: {latest}/{T} tasks done")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_json, f, indent=2)
+
+  log_path = os.path.join(workdir, "log.jsonl")
+  if os.path.exists(log_path):  # drop records of a task that was interrupted
+    with open(log_path) as f:
+      keep = [l for l in f if l.strip() and json.loads(l).get("task", 0) < start_task]
+    with open(log_path, "w") as f:
+      f.writelines(keep)
+  log_every = max(1, config.train.get("log_every", 10))
+
+  stop_after = config.train.get("stop_after_task", 0) or T
+  for t in range(start_task, min(T, stop_after)):
+    lo, hi = scenario.task_range(t)
+    if config.optim.get("reset_per_task", True):
+      state = state.replace(opt_state=tx.init(state.params))
+    task_rng = jax.random.fold_in(rng, t)
+    total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
+    offset = 0 if not global_schedule else sum(steps_per_task[:t])
+    step_in_task = 0
+    bar = _progress(range(steps_per_task[t]), steps_per_task[t], f"task {t + 1}/{T}", show_bar)
+    bar_iter = iter(bar)
+    last = {}
+    with open(log_path, "a") as log_f:
+      for epoch in range(config.train.epochs):
+        for xb, yb, mb in batches(ds.train_images, train_labels, train_idx[t], bs,
+                                  shuffle_seed=(config.seed, t, epoch)):
+          step_rng = jax.random.fold_in(task_rng, step_in_task)
+          state, m = train_step(state, frozen, xb, yb, mb, lo, offset + step_in_task, total,
+                                step_rng)
+          step_in_task += 1
+          next(bar_iter, None)
+          if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
+            last = {key: float(v) for key, v in jax.device_get(m).items()}
+            if not np.isfinite(last["loss"]):
+              raise FloatingPointError(f"non-finite loss {last['loss']} at task {t}, step "
+                                       f"{step_in_task}; the last good checkpoint is kept")
+            log_f.write(json.dumps({"task": t, "step": step_in_task, "epoch": epoch,
+                                    "global_step": int(state.step), **last}) + "\n")
+            if hasattr(bar, "set_postfix"):
+              bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
+                              H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
+    if hasattr(bar, "close"):
+      bar.close()
+    entropy_end.append(last.get("entropy", float("nan")))
+
+    for i in range(t + 1):
+      ilo, _ = scenario.task_range(i)
+      R[t, i], R_task[t, i] = evaluate(eval_step, state.params, frozen, ds.test_images,
+                                       test_labels, test_idx[i], config.eval.batch_size, hi, ilo)
+    if verbose:
+      print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
+      print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
+            f"{np.mean(R_task[t, :t + 1]):.2f}%")
+    meta = {"accuracy_matrix": _nan_to_none(R), "task_il_accuracy_matrix": _nan_to_none(R_task),
+            "class_order": list(scenario.class_order), "config": config_json,
+            "entropy_end_of_task": entropy_end, "num_finished_tasks": t + 1}
+    ckpt.save(t + 1, state, meta)
+
+  ckpt.close()
+  if stop_after < T and start_task < stop_after:
+    if verbose:
+      print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
+            f"command without it to continue")
+    return {"accuracy_matrix": _nan_to_none(R), "num_finished_tasks": stop_after}
+  result = {
+      "accuracy_matrix": _nan_to_none(R),
+      "task_il_accuracy_matrix": _nan_to_none(R_task),
+      **metrics_lib.summarize(R),
+      "task_il": metrics_lib.summarize(R_task),
+      "entropy_end_of_task": entropy_end,
+      "class_order": list(scenario.class_order),
+      "class_names": [ds.class_names[c] for c in scenario.class_order],
+      "trainable_params": n_train,
+      "total_params": n_total,
+      "wall_time_s": time.time() - t_start,
+  }
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  if verbose:
+    print(report(result))
+    print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}")
+  return result
+
+
+def _nan_to_none(R: np.ndarray) -> List[List[Optional[float]]]:
+  return [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in R]
+
+
+def report(result: Dict[str, Any]) -> str:
+  """Text table of the final metrics (class-IL and task-IL) and both accuracy matrices."""
+  R = np.array(result["accuracy_matrix"], dtype=float)
+  R_task = np.array(result["task_il_accuracy_matrix"], dtype=float)
+  lines = [metrics_lib.format_matrix(R, title="class-IL acc (%)"),
+           metrics_lib.format_matrix(R_task, title="task-IL acc (%)"), "",
+           f"{'metric':<28}{'class-IL':>10}{'task-IL':>10}"]
+  til = result["task_il"]
+  for key in ("final_accuracy", "avg_incremental_accuracy", "forgetting", "bwt"):
+    lines.append(f"{key:<28}{result[key]:10.2f}{til[key]:10.2f}")
+  return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""End-to-end training: real data, trainable/frozen split, resume == uninterrupted, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cft_jax import objectives, peft, train
+from cft_jax.data import Preprocess
+from cft_jax.models import build_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import default as default_config  # pylint: disable=g-import-not-at-top
+
+HAS_FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def tiny_config(**overrides):
+  c = default_config.get_config()
+  c.model.name = "tiny_cnn"
+  c.model.pretrained = False
+  c.data.image_size = 16
+  c.data.train_limit = 64
+  c.data.test_limit = 40
+  c.data.augment = "none"
+  c.scenario.num_tasks = 5
+  c.train.batch_size = 32
+  c.train.epochs = 1
+  c.train.progress = False
+  c.train.verbose = False
+  c.eval.batch_size = 50
+  for k, v in overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+def test_train_step_updates_only_trainable_leaves():
+  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  variables = dict(built.variables)
+  trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
+  flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+  names = {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat}
+  assert names and all(("lora" in n) or n.startswith("head") for n in names), names
+  frozen = {"params": frozen_params, "collections": variables}
+  # make lora_b non-zero so lora_a also gets a gradient
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if "lora_b" in str(p) else x, trainable)
+  tx = optax.adam(1e-2)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=tx.init(trainable))
+  step = train.make_train_step(built.module.apply, Preprocess(16), objectives.make_loss_fn("ce"),
+                               tx, classes_per_task=2)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+  labels = np.array([2, 3] * 4, np.int32)
+  before = jax.tree_util.tree_map(np.asarray, trainable)
+  new_state, m = step(state, frozen, images, labels, np.ones(8, bool), 2, 0, 10,
+                      jax.random.PRNGKey(0))
+  assert int(new_state.step) == 1 and np.isfinite(float(m["loss"]))
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                   new_state.params, before)
+  assert all(jax.tree_util.tree_leaves(changed)), changed
+  # local loss over classes [2, 4): head columns of classes 0, 1 get no gradient
+  np.testing.assert_array_equal(np.asarray(new_state.params["head"]["kernel"])[:, :2],
+                                before["head"]["kernel"][:, :2])
+  # the frozen tree is not part of the state: the optimiser never touches it
+  assert peft.count_params(new_state.params) < peft.count_params(frozen_params)
+
+
+def test_lora_init_equals_base_model():
+  rng = jax.random.PRNGKey(3)
+  base = build_model("tiny_cnn", 4, lora_rank=0, image_size=16, rng=rng)
+  lora = build_model("tiny_cnn", 4, lora_rank=4, image_size=16, rng=rng)
+  params = dict(lora.variables["params"])
+  # copy the base weights into the LoRA model; the LoRA leaves stay at their init (B = 0)
+  merged = peft.merge_params(
+      peft.split_params(params, "lora")[0], base.variables["params"])
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 16, 16, 3))
+  np.testing.assert_allclose(lora.module.apply({"params": merged}, x),
+                             base.module.apply(base.variables, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_resume_equals_uninterrupted(tmp_path):
+  full = train.run(tiny_config(**{"scenario.num_tasks": 5}), str(tmp_path / "a"))
+  # interrupted after 2 tasks, then the same command resumes
+  part = train.run(tiny_config(**{"train.stop_after_task": 2}), str(tmp_path / "b"))
+  assert part["num_finished_tasks"] == 2
+  resumed = train.run(tiny_config(), str(tmp_path / "b"))
+  np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], float),
+                                np.array(full["accuracy_matrix"], float))
+  for key in ("final_accuracy", "avg_incremental_accuracy", "forgetting", "bwt"):
+    assert resumed[key] == full[key]
+  # the matrix is lower-triangular and filled
+  R = np.array(full["accuracy_matrix"], float)
+  assert np.all(np.isfinite(np.tril(R))) and np.all(np.isnan(R[np.triu_indices(5, 1)]))
+  # a changed config on the same workdir is refused with the key named
+  with pytest.raises(train.ConfigMismatchError, match="optim.learning_rate"):
+    train.run(tiny_config(**{"optim.learning_rate": 0.5}), str(tmp_path / "b"))
+
+
+def test_cli_on_image_folder(tmp_path):
+  from tests.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
+  root = make_image_folder(str(tmp_path / "imgs"), classes=("ant", "bee", "cat", "dog"),
+                           n_train=6, n_test=3)
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "cft_jax.main", "--config", "configs/default.py",
+         "--workdir", workdir, "--config.data.name=image_folder", f"--config.data.root={root}",
+         "--config.data.image_size=16", "--config.model.name=tiny_cnn",
+         "--config.model.pretrained=False", "--config.scenario.num_tasks=2",
+         "--config.train.batch_size=8", "--config.train.progress=False"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "final_accuracy" in out.stdout and "task-IL acc" in out.stdout
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    m = json.load(f)
+  for key in ("accuracy_matrix", "task_il_accuracy_matrix", "final_accuracy",
+              "avg_incremental_accuracy", "forgetting", "bwt"):
+    assert key in m
+  assert np.array(m["accuracy_matrix"], float).shape == (2, 2)
+  assert 0.0 <= m["final_accuracy"] <= 100.0
+  # the resolved config is saved; a bad override key fails with its name
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  bad = subprocess.run(cmd + ["--config.optim.learnin_rate=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode != 0 and "learnin_rate" in bad.stderr
