@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cft_jax import methods as methods_lib
 from cft_jax import metrics as metrics_lib
 from cft_jax import objectives
 from cft_jax import peft
@@ -44,11 +45,13 @@ class TrainState:
     step: global optimisation step (int32 scalar).
     params: the trainable parameter subtree (see :func:`cft_jax.peft.split_params`).
     opt_state: optax state of ``params`` only.
+    method_state: the continual method's state (e.g. LAE's offline PEFT copy).
   """
 
   step: jax.Array
   params: PyTree
   opt_state: PyTree
+  method_state: PyTree = flax.struct.field(default_factory=dict)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -77,20 +80,23 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
-                    tx: optax.GradientTransformation, classes_per_task: int) -> Callable:
+                    tx: optax.GradientTransformation, classes_per_task: int,
+                    method: Optional[methods_lib.Method] = None) -> Callable:
   """Builds the jitted train step.
 
   The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
-  total_steps, rng) -> (state, metrics)`` takes ``images [B,h,w,c] uint8``, incremental
-  ``labels [B]`` inside ``[task_lo, task_lo + k)``, ``mask [B]`` (False: padding), and returns
-  the new state and scalar metrics ``loss``, ``accuracy`` (local, %), ``entropy`` (nats),
+  total_steps, rng, freeze_peft=False) -> (state, metrics)`` takes ``images [B,h,w,c] uint8``,
+  incremental ``labels [B]`` inside ``[task_lo, task_lo + k)``, ``mask [B]`` (False: padding), and
+  returns the new state and scalar metrics ``loss``, ``accuracy`` (local, %), ``entropy`` (nats),
   ``alpha`` (aEPG weight of CE). The loss is the masked mean of the per-example local loss
-  (SPEC §1 "Local loss").
+  (SPEC §1 "Local loss") plus ``method.penalty``. With ``freeze_peft`` True only the ``head``
+  leaves move (LAE's frozen first epochs).
   """
   k = classes_per_task
+  method = method or methods_lib.Method()
 
-  def loss_and_metrics(params, frozen, images, labels, mask, task_lo, step_in_task,
-                       total_steps, rng):
+  def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
+                       step_in_task, total_steps, rng):
     rng_aug, rng_drop, rng_loss = jax.random.split(rng, 3)
     x = preprocess(images, rng_aug, train=True)
     variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
@@ -101,40 +107,60 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
                                rng=rng_loss)
     w = mask.astype(jnp.float32)
     denom = jnp.maximum(w.sum(), 1.0)
-    loss = jnp.sum(per_example * w) / denom
+    data_loss = jnp.sum(per_example * w) / denom
+    loss = data_loss + method.penalty(params, method_state)
     acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
-    return loss, dict(loss=loss, accuracy=acc, entropy=aux["entropy"], alpha=aux["alpha"])
+    return loss, dict(loss=loss, data_loss=data_loss, accuracy=acc, entropy=aux["entropy"],
+                      alpha=aux["alpha"])
 
-  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng):
+  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
+                 freeze_peft=False):
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
-        state.params, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng)
+        state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
+        total_steps, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
+    updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
+               for key, u in updates.items()}
     params = optax.apply_updates(state.params, updates)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    method_state = method.after_step(params, state.method_state)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         method_state=method_state), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
 
 
 def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
-                   num_classes: int) -> Callable:
+                   num_classes: int, method: Optional[methods_lib.Method] = None) -> Callable:
   """Builds the jitted evaluation step.
 
-  ``eval_step(params, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
-  number of correct class-IL predictions (argmax over the ``num_seen`` classes seen so far) and
-  task-IL predictions (argmax over the task's ``k`` classes ``[task_lo, task_lo + k)``), counting
-  only ``mask`` entries.
+  ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
+  number of correct class-IL predictions (over the ``num_seen`` classes seen so far) and task-IL
+  predictions (over the task's ``k`` classes ``[task_lo, task_lo + k)``), counting only ``mask``
+  entries. With several parameter sets (``method.eval_params``, e.g. LAE's online and offline
+  modules) the score of class ``c`` is ``max_m softmax(z_m)_c`` over the classes in play.
   """
   k = classes_per_task
+  method = method or methods_lib.Method()
 
-  def eval_step(params, frozen, images, labels, mask, num_seen, task_lo):
+  def eval_step(state, frozen, images, labels, mask, num_seen, task_lo):
     x = preprocess(images, train=False)
-    variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
-    logits = apply_fn(variables, x, train=False)
     cls = jnp.arange(num_classes)
-    neg = jnp.finfo(logits.dtype).min
-    class_il = jnp.argmax(jnp.where(cls < num_seen, logits, neg), -1)
     in_task = (cls >= task_lo) & (cls < task_lo + k)
-    task_il = jnp.argmax(jnp.where(in_task, logits, neg), -1)
+    seen = cls < num_seen
+    all_logits = []
+    for params in method.eval_params(state.params, state.method_state):
+      variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
+      all_logits.append(apply_fn(variables, x, train=False))
+
+    def predict(valid):
+      if len(all_logits) == 1:
+        z = all_logits[0]
+        return jnp.argmax(jnp.where(valid, z, jnp.finfo(z.dtype).min), -1)
+      probs = [jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1) for z in all_logits]
+      return jnp.argmax(jnp.max(jnp.stack(probs), 0), -1)
+
+    class_il, task_il = predict(seen), predict(in_task)
     return jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
 
   return jax.jit(eval_step)
@@ -144,7 +170,7 @@ class ConfigMismatchError(ValueError):
   """Resuming a workdir with a configuration that changes what was trained."""
 
 
-RESUME_KEYS = ("seed", "scenario", "data", "model", "peft", "loss", "optim", "train")
+RESUME_KEYS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "optim", "train")
 # Keys that may change between a run and its resumption (they do not change what is computed).
 RESUME_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task")
 
@@ -179,12 +205,12 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
   return tqdm(iterable, total=total, desc=desc, leave=True, dynamic_ncols=True)
 
 
-def evaluate(eval_step, params, frozen, images, labels, indices, batch_size, num_seen,
+def evaluate(eval_step, state, frozen, images, labels, indices, batch_size, num_seen,
              task_lo) -> Tuple[float, float]:
   """Class-IL and task-IL accuracy (%) of one task's test examples ``indices``."""
   correct = np.zeros(2, np.int64)
   for xb, yb, mb in batches(images, labels, indices, batch_size):
-    correct += np.asarray(eval_step(params, frozen, xb, yb, mb, num_seen, task_lo))
+    correct += np.asarray(eval_step(state, frozen, xb, yb, mb, num_seen, task_lo))
   n = max(len(indices), 1)
   return 100.0 * correct[0] / n, 100.0 * correct[1] / n
 
@@ -245,8 +271,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                           augment=config.data.get("augment", "none"))
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
   tx = make_optimizer(config.optim)
-  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k)
-  eval_step = make_eval_step(built.module.apply, preprocess, k, C)
+  method = methods_lib.get_method(config.method)
+  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method)
+  eval_step = make_eval_step(built.module.apply, preprocess, k, C, method)
   bs = config.train.batch_size
   steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]
   if config.loss.get("schedule_scope", "task") not in ("task", "global"):
@@ -264,7 +291,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
           f"parameters ({100.0 * n_train / n_total:.2f}%); loss {config.loss.name}")
 
   # Resume.
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0),
+                     method_state=method.init_state(params0))
   R = np.full((T, T), np.nan)
   R_task = np.full((T, T), np.nan)
   entropy_end: List[float] = []
@@ -300,6 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     lo, hi = scenario.task_range(t)
     if config.optim.get("reset_per_task", True):
       state = state.replace(opt_state=tx.init(state.params))
+    state = state.replace(method_state=method.begin_task(t, state.params, state.method_state))
     task_rng = jax.random.fold_in(rng, t)
     total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
     offset = 0 if not global_schedule else sum(steps_per_task[:t])
@@ -313,7 +342,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                   shuffle_seed=(config.seed, t, epoch)):
           step_rng = jax.random.fold_in(task_rng, step_in_task)
           state, m = train_step(state, frozen, xb, yb, mb, lo, offset + step_in_task, total,
-                                step_rng)
+                                step_rng, method.frozen_peft(t, epoch))
           step_in_task += 1
           next(bar_iter, None)
           if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
@@ -329,10 +358,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if hasattr(bar, "close"):
       bar.close()
     entropy_end.append(last.get("entropy", float("nan")))
+    state = state.replace(method_state=method.end_task(t, state.params, state.method_state))
 
     for i in range(t + 1):
       ilo, _ = scenario.task_range(i)
-      R[t, i], R_task[t, i] = evaluate(eval_step, state.params, frozen, ds.test_images,
+      R[t, i], R_task[t, i] = evaluate(eval_step, state, frozen, ds.test_images,
                                        test_labels, test_idx[i], config.eval.batch_size, hi, ilo)
     if verbose:
       print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))

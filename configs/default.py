@@ -43,6 +43,11 @@ def get_config(arg=None):
   c.peft.rank = 4
   c.peft.alpha = 0.0              # LoRA scale alpha / rank; 0 -> alpha = rank
 
+  c.method = ml_collections.ConfigDict()
+  c.method.name = "sequential"    # sequential | lae
+  c.method.ema_decay = 0.999      # lae: offline EMA decay
+  c.method.freeze_epochs = 0      # lae: PEFT frozen for the first k epochs of tasks t >= 1
+
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "aepg"            # ce | epg | aepg | confidence_penalty | label_smoothing | ...
   c.loss.schedule = "sigmoid"     # aepg: sigmoid | linear | cosine | constant
