@@ -393,9 +393,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   }
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
+  pngs = []
+  if config.train.get("plots", True):
+    from cft_jax import plots  # pylint: disable=g-import-not-at-top
+    pngs = plots.plot_run(workdir)
   if verbose:
     print(report(result))
-    print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}")
+    print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}"
+          + (f" and {len(pngs)} plots" if pngs else ""))
   return result
 
 

@@ -127,8 +127,13 @@ def test_cli_on_image_folder(tmp_path):
     assert key in m
   assert np.array(m["accuracy_matrix"], float).shape == (2, 2)
   assert 0.0 <= m["final_accuracy"] <= 100.0
-  # the resolved config is saved; a bad override key fails with its name
-  assert os.path.exists(os.path.join(workdir, "config.json"))
+  # the resolved config, the step log and the plots are saved; a bad override key fails
+  for fn in ("config.json", "log.jsonl", "accuracy_matrix.png", "task_il_accuracy_matrix.png",
+             "accuracy_vs_task.png", "entropy_alpha.png"):
+    assert os.path.getsize(os.path.join(workdir, fn)) > 0, fn
+  with open(os.path.join(workdir, "log.jsonl")) as f:
+    rec = json.loads(f.readline())
+  assert {"task", "step", "global_step", "loss", "entropy", "alpha"} <= set(rec)
   bad = subprocess.run(cmd + ["--config.optim.learnin_rate=1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode != 0 and "learnin_rate" in bad.stderr

@@ -1,0 +1,154 @@
+"""Matplotlib figures of a run: accuracy-matrix heatmap, accuracy vs task, entropy/alpha vs step.
+
+Every function takes plain data (lists / NumPy arrays, as stored in ``metrics.json`` and
+``log.jsonl``), draws on a new figure, saves a PNG when ``path`` is given and returns the figure.
+The non-interactive ``Agg`` backend is used, so plots work on headless machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _finish(fig, path: Optional[str]):
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+  return fig
+
+
+def accuracy_heatmap(R, path: Optional[str] = None, title: str = "class-IL accuracy (%)"):
+  """Heatmap of the accuracy matrix ``R [T, T]`` (row: after task t, column: task i; NaN blank)."""
+  plt = _plt()
+  R = np.array(R, dtype=float)
+  T = R.shape[0]
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * T, 0.8 + 0.7 * T))
+  im = ax.imshow(np.ma.masked_invalid(R), vmin=0, vmax=100, cmap="viridis")
+  for t in range(T):
+    for i in range(T):
+      if np.isfinite(R[t, i]):
+        ax.text(i, t, f"{R[t, i]:.1f}", ha="center", va="center",
+                color="white" if R[t, i] < 60 else "black", fontsize=8)
+  ax.set_xticks(range(T), [f"{i}" for i in range(T)])
+  ax.set_yticks(range(T), [f"{t}" for t in range(T)])
+  ax.set_xlabel("evaluated task i")
+  ax.set_ylabel("after training task t")
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  return _finish(fig, path)
+
+
+def accuracy_vs_task(curves: Mapping[str, Sequence[float]], path: Optional[str] = None,
+                     stds: Optional[Mapping[str, Sequence[float]]] = None,
+                     ylabel: str = "average accuracy on seen tasks (%)"):
+  """Lines of accuracy after each task, one per name (e.g. ``class_il``/``task_il`` or objectives).
+
+  Args:
+    curves: name -> ``[T]`` accuracy after task ``t`` (mean over seen tasks).
+    path: PNG path (None: do not save).
+    stds: optional name -> ``[T]`` standard deviations, drawn as bands.
+  """
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, ys in curves.items():
+    ys = np.asarray(ys, float)
+    xs = np.arange(1, len(ys) + 1)
+    ax.plot(xs, ys, marker="o", label=name)
+    if stds and name in stds:
+      s = np.asarray(stds[name], float)
+      ax.fill_between(xs, ys - s, ys + s, alpha=0.2)
+  ax.set_xlabel("tasks learned")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _finish(fig, path)
+
+
+def entropy_alpha_vs_step(records: Iterable[Mapping], path: Optional[str] = None):
+  """Mean prediction entropy (nats) and the aEPG weight ``alpha_t`` against the global step.
+
+  Args:
+    records: ``log.jsonl`` records with ``global_step``, ``entropy``, ``alpha`` and ``task``.
+  """
+  plt = _plt()
+  records = list(records)
+  steps = np.array([r["global_step"] for r in records])
+  fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+  ax1.plot(steps, [r["entropy"] for r in records], lw=1)
+  ax1.set_ylabel("prediction entropy (nats)")
+  ax2.plot(steps, [r["alpha"] for r in records], lw=1, color="tab:orange")
+  ax2.set_ylabel("alpha_t (weight of CE)")
+  ax2.set_xlabel("training step")
+  for r0, r1 in zip(records, records[1:]):
+    if r1["task"] != r0["task"]:
+      for ax in (ax1, ax2):
+        ax.axvline(r1["global_step"], color="grey", lw=0.5, ls="--")
+  ax1.grid(alpha=0.3)
+  ax2.grid(alpha=0.3)
+  return _finish(fig, path)
+
+
+def entropy_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Optional[str] = None):
+  """Entropy vs step for several runs: name -> ``(steps [N], entropy [N])``."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, (xs, ys) in curves.items():
+    ax.plot(xs, ys, lw=1, label=name)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("mean prediction entropy (nats)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _finish(fig, path)
+
+
+def read_log(path: str) -> List[Dict]:
+  """Reads a ``log.jsonl`` file into a list of dicts."""
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def seen_task_means(R) -> np.ndarray:
+  """``[T]`` mean accuracy over seen tasks after each task (row means of the lower triangle)."""
+  R = np.array(R, dtype=float)
+  return np.array([np.mean(R[t, :t + 1]) for t in range(R.shape[0])])
+
+
+def plot_run(workdir: str) -> List[str]:
+  """Writes the standard PNGs of a finished run into ``workdir`` and returns their paths.
+
+  Files: ``accuracy_matrix.png``, ``task_il_accuracy_matrix.png``, ``accuracy_vs_task.png``,
+  ``entropy_alpha.png`` (when ``log.jsonl`` has records).
+  """
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    m = json.load(f)
+  out = []
+  p = os.path.join(workdir, "accuracy_matrix.png")
+  accuracy_heatmap(m["accuracy_matrix"], p, "class-IL accuracy (%)")
+  out.append(p)
+  p = os.path.join(workdir, "task_il_accuracy_matrix.png")
+  accuracy_heatmap(m["task_il_accuracy_matrix"], p, "task-IL accuracy (%)")
+  out.append(p)
+  p = os.path.join(workdir, "accuracy_vs_task.png")
+  accuracy_vs_task({"class_il": seen_task_means(m["accuracy_matrix"]),
+                    "task_il": seen_task_means(m["task_il_accuracy_matrix"])}, p)
+  out.append(p)
+  log = os.path.join(workdir, "log.jsonl")
+  if os.path.exists(log):
+    records = read_log(log)
+    if records:
+      p = os.path.join(workdir, "entropy_alpha.png")
+      entropy_alpha_vs_step(records, p)
+      out.append(p)
+  return out
