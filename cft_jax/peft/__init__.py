@@ -5,6 +5,10 @@ so they get no gradient and no optimiser state (the memory saving of PEFT). Sele
 
 - ``lora``: leaves whose path contains ``lora`` (``lora_a``/``lora_b`` of :class:`LoRADense`)
   plus the classifier ``head``;
+- ``adapter``: leaves whose path contains ``adapter`` (:class:`cft_jax.peft.adapter.Adapter`)
+  plus the ``head``;
+- ``prefix``: leaves whose path contains ``prefix`` (:class:`cft_jax.peft.prefix.Prefix`) plus the
+  ``head``;
 - ``linear_probe``: the ``head`` only (frozen backbone);
 - ``full``: every parameter (full fine-tuning baseline).
 """
@@ -16,7 +20,7 @@ from typing import Any, Dict, Tuple
 from flax import traverse_util
 
 PyTree = Any
-PEFT_METHODS = ("lora", "linear_probe", "full")
+PEFT_METHODS = ("lora", "adapter", "prefix", "linear_probe", "full")
 
 
 def is_trainable(path: Tuple[str, ...], peft_name: str) -> bool:
@@ -31,6 +35,8 @@ def is_trainable(path: Tuple[str, ...], peft_name: str) -> bool:
     return path[0] == "head"
   if peft_name == "lora":
     return path[0] == "head" or any("lora" in p for p in path)
+  if peft_name in ("adapter", "prefix"):
+    return path[0] == "head" or any(peft_name in p for p in path)
   raise ValueError(f"unknown peft.name '{peft_name}'; known: {list(PEFT_METHODS)}")
 
 

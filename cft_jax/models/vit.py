@@ -1,0 +1,660 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) in flax.linen, with LoRA / Adapter / Prefix tuning.
+
+The parameter tree is the one of the public augreg ``.npz`` checkpoints (Steiner et al. 2021,
+"How to train your ViT?"; google-research/vision_transformer ``vit_jax/models_vit.py``), so they
+load key by key::
+
+    embedding/{kernel [p,p,3,D], bias [D]}        cls [1,1,D]
+    Transformer/posembed_input/pos_embedding [1, N+1, D]          (N = (S/p)^2 patches)
+    Transformer/encoderblock_{i}/LayerNorm_0/{scale,bias} [D]
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value}/
+        kernel [D,H,Dh]  bias [H,Dh]
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/out/{kernel [H,Dh,D], bias [D]}
+    Transformer/encoderblock_{i}/LayerNorm_2/{scale,bias}
+    Transformer/encoderblock_{i}/MlpBlock_3/Dense_0/{kernel [D,M], bias}  .../Dense_1 [M,D]
+    Transformer/encoder_norm/{scale,bias}
+    pre_logits/{kernel,bias}   (only with ``representation_size``)
+    head/{kernel [D,C], bias [C]}   (top-level; the incremental classifier, N(0, head_init_std))
+
+Block: ``x = x + attn(LN_0(x)); x = x + mlp(LN_2(x))`` (pre-LN), LayerNorm eps 1e-6, MLP with
+flax's (tanh-approximate) GELU as in the code that trained the checkpoints, classifier on the
+``cls`` token after ``encoder_norm``. Inputs: RGB ``[B, S, S, 3]`` normalised as
+``(x - MEAN) / STD`` (augreg: pixels to ``[-1, 1]``).
+
+PEFT (SPEC §1 paper setup; applied to the blocks in ``peft_blocks`` only, default 0-4; indices
+``>= depth`` are ignored so the paper default also works on the 2-layer ``tiny`` variant):
+
+- ``lora``: on any of ``q, k, v, o`` (default ``k, v``), per projection
+  ``y = x W + b + s (x A) B`` on the flattened head axes: ``lora_a [D_in, r]`` Kaiming-uniform
+  (:data:`cft_jax.peft.lora.lora_a_init`), ``lora_b [r, D_out]`` zero, learnable ``lora_scale``
+  (init 1; LAE's ``Scaler(None)``): ``r (D_in + D_out) + 1`` trainable scalars per target, with
+  ``D_in = D_out = D`` for all four targets.
+- ``adapter``: :class:`cft_jax.peft.adapter.Adapter` (hidden 5) parallel to attention
+  (``x + attn(LN(x)) + adapter(LN(x))``) or to the MLP, zero up-projection.
+- ``prefix``: :class:`cft_jax.peft.prefix.Prefix` (length 10) on the attention's keys and values,
+  LAE's compensated form with a zero-init gate (exactly the frozen model at init; see that module).
+
+At zero PEFT init every variant computes exactly the frozen model (tested). Trainable leaves are
+selected by path (``lora`` / ``adapter`` / ``prefix`` + ``head``, :mod:`cft_jax.peft`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from cft_jax.peft.adapter import ADAPTER_POSITIONS, Adapter, adapter_param_count
+from cft_jax.peft.lora import lora_a_init
+from cft_jax.peft.prefix import Prefix, dot_product_attention, prefix_attention, prefix_param_count
+
+__all__ = [
+    "MEAN", "STD", "VARIANTS", "ViTSpec", "PEFT_NAMES", "PAPER_PEFT_BLOCKS", "AUGREG_FILES",
+    "VisionTransformer", "LoRADenseGeneral", "MultiHeadDotProductAttention", "Encoder1DBlock",
+    "peft_param_count", "resample_posemb", "init_leaves", "load_pretrained", "load_npz", "save_npz",
+    "pretrained_path", "build",
+]
+
+# Input normalisation of the augreg checkpoints: x = (rgb_0_255 - MEAN) / STD, in [-1, 1].
+MEAN = 127.5
+STD = 127.5
+
+PEFT_NAMES = ("none", "lora", "adapter", "prefix")
+PAPER_PEFT_BLOCKS = (0, 1, 2, 3, 4)
+# LoRA target letter -> attention sub-module name in the checkpoint layout.
+LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out"}
+PEFT_KEYWORDS = ("lora", "adapter", "prefix")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSpec:
+  """Architecture of a variant: width ``D``, ``depth`` blocks, ``heads`` H, MLP width, patch."""
+
+  hidden: int
+  depth: int
+  heads: int
+  mlp: int
+  patch: int
+
+
+VARIANTS: Dict[str, ViTSpec] = {
+    "ti16": ViTSpec(192, 12, 3, 768, 16),
+    "s16": ViTSpec(384, 12, 6, 1536, 16),
+    "b16": ViTSpec(768, 12, 12, 3072, 16),
+    # Patch-4 variants for 32 px inputs (64 patches), randomly initialised.
+    "ti4": ViTSpec(192, 12, 3, 768, 4),
+    "s4": ViTSpec(384, 12, 6, 1536, 4),
+    "tiny": ViTSpec(32, 2, 2, 128, 4),  # tests and smoke runs
+}
+
+# Public augreg ImageNet-21k checkpoints (upstream models of the paper setup; no pre_logits).
+AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/"
+AUGREG_FILES: Dict[str, str] = {
+    "ti16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "s16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "b16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+}
+
+
+def _is_peft_key(key: str) -> bool:
+  return any(w in key for w in PEFT_KEYWORDS)
+
+
+# --------------------------------------------------------------------------------- layers
+
+
+class LoRADenseGeneral(nn.Module):
+  """Dense layer contracting the last ``in_axes`` axes, with optional LoRA on the flattened axes.
+
+  ``x [..., *in_shape] -> y [..., *features]``; ``kernel [*in_shape, *features]``,
+  ``bias [*features]``. With ``lora_rank = r > 0``::
+
+      y = x W + b + lora_scale * (x lora_a) lora_b,  lora_a [prod(in), r], lora_b [r, prod(out)]
+
+  ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zero, ``lora_scale`` learnable, init 1.
+  """
+
+  features: Tuple[int, ...]
+  in_axes: int = 1
+  lora_rank: int = 0
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  bias_init: Any = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = tuple(self.features)
+    in_shape = tuple(x.shape[x.ndim - self.in_axes:])
+    lead = x.shape[:x.ndim - self.in_axes]
+    n_in, n_out = math.prod(in_shape), math.prod(features)
+
+    def kernel_init(key, shape, dtype=jnp.float32):  # fans of the flattened matrix (DenseGeneral)
+      return self.kernel_init(key, (n_in, n_out), dtype).reshape(shape)
+
+    kernel = self.param("kernel", kernel_init, in_shape + features, jnp.float32)
+    bias = self.param("bias", self.bias_init, features, jnp.float32)
+    xf = x.reshape(lead + (n_in,)).astype(self.dtype)
+    y = xf @ kernel.reshape(n_in, n_out).astype(self.dtype)
+    if self.lora_rank > 0:
+      a = self.param("lora_a", lora_a_init, (n_in, self.lora_rank), jnp.float32)
+      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, n_out), jnp.float32)
+      s = self.param("lora_scale", nn.initializers.ones, (), jnp.float32)
+      y = y + s.astype(self.dtype) * ((xf @ a.astype(self.dtype)) @ b.astype(self.dtype))
+    y = y + bias.reshape(n_out).astype(self.dtype)
+    return y.reshape(lead + features)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention ``[B, N, D] -> [B, N, D]`` with optional LoRA targets and prefix.
+
+  Sows ``intermediates/attention_weights [B, H, N, K]`` when that collection is mutable
+  (``K = N``, or ``L + N`` with a prefix: prefix keys first, see
+  :func:`cft_jax.peft.prefix.prefix_attention`).
+  """
+
+  num_heads: int
+  lora_rank: int = 0
+  lora_targets: Tuple[str, ...] = ()
+  prefix_length: int = 0
+  prefix_gate_init: Optional[float] = 0.0
+  prefix_compensatory: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h = self.num_heads
+    if d % h:
+      raise ValueError(f"width {d} is not divisible by num_heads {h}")
+    dh = d // h
+
+    def proj(target: str, features: Tuple[int, ...], in_axes: int) -> LoRADenseGeneral:
+      rank = self.lora_rank if target in self.lora_targets else 0
+      return LoRADenseGeneral(features, in_axes=in_axes, lora_rank=rank, dtype=self.dtype,
+                              name=LORA_TARGETS[target])
+
+    q = proj("q", (h, dh), 1)(x)
+    k = proj("k", (h, dh), 1)(x)
+    v = proj("v", (h, dh), 1)(x)
+    if self.prefix_length > 0:
+      prefix = Prefix(num_heads=h, head_dim=dh, length=self.prefix_length,
+                      gate_init=self.prefix_gate_init, compensatory=self.prefix_compensatory,
+                      name="prefix")
+      pk, pv, gate = prefix()
+      out, w = prefix_attention(q, k, v, pk, pv, gate, compensatory=prefix.compensatory)
+    else:
+      out, w = dot_product_attention(q, k, v)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "attention_weights", w)
+    return proj("o", (d,), 2)(out)
+
+
+class MlpBlock(nn.Module):
+  """``Dense_0 (D -> M) -> GELU (tanh approx.) -> Dense_1 (M -> D)`` with dropout."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
+                                     kernel_init=nn.initializers.xavier_uniform(),
+                                     bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], "Dense_1")(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block with the PEFT modules of one block (``adapter_hidden = 0``: none)."""
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  lora_rank: int = 0
+  lora_targets: Tuple[str, ...] = ()
+  adapter_hidden: int = 0
+  adapter_position: str = "attn"
+  prefix_length: int = 0
+  prefix_gate_init: Optional[float] = 0.0
+  prefix_compensatory: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
+    a = MultiHeadDotProductAttention(
+        self.num_heads, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
+        prefix_length=self.prefix_length, prefix_gate_init=self.prefix_gate_init,
+        prefix_compensatory=self.prefix_compensatory, dtype=self.dtype,
+        name="MultiHeadDotProductAttention_1")(y)
+    a = nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
+    if self.adapter_hidden and self.adapter_position == "attn":
+      a = a + Adapter(self.adapter_hidden, dtype=self.dtype, name="adapter")(y)
+    x = x + a
+    y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+    m = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="MlpBlock_3")(
+        y, deterministic)
+    if self.adapter_hidden and self.adapter_position == "mlp":
+      m = m + Adapter(self.adapter_hidden, dtype=self.dtype, name="adapter")(y)
+    return x + m
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds the learned ``pos_embedding [1, N+1, D]`` (shape fixed at init by the input)."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pe = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                    (1, x.shape[1], x.shape[2]), jnp.float32)
+    return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  """``Transformer``: position embeddings, ``encoderblock_{i}``, ``encoder_norm``.
+
+  Fields mirror :class:`VisionTransformer` (which see).
+  """
+
+  variant: str
+  peft: str = "none"
+  peft_blocks: Tuple[int, ...] = PAPER_PEFT_BLOCKS
+  lora_rank: int = 4
+  lora_targets: Tuple[str, ...] = ("k", "v")
+  adapter_hidden: int = 5
+  adapter_position: str = "attn"
+  prefix_length: int = 10
+  prefix_gate_init: Optional[float] = 0.0
+  prefix_compensatory: bool = True
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    spec = VARIANTS[self.variant]
+    x = AddPositionEmbs(dtype=self.dtype, name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    for i in range(spec.depth):
+      on = i in tuple(self.peft_blocks)
+      x = Encoder1DBlock(
+          num_heads=spec.heads, mlp_dim=spec.mlp, dropout_rate=self.dropout_rate,
+          lora_rank=self.lora_rank if on and self.peft == "lora" else 0,
+          lora_targets=tuple(self.lora_targets),
+          adapter_hidden=self.adapter_hidden if on and self.peft == "adapter" else 0,
+          adapter_position=self.adapter_position,
+          prefix_length=self.prefix_length if on and self.peft == "prefix" else 0,
+          prefix_gate_init=self.prefix_gate_init, prefix_compensatory=self.prefix_compensatory,
+          dtype=self.dtype, name=f"encoderblock_{i}")(x, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier ``x [B, S, S, 3] -> logits [B, num_classes]`` (float32).
+
+  Attributes:
+    variant: one of :data:`VARIANTS` (``ti16, s16, b16, ti4, s4, tiny``).
+    num_classes: width ``C`` of the ``head``.
+    peft: ``none | lora | adapter | prefix``.
+    peft_blocks: indices of the blocks that get the PEFT module (paper: 0-4).
+    lora_rank: LoRA rank ``r`` (paper: 4).
+    lora_targets: subset of ``q, k, v, o`` (paper: ``k, v``).
+    adapter_hidden: adapter bottleneck ``h`` (paper: 5).
+    adapter_position: ``attn`` (parallel to attention, paper) or ``mlp``.
+    prefix_length: prefix tokens ``L`` (paper: 10).
+    prefix_gate_init: initial prefix gate (0: exact identity at init; None: LAE without gate).
+    prefix_compensatory: LAE's compensated prefix (True) or plain prefix tuning.
+    head_init_std: head kernel ``N(0, head_init_std)``, bias 0 (SPEC: 0.001).
+    representation_size: optional ``pre_logits`` Dense + tanh before the head (old i21k ckpts).
+    dropout_rate: dropout in the encoder (vit_jax placement); 0 for fine-tuning.
+    head_dropout_rate: dropout on the features before the head (training only).
+    dtype: computation dtype; parameters are float32, logits are returned in float32.
+  """
+
+  variant: str = "b16"
+  num_classes: int = 1000
+  peft: str = "none"
+  peft_blocks: Tuple[int, ...] = PAPER_PEFT_BLOCKS
+  lora_rank: int = 4
+  lora_targets: Tuple[str, ...] = ("k", "v")
+  adapter_hidden: int = 5
+  adapter_position: str = "attn"
+  prefix_length: int = 10
+  prefix_gate_init: Optional[float] = 0.0
+  prefix_compensatory: bool = True
+  head_init_std: float = 1e-3
+  representation_size: Optional[int] = None
+  dropout_rate: float = 0.0
+  head_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @property
+  def spec(self) -> ViTSpec:
+    return VARIANTS[self.variant]
+
+  def validate(self) -> None:
+    """Raises ValueError for an unknown variant / peft / target / position or a bad size."""
+    if self.variant not in VARIANTS:
+      raise ValueError(f"unknown ViT variant {self.variant!r}; one of {sorted(VARIANTS)}")
+    if self.peft not in PEFT_NAMES:
+      raise ValueError(f"unknown ViT peft {self.peft!r}; one of {list(PEFT_NAMES)}")
+    bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if bad:
+      raise ValueError(f"unknown lora_targets {bad}; a subset of {list(LORA_TARGETS)}")
+    if self.adapter_position not in ADAPTER_POSITIONS:
+      raise ValueError(f"adapter_position {self.adapter_position!r} not in {ADAPTER_POSITIONS}")
+    if any(b < 0 for b in self.peft_blocks):
+      raise ValueError(f"peft_blocks must be >= 0, got {tuple(self.peft_blocks)}")
+    sizes = {"lora": ("lora_rank", self.lora_rank), "adapter": ("adapter_hidden",
+             self.adapter_hidden), "prefix": ("prefix_length", self.prefix_length)}
+    if self.peft in sizes and sizes[self.peft][1] <= 0:
+      raise ValueError(f"peft={self.peft!r} needs {sizes[self.peft][0]} > 0")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False
+               ) -> jax.Array:
+    """Logits ``[B, num_classes]``, or the ``cls`` features ``[B, D]`` (after ``encoder_norm``
+    and ``pre_logits`` if any) with ``return_features``.
+
+    Args:
+      x: normalised images ``[B, H, W, 3]``; ``H, W`` multiples of the patch size and the same
+        as at init (the position embeddings fix the grid; see :func:`load_npz` to resize).
+      train: enables dropout (needs a ``dropout`` rng when a rate is > 0).
+
+    Raises:
+      ValueError: bad configuration or image size not divisible by the patch size.
+    """
+    self.validate()
+    spec = self.spec
+    b, hh, ww, _ = x.shape
+    p = spec.patch
+    if hh % p or ww % p:
+      raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+    x = jnp.asarray(x, self.dtype)
+    x = nn.Conv(spec.hidden, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="embedding")(x)
+    x = x.reshape(b, -1, spec.hidden)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, spec.hidden), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, spec.hidden)), x], axis=1)
+    x = Encoder(
+        self.variant, peft=self.peft, peft_blocks=tuple(self.peft_blocks),
+        lora_rank=self.lora_rank, lora_targets=tuple(self.lora_targets),
+        adapter_hidden=self.adapter_hidden, adapter_position=self.adapter_position,
+        prefix_length=self.prefix_length, prefix_gate_init=self.prefix_gate_init,
+        prefix_compensatory=self.prefix_compensatory, dropout_rate=self.dropout_rate,
+        dtype=self.dtype, name="Transformer")(x, deterministic=not train)
+    x = x[:, 0]
+    if self.representation_size is not None:
+      x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
+    if return_features:
+      return x
+    deterministic = not (train and self.head_dropout_rate > 0 and self.has_rng("dropout"))
+    x = nn.Dropout(self.head_dropout_rate)(x, deterministic=deterministic)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                      kernel_init=nn.initializers.normal(stddev=self.head_init_std),
+                      bias_init=nn.initializers.zeros)(x)
+    return logits.astype(jnp.float32)
+
+
+def peft_param_count(module: VisionTransformer) -> int:
+  """Closed-form number of PEFT scalars (head excluded) of ``module``.
+
+  Per configured block: LoRA ``len(targets) * (r (D + H Dh) + 1)``; adapter
+  ``D h + h + h D + D + 1`` (biases and the learnable scale included); prefix
+  ``2 L D + 2 + 1`` (key/value scales and the gate; ``+ 2`` without gate).
+  """
+  module.validate()
+  s = module.spec
+  blocks = len({b for b in module.peft_blocks if b < s.depth})
+  dh = s.hidden // s.heads
+  if module.peft == "lora":
+    per = len(set(module.lora_targets)) * (module.lora_rank * (s.hidden + s.heads * dh) + 1)
+  elif module.peft == "adapter":
+    per = adapter_param_count(s.hidden, module.adapter_hidden)
+  elif module.peft == "prefix":
+    per = prefix_param_count(module.prefix_length, s.heads, dh,
+                             gate=module.prefix_gate_init is not None)
+  else:
+    per = 0
+  return blocks * per
+
+
+# -------------------------------------------------------------------------------- weights
+
+
+def resample_posemb(posemb: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
+  """Position embeddings for another patch grid ("high-res fine-tuning", big_vision /
+  vit_jax ``resample_posemb``): the ``cls`` token's embedding is kept, the ``g x g`` grid of
+  patch embeddings is resized bilinearly to ``grid`` (``jax.image.resize``, half-pixel centres,
+  antialiased when shrinking; the reference uses ``scipy.ndimage.zoom(order=1)``, which differs
+  only in the placement of sample points).
+
+  Args:
+    posemb: ``[1, 1 + g*g, D]``.
+    grid: new ``(gh, gw)``.
+
+  Returns:
+    ``[1, 1 + gh*gw, D]`` float32.
+
+  Raises:
+    ValueError: the old number of patch tokens is not a square.
+  """
+  posemb = np.asarray(posemb, np.float32)
+  tok, old = posemb[:, :1], posemb[0, 1:]
+  g = int(round(math.sqrt(old.shape[0])))
+  if g * g != old.shape[0]:
+    raise ValueError(f"pos_embedding has {old.shape[0]} patch tokens, not a square grid")
+  gh, gw = grid
+  if (g, g) == (gh, gw):
+    return posemb
+  new = jax.image.resize(jnp.asarray(old.reshape(g, g, -1)), (gh, gw, old.shape[-1]),
+                         method="bilinear")
+  return np.concatenate([tok, np.asarray(new, np.float32).reshape(1, gh * gw, -1)], axis=1)
+
+
+_BV_RENAMES = (("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1"),
+               ("LayerNorm_1", "LayerNorm_2"), ("MlpBlock_0", "MlpBlock_3"))
+
+
+def _normalise_checkpoint(ckpt: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Strips ``opt/target/`` or ``params/`` prefixes; maps big_vision names (``pos_embedding``,
+  ``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``, scanned
+  ``encoderblock/`` stacks) to the vit_jax names used here."""
+  for pre in ("opt/target/", "params/"):
+    if ckpt and all(k.startswith(pre) for k in ckpt):
+      ckpt = {k[len(pre):]: v for k, v in ckpt.items()}
+  if any("MlpBlock_0" in k for k in ckpt):  # big_vision naming
+    out = {}
+    for k, v in ckpt.items():
+      if k == "pos_embedding":
+        k = "Transformer/posembed_input/pos_embedding"
+      for old, new in _BV_RENAMES:
+        k = k.replace(f"/{old}/", f"/{new}/")
+      out[k] = v
+    ckpt = out
+  scanned = [k for k in ckpt if k.startswith("Transformer/encoderblock/")]
+  if scanned:  # big_vision scan_layers: leading axis = block
+    out = {k: v for k, v in ckpt.items() if k not in scanned}
+    for k in scanned:
+      rest = k[len("Transformer/encoderblock/"):]
+      for i, v in enumerate(ckpt[k]):
+        out[f"Transformer/encoderblock_{i}/{rest}"] = v
+    ckpt = out
+  return ckpt
+
+
+def _as_size(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+  if isinstance(image_size, int):
+    return image_size, image_size
+  h, w = image_size
+  return int(h), int(w)
+
+
+def init_leaves(module: nn.Module, rng: jax.Array, image_size: Union[int, Sequence[int]],
+                keep: Callable[[str], bool]) -> Dict[str, jax.Array]:
+  """The initial values of the ``params`` leaves whose ``/``-joined path satisfies ``keep``.
+
+  Runs ``module.init`` under ``jit`` returning only those leaves, so XLA drops the rest of the
+  initialisation (no 86M random numbers to fill a head and a few PEFT leaves of ViT-B/16).
+  """
+  h, w = _as_size(image_size)
+
+  def f(rng):
+    flat = traverse_util.flatten_dict(module.init(rng, jnp.zeros((1, h, w, 3)))["params"],
+                                      sep="/")
+    return {k: v for k, v in flat.items() if keep(k)}
+  return jax.jit(f)(rng)
+
+
+def load_pretrained(module: VisionTransformer, path: Union[str, os.PathLike],
+                    image_size: Union[int, Sequence[int]] = 224, rng: Optional[jax.Array] = None,
+                    *, keep_head: bool = False, ignore_keys: Sequence[str] = ()
+                    ) -> Dict[str, Any]:
+  """Variables ``{'params': ...}`` of ``module`` from a ViT ``.npz`` checkpoint.
+
+  Every checkpoint array goes to the leaf of the same ``/``-joined path (after
+  :func:`_normalise_checkpoint`); ``pos_embedding`` is resampled to the grid of ``image_size``
+  (:func:`resample_posemb`); the ``head`` is dropped and replaced by a fresh one
+  (``N(0, head_init_std)``, zero bias) unless ``keep_head``; PEFT leaves (paths containing
+  ``lora``/``adapter``/``prefix``) come from ``module.init(rng)`` unless the file has them
+  (files written by :func:`save_npz`). Arrays are cast to float32.
+
+  Args:
+    module: the target :class:`VisionTransformer` (its fields decide the tree).
+    path: ``.npz`` with ``/``-separated keys (vit_jax / big_vision layout).
+    image_size: input side (int or ``(h, w)``) the variables are made for.
+    rng: PRNG key for the head and the PEFT leaves (default ``PRNGKey(0)``).
+    keep_head: keep the checkpoint's ``head`` (shapes must match).
+    ignore_keys: checkpoint key prefixes to drop silently (e.g. ``("pre_logits",)``).
+
+  Returns:
+    ``{'params': nested dict of jax arrays}``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: naming every missing key (model leaf not in the file), unexpected key (file
+      array the model has no leaf for) and shape mismatch.
+  """
+  module.validate()
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  h, w = _as_size(image_size)
+  p = module.spec.patch
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+  with np.load(path, allow_pickle=False) as f:
+    ckpt = {k: np.asarray(f[k]) for k in f.files}
+  ckpt = _normalise_checkpoint(ckpt)
+  shapes = traverse_util.flatten_dict(
+      jax.eval_shape(module.init, rng, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))["params"],
+      sep="/")
+  fresh = lambda k: ((k.split("/")[0] == "head" and not keep_head)
+                     or (_is_peft_key(k) and k not in ckpt))
+  leaves = dict(shapes)
+  leaves.update(init_leaves(module, rng, (h, w), fresh))
+
+  out, missing, mismatched, used = {}, [], [], set()
+  for key, ref in leaves.items():
+    is_head = key.split("/")[0] == "head"
+    if is_head and not keep_head:
+      out[key] = ref
+      continue
+    if key not in ckpt:
+      if _is_peft_key(key):
+        out[key] = ref
+      else:
+        missing.append(key)
+      continue
+    arr = ckpt[key]
+    used.add(key)
+    if key.endswith("posembed_input/pos_embedding") and arr.shape != ref.shape:
+      arr = resample_posemb(arr, (h // p, w // p))
+    if arr.shape != ref.shape:
+      mismatched.append(f"{key}: file {tuple(arr.shape)} vs model {tuple(ref.shape)}")
+      continue
+    out[key] = jnp.asarray(arr, jnp.float32)
+  dropped = lambda k: ((k.split("/")[0] == "head" and not keep_head)
+                       or any(k.startswith(pre) for pre in ignore_keys))
+  unexpected = sorted(k for k in ckpt if k not in used and not dropped(k))
+  if missing or unexpected or mismatched:
+    lines = [f"{path}: checkpoint does not match ViT-{module.variant} (peft={module.peft!r}):"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+      if items:
+        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                     + (" ..." if len(items) > 20 else ""))
+    if any(k.startswith("pre_logits/") for k in unexpected):
+      lines.append("  the file has pre_logits: pass representation_size=<its width> to keep it, "
+                   "or ignore_keys=('pre_logits',) to drop it")
+    raise ValueError("\n".join(lines))
+  return {"params": traverse_util.unflatten_dict(out, sep="/")}
+
+
+def load_npz(path: Union[str, os.PathLike], variant: str, num_classes: int,
+             image_size: Union[int, Sequence[int]] = 224, *, rng: Optional[jax.Array] = None,
+             keep_head: bool = False, ignore_keys: Sequence[str] = (), **module_kwargs
+             ) -> Dict[str, Any]:
+  """:func:`load_pretrained` for ``VisionTransformer(variant, num_classes, **module_kwargs)``
+  (``module_kwargs``: ``peft``, ``peft_blocks``, ``lora_rank``, ...). Same errors."""
+  module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)
+  return load_pretrained(module, path, image_size, rng, keep_head=keep_head,
+                         ignore_keys=ignore_keys)
+
+
+def save_npz(variables: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
+  """Writes ``variables['params']`` (or a bare params dict) as an ``.npz`` with ``/``-joined
+  keys (the checkpoint layout; PEFT leaves included), readable by :func:`load_pretrained`."""
+  params = variables.get("params", variables)
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+
+
+def pretrained_path(variant: str, directory: Optional[str] = None) -> str:
+  """Local path of the augreg ImageNet-21k ``.npz`` of ``variant``.
+
+  Looked up in ``directory``, else ``$CFT_JAX_VIT_DIR``, else ``~/.cache/cft_jax/vit``.
+
+  Raises:
+    ValueError: no public checkpoint for ``variant`` (patch-4 and ``tiny`` variants).
+    FileNotFoundError: the file is absent; the message gives the download command.
+  """
+  if variant not in AUGREG_FILES:
+    raise ValueError(f"no public augreg checkpoint for ViT variant {variant!r} (those with one: "
+                     f"{sorted(AUGREG_FILES)}); use pretrained=False")
+  directory = (directory or os.environ.get("CFT_JAX_VIT_DIR")
+               or os.path.join(os.path.expanduser("~"), ".cache", "cft_jax", "vit"))
+  path = os.path.join(directory, AUGREG_FILES[variant])
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found. Download it with\n  mkdir -p {directory} && wget -P {directory} "
+        f"{AUGREG_URL}{AUGREG_FILES[variant]}\n(or set CFT_JAX_VIT_DIR to the folder holding it)")
+  return path
+
+
+def build(variant: str, num_classes: int, *, pretrained: bool = True,
+          image_size: Union[int, Sequence[int]] = 224, rng: Optional[jax.Array] = None,
+          path: Optional[str] = None, **module_kwargs) -> Tuple[VisionTransformer, Dict[str, Any]]:
+  """``(module, variables)``: augreg weights when ``pretrained`` (``path`` or
+  :func:`pretrained_path`), else a random init at ``image_size``.
+
+  Raises:
+    ValueError / FileNotFoundError: see :func:`pretrained_path` and :func:`load_pretrained`.
+  """
+  module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)
+  module.validate()
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if pretrained:
+    variables = load_pretrained(module, path or pretrained_path(variant), image_size, rng)
+  else:
+    h, w = _as_size(image_size)
+    variables = jax.jit(module.init)(rng, jnp.zeros((1, h, w, 3), jnp.float32))
+  return module, dict(variables)
