@@ -194,6 +194,26 @@ def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None
         "\nUse a new --workdir, or the saved values to resume.")
 
 
+def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Extra backbone arguments from ``config.peft``/``config.model`` (ViT PEFT placement)."""
+  if not config.model.name.startswith("vit_"):
+    if config.peft.name in ("adapter", "prefix"):
+      raise ValueError(f"peft.name='{config.peft.name}' is implemented for the ViT backbones "
+                       f"(model.name=vit_*); {config.model.name} supports lora | linear_probe | full")
+    return {}
+  p = config.peft
+  kw = {"peft": p.name if p.name in ("lora", "adapter", "prefix") else "none",
+        "peft_blocks": tuple(p.get("blocks", (0, 1, 2, 3, 4))),
+        "lora_targets": tuple(p.get("lora_targets", ("k", "v"))),
+        "adapter_hidden": p.get("adapter_hidden", 5),
+        "adapter_position": p.get("adapter_position", "attn"),
+        "prefix_length": p.get("prefix_length", 10),
+        "head_init_std": config.model.get("head_init_std", 1e-3)}
+  if config.model.get("checkpoint"):
+    kw["path"] = config.model.checkpoint
+  return kw
+
+
 def _loss_hparams(loss_cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
   return {k: v for k, v in loss_cfg.items() if k not in LOSS_TRAINER_KEYS}
 
@@ -263,12 +283,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                       lora_alpha=config.peft.get("alpha") or None,
                       pretrained=config.model.get("pretrained", True),
                       image_size=config.data.image_size, rng=init_rng,
-                      dropout_rate=config.model.get("dropout_rate", 0.0))
+                      dropout_rate=config.model.get("dropout_rate", 0.0),
+                      **_model_kwargs(config))
   variables = dict(built.variables)
   params0, frozen_params = peft.split_params(variables.pop("params"), peft_name)
   frozen = {"params": frozen_params, "collections": variables}
   preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
-                          augment=config.data.get("augment", "none"))
+                          augment=config.data.get("augment", "none"),
+                          rrc_scale=tuple(config.data.get("rrc_scale", (0.05, 1.0))))
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
   tx = make_optimizer(config.optim)
   method = methods_lib.get_method(config.method)

@@ -37,11 +37,18 @@ def get_config(arg=None):
   c.model.name = "efficientnet_lite0"
   c.model.pretrained = True
   c.model.dropout_rate = 0.0
+  c.model.checkpoint = ""         # ViT: path of an augreg .npz ("" -> $CFT_JAX_VIT_DIR lookup)
+  c.model.head_init_std = 1e-3    # ViT: incremental head N(0, 0.001)
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.name = "lora"            # lora | linear_probe | full
+  c.peft.name = "lora"            # lora | adapter | prefix (ViT) | linear_probe | full
   c.peft.rank = 4
   c.peft.alpha = 0.0              # LoRA scale alpha / rank; 0 -> alpha = rank
+  c.peft.blocks = (0, 1, 2, 3, 4)  # ViT: blocks that get the PEFT module (paper: 0-4)
+  c.peft.lora_targets = ("k", "v")  # ViT LoRA targets among q, k, v, o
+  c.peft.adapter_hidden = 5       # ViT adapter bottleneck
+  c.peft.adapter_position = "attn"  # ViT adapter parallel to attn | mlp
+  c.peft.prefix_length = 10       # ViT prefix length L
 
   c.method = ml_collections.ConfigDict()
   c.method.name = "sequential"    # sequential | lae

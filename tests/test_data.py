@@ -105,3 +105,20 @@ def test_batches_pad_with_mask():
   seen = np.concatenate([b[1][b[2]] for b in out])
   assert sorted(seen) == list(range(10))
   assert out[-1][2].tolist() == [True, True, False, False]
+
+
+def test_random_resized_crop_flip():
+  prep = data.Preprocess(image_size=8, mean=0.0, std=1.0, augment="rrc_flip", rrc_scale=(1.0, 1.0))
+  # a horizontal ramp; with the full-area crop the output is the (possibly flipped) ramp
+  ramp = np.tile(np.linspace(0, 240, 16).astype(np.uint8)[None, :, None], (16, 1, 3))
+  x = jnp.asarray(np.stack([ramp] * 6))
+  y = np.asarray(prep(x, jax.random.PRNGKey(0), train=True))
+  assert y.shape == (6, 8, 8, 3)
+  rows = y[:, 4, :, 0]
+  inc = np.all(np.diff(rows, axis=1) >= -1e-3, axis=1)
+  dec = np.all(np.diff(rows, axis=1) <= 1e-3, axis=1)
+  assert np.all(inc | dec) and inc.any() and dec.any()
+  # small crops zoom in: the value range inside a crop shrinks
+  small = data.Preprocess(8, 0.0, 1.0, augment="rrc_flip", rrc_scale=(0.05, 0.06))
+  ys = np.asarray(small(x, jax.random.PRNGKey(1), train=True))
+  assert np.ptp(ys[:, 4, :, 0], axis=1).max() < 0.6 * np.ptp(rows, axis=1).min()

@@ -27,9 +27,13 @@ class Preprocess:
     image_size: output side ``S`` in pixels.
     mean: value subtracted from RGB pixels in ``[0, 255]`` (backbone normalisation).
     std: divisor applied after the subtraction.
-    augment: ``"none"`` or ``"crop_flip"`` (random translation by up to ``crop_padding`` pixels
-      of the resized image, zero padded, and horizontal flip with probability 1/2).
+    augment: ``"none"``, ``"crop_flip"`` (random translation by up to ``crop_padding`` pixels
+      of the resized image, zero padded, and horizontal flip with probability 1/2) or
+      ``"rrc_flip"`` (torchvision-style RandomResizedCrop with area fraction in
+      ``rrc_scale`` and aspect ratio in [3/4, 4/3], then flip; the aEPG/LAE paper setup uses
+      ``rrc_scale=(0.05, 1.0)``).
     crop_padding: maximal translation in output pixels.
+    rrc_scale: area-fraction range of ``rrc_flip``.
   """
 
   image_size: int
@@ -37,10 +41,12 @@ class Preprocess:
   std: float = 128.0
   augment: str = "none"
   crop_padding: int = 4
+  rrc_scale: Tuple[float, float] = (0.05, 1.0)
 
   def __post_init__(self):
-    if self.augment not in ("none", "crop_flip"):
-      raise ValueError(f"data.augment must be 'none' or 'crop_flip', got '{self.augment}'")
+    if self.augment not in ("none", "crop_flip", "rrc_flip"):
+      raise ValueError("data.augment must be 'none', 'crop_flip' or 'rrc_flip', got "
+                       f"'{self.augment}'")
 
   def __call__(self, images: jax.Array, rng: Optional[jax.Array] = None,
                train: bool = False) -> jax.Array:
@@ -53,11 +59,14 @@ class Preprocess:
       x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
     B, h, w, _ = x.shape
     S = self.image_size
+    if train and self.augment != "none" and rng is None:
+      raise ValueError("augmentation needs an rng")
+    if train and self.augment == "rrc_flip":
+      x = _random_resized_crop_flip(x, rng, S, self.rrc_scale)
+      return (x - self.mean) / self.std
     if (h, w) != (S, S):
       x = jax.image.resize(x, (B, S, S, 3), method="bilinear", antialias=(h > S or w > S))
     if train and self.augment == "crop_flip":
-      if rng is None:
-        raise ValueError("augmentation needs an rng")
       x = _crop_flip(x, rng, self.crop_padding)
     return (x - self.mean) / self.std
 
@@ -75,6 +84,34 @@ def _crop_flip(x: jax.Array, rng: jax.Array, pad: int) -> jax.Array:
     return jnp.where(flip, out[:, ::-1], out)
 
   return jax.vmap(one)(xp, shifts, flips)
+
+
+def _random_resized_crop_flip(x: jax.Array, rng: jax.Array, size: int,
+                              scale: Tuple[float, float]) -> jax.Array:
+  """RandomResizedCrop (area fraction ~ U(scale), log-ratio ~ U(log 3/4, log 4/3)) + flip.
+
+  ``x [B, h, w, 3]`` float -> ``[B, size, size, 3]``; crops are clipped to the image (the
+  torchvision fallback of 10 retries is replaced by clipping, which keeps the step static).
+  """
+  B, h, w, _ = x.shape
+  k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(rng, 5)
+  area = jax.random.uniform(k_area, (B,), minval=scale[0], maxval=scale[1]) * h * w
+  log_r = jax.random.uniform(k_ratio, (B,), minval=np.log(3 / 4), maxval=np.log(4 / 3))
+  ratio = jnp.exp(log_r)
+  cw = jnp.clip(jnp.sqrt(area * ratio), 1.0, w)
+  ch = jnp.clip(jnp.sqrt(area / ratio), 1.0, h)
+  y0 = jax.random.uniform(k_y, (B,)) * (h - ch)
+  x0 = jax.random.uniform(k_x, (B,)) * (w - cw)
+  flips = jax.random.bernoulli(k_flip, 0.5, (B,))
+
+  def one(img, y0, x0, ch, cw, flip):
+    sy, sx = size / ch, size / cw
+    out = jax.image.scale_and_translate(img, (size, size, 3), (0, 1), jnp.stack([sy, sx]),
+                                        jnp.stack([-y0 * sy, -x0 * sx]), method="linear",
+                                        antialias=True)
+    return jnp.where(flip, out[:, ::-1], out)
+
+  return jax.vmap(one)(x, y0, x0, ch, cw, flips)
 
 
 def subsample(indices: np.ndarray, limit: Optional[int], seed: int) -> np.ndarray:

@@ -1,0 +1,60 @@
+"""Every shipped config loads, and the paper configs run end to end with a tiny ViT."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from cft_jax import train
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg is not None else mod.get_config()
+
+
+COMBOS = [("lora", "ce", "sequential"), ("lora", "aepg", "sequential"),
+          ("adapter", "ce", "sequential"), ("adapter", "aepg", "sequential"),
+          ("prefix", "ce", "sequential"), ("prefix", "aepg", "sequential"),
+          ("lora", "ce", "lae"), ("lora", "aepg", "lae")]
+
+
+def test_imagenet_r_config_values():
+  c = load_config("imagenet_r_vit", "adapter,aepg,lae")
+  assert (c.model.name, c.peft.name, c.loss.name, c.method.name) == ("vit_b16", "adapter", "aepg",
+                                                                      "lae")
+  assert c.scenario.num_tasks == 10 and c.optim.learning_rate == 5e-4 and c.train.epochs == 50
+  assert c.train.batch_size == 256 and tuple(c.peft.blocks) == (0, 1, 2, 3, 4)
+  with pytest.raises(ValueError, match="expected peft"):
+    load_config("imagenet_r_vit", "lora,xent")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+  from tests.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
+  return make_image_folder(str(tmp_path_factory.mktemp("imgs")),
+                           classes=("a", "b", "c", "d"), n_train=4, n_test=2, size=12)
+
+
+@pytest.mark.parametrize("peft,loss,method", COMBOS)
+def test_paper_config_smoke(peft, loss, method, image_root, tmp_path):
+  c = load_config("imagenet_r_vit", f"{peft},{loss},{method}")
+  c.model.name = "vit_tiny"
+  c.model.pretrained = False
+  c.data.root = image_root
+  c.data.image_size = 16
+  c.scenario.num_tasks = 2
+  c.train.epochs = 2
+  c.train.batch_size = 8
+  c.eval.batch_size = 8
+  c.method.freeze_epochs = 1 if method == "lae" else 0
+  c.train.progress = c.train.verbose = c.train.plots = False
+  m = train.run(c, str(tmp_path))
+  R = np.array(m["accuracy_matrix"], float)
+  assert R.shape == (2, 2) and np.all(np.isfinite(np.tril(R)))
+  assert m["trainable_params"] < m["total_params"] / 2
