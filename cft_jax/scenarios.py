@@ -84,3 +84,66 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
   if shuffle_classes:
     order = np.random.default_rng(seed).permutation(num_classes)
   return ClassIncremental(class_order=tuple(int(c) for c in order), num_tasks=num_tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataIncremental:
+  """Data-incremental learning: the training set is split into ``T`` random parts, every task
+  has all ``C`` classes, and every task is evaluated on the whole test set (DLCFT §5, SPEC §3).
+
+  Attributes:
+    num_classes: ``C``.
+    num_tasks: ``T``.
+    seed: seed of the split.
+  """
+
+  num_classes: int
+  num_tasks: int
+  seed: int = 0
+
+  @property
+  def class_order(self) -> Tuple[int, ...]:
+    return tuple(range(self.num_classes))
+
+  @property
+  def classes_per_task(self) -> int:
+    return self.num_classes
+
+  def task_range(self, task_id: int) -> Tuple[int, int]:
+    """All classes: ``(0, C)``."""
+    if not 0 <= task_id < self.num_tasks:
+      raise ValueError(f"task_id must be in [0, {self.num_tasks}), got {task_id}")
+    return 0, self.num_classes
+
+  def relabel(self, labels: np.ndarray) -> np.ndarray:
+    """Identity (with the range check of :meth:`ClassIncremental.relabel`)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+      raise ValueError(f"labels must be in [0, {self.num_classes})")
+    return labels.astype(np.int32)
+
+  def split(self, n: int) -> list:
+    """``T`` disjoint index arrays covering ``range(n)`` (seeded random, near-equal sizes)."""
+    perm = np.random.default_rng(self.seed).permutation(n)
+    return [np.sort(p) for p in np.array_split(perm, self.num_tasks)]
+
+
+SCENARIO_TYPES = ("class_il", "task_il", "data_il")
+
+
+def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
+                  shuffle_classes: bool = True):
+  """Builds ``scenario.type``: ``class_il`` / ``task_il`` (class splits; task-IL is evaluated with
+  the task id, training is identical: per-task heads = the task's slice of one wide head) or
+  ``data_il``.
+
+  Raises:
+    ValueError: unknown type, or classes not divisible into tasks.
+  """
+  if kind in ("class_il", "task_il"):
+    return class_incremental(num_classes, num_tasks, seed, shuffle_classes)
+  if kind == "data_il":
+    if num_tasks < 1:
+      raise ValueError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
+    return DataIncremental(num_classes, num_tasks, seed)
+  raise ValueError(f"unknown scenario.type '{kind}'; known: {list(SCENARIO_TYPES)}")

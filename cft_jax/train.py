@@ -79,39 +79,85 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   return tx
 
 
+def make_forward(apply_fn: Callable, linearized: bool = False) -> Callable:
+  """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
+
+  ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
+  collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
+  the expansion point of the trainable leaves (``frozen['params0']``). The linearized model is
+  ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` computed with one ``jax.jvp`` in eval mode
+  (DLCFT, SPEC §3; :func:`cft_jax.linearize.linearized_apply`).
+  """
+
+  def forward(params, frozen, x, train=False, rng=None):
+    def f(p):
+      variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
+      if train and not linearized and rng is not None:
+        return apply_fn(variables, x, train=True, rngs={"dropout": rng})
+      return apply_fn(variables, x, train=False)
+
+    if linearized:
+      from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
+      return linearized_apply(f, frozen["params0"], params)
+    return f(params)
+
+  return forward
+
+
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
-                    method: Optional[methods_lib.Method] = None) -> Callable:
+                    method: Optional[methods_lib.Method] = None, *, linearized: bool = False,
+                    loss_scope: str = "local") -> Callable:
   """Builds the jitted train step.
 
   The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
   total_steps, rng, freeze_peft=False) -> (state, metrics)`` takes ``images [B,h,w,c] uint8``,
   incremental ``labels [B]`` inside ``[task_lo, task_lo + k)``, ``mask [B]`` (False: padding), and
-  returns the new state and scalar metrics ``loss``, ``accuracy`` (local, %), ``entropy`` (nats),
-  ``alpha`` (aEPG weight of CE). The loss is the masked mean of the per-example local loss
-  (SPEC §1 "Local loss") plus ``method.penalty``. With ``freeze_peft`` True only the ``head``
-  leaves move (LAE's frozen first epochs).
+  returns the new state and scalar metrics ``loss``, ``data_loss``, ``accuracy`` (on the task's
+  classes, %), ``entropy`` (nats), ``alpha`` (aEPG weight of CE).
+
+  The objective is ``method.data_weight * L_data + method.penalty + method.extra_loss`` where
+  ``L_data`` is the masked mean of the per-example loss over the task's ``k`` classes
+  (``loss_scope='local'``, SPEC §1 "Local loss": ``z[:, task_lo:task_lo + k]``, ``y - task_lo``) or
+  over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
+  the ``head`` leaves move (LAE's frozen first epochs). ``task_lo``, ``step_in_task`` and
+  ``total_steps`` are traced, so the step compiles once per run.
+
+  Raises:
+    ValueError: unknown ``loss_scope``.
   """
+  if loss_scope not in ("local", "all"):
+    raise ValueError(f"loss.scope must be 'local' or 'all', got '{loss_scope}'")
   k = classes_per_task
   method = method or methods_lib.Method()
+  forward = make_forward(apply_fn, linearized)
 
   def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
                        step_in_task, total_steps, rng):
-    rng_aug, rng_drop, rng_loss = jax.random.split(rng, 3)
+    rng_aug, rng_drop, rng_loss, rng_method = jax.random.split(rng, 4)
     x = preprocess(images, rng_aug, train=True)
-    variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
-    logits = apply_fn(variables, x, train=True, rngs={"dropout": rng_drop})
+    logits = forward(params, frozen, x, True, rng_drop)
     local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
     local_labels = labels - task_lo
-    per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
-                               rng=rng_loss)
+    if loss_scope == "local":
+      per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
+                                 rng=rng_loss)
+    else:
+      per_example, aux = loss_fn(logits, labels, step=step_in_task, total_steps=total_steps,
+                                 rng=rng_loss)
     w = mask.astype(jnp.float32)
     denom = jnp.maximum(w.sum(), 1.0)
     data_loss = jnp.sum(per_example * w) / denom
-    loss = data_loss + method.penalty(params, method_state)
+    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
+
+    def logits_fn(p, imgs, r):
+      return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+
+    loss = (method.data_weight(method_state) * data_loss + method.penalty(params, method_state)
+            + method.extra_loss(params, method_state, batch, logits, logits_fn, rng_method))
     acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
     return loss, dict(loss=loss, data_loss=data_loss, accuracy=acc, entropy=aux["entropy"],
-                      alpha=aux["alpha"])
+                      alpha=aux["alpha"], logits=jax.lax.stop_gradient(logits))
 
   def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
                  freeze_peft=False):
@@ -123,7 +169,10 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
                for key, u in updates.items()}
     params = optax.apply_updates(state.params, updates)
-    method_state = method.after_step(params, state.method_state)
+    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
+             "logits": metrics.pop("logits")}
+    method_state = method.after_step(params, state.method_state, batch=batch,
+                                     rng=jax.random.fold_in(rng, 1))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          method_state=method_state), metrics
 
@@ -131,7 +180,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
 
 
 def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
-                   num_classes: int, method: Optional[methods_lib.Method] = None) -> Callable:
+                   num_classes: int, method: Optional[methods_lib.Method] = None, *,
+                   linearized: bool = False) -> Callable:
   """Builds the jitted evaluation step.
 
   ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
@@ -142,16 +192,15 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
   """
   k = classes_per_task
   method = method or methods_lib.Method()
+  forward = make_forward(apply_fn, linearized)
 
   def eval_step(state, frozen, images, labels, mask, num_seen, task_lo):
     x = preprocess(images, train=False)
     cls = jnp.arange(num_classes)
     in_task = (cls >= task_lo) & (cls < task_lo + k)
     seen = cls < num_seen
-    all_logits = []
-    for params in method.eval_params(state.params, state.method_state):
-      variables = dict(frozen["collections"], params=peft.merge_params(params, frozen["params"]))
-      all_logits.append(apply_fn(variables, x, train=False))
+    all_logits = [forward(p, frozen, x) for p in method.eval_params(state.params,
+                                                                    state.method_state)]
 
     def predict(valid):
       if len(all_logits) == 1:
@@ -257,22 +306,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # Data and scenario.
   ds = load_dataset(config.data.name, root=config.data.get("root") or None,
                     image_size=config.data.image_size)
-  scenario = scenarios.class_incremental(ds.num_classes, config.scenario.num_tasks,
-                                         seed=config.scenario.seed,
-                                         shuffle_classes=config.scenario.get("shuffle_classes",
-                                                                             True))
-  k, T, C = scenario.classes_per_task, scenario.num_tasks, scenario.num_classes
+  kind = config.scenario.get("type", "class_il")
+  scenario = scenarios.make_scenario(kind, ds.num_classes, config.scenario.num_tasks,
+                                     seed=config.scenario.seed,
+                                     shuffle_classes=config.scenario.get("shuffle_classes", True))
+  k, T, C = scenario.classes_per_task, scenario.num_tasks, len(scenario.class_order)
   train_labels = scenario.relabel(ds.train_labels)
   test_labels = scenario.relabel(ds.test_labels)
+  method = methods_lib.get_method(config.method)
+  train_limit, test_limit = config.data.get("train_limit"), config.data.get("test_limit")
   train_idx, test_idx = [], []
+  parts = scenario.split(len(train_labels)) if kind == "data_il" else None
   for t in range(T):
     lo, hi = scenario.task_range(t)
-    tr = np.flatnonzero((train_labels >= lo) & (train_labels < hi))
-    te = np.flatnonzero((test_labels >= lo) & (test_labels < hi))
-    train_idx.append(subsample(tr, config.data.get("train_limit"), seed=config.seed * 1000 + t))
-    test_idx.append(subsample(te, config.data.get("test_limit"), seed=config.seed * 1000 + t + 7))
+    if kind == "data_il":
+      tr, te = parts[t], np.arange(len(test_labels))
+    else:
+      tr = np.flatnonzero((train_labels >= lo) & (train_labels < hi))
+      te = np.flatnonzero((test_labels >= lo) & (test_labels < hi))
+    train_idx.append(subsample(tr, train_limit, seed=config.seed * 1000 + t))
+    test_idx.append(subsample(te, test_limit, seed=config.seed * 1000 + (7 if kind == "data_il"
+                                                                         else t + 7)))
     if len(train_idx[-1]) == 0:
       raise ValueError(f"task {t} has no training images")
+  if method.cumulative_data:  # joint training: task t sees the data of tasks 0..t
+    train_idx = [np.concatenate(train_idx[:t + 1]) for t in range(T)]
 
   # Model, PEFT split, optimiser, steps.
   rng = jax.random.PRNGKey(config.seed)
@@ -288,15 +346,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   variables = dict(built.variables)
   params0, frozen_params = peft.split_params(variables.pop("params"), peft_name)
   frozen = {"params": frozen_params, "collections": variables}
+  linearized = bool(config.model.get("linearize", False))
+  if linearized:
+    frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
   preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
                           augment=config.data.get("augment", "none"),
                           rrc_scale=tuple(config.data.get("rrc_scale", (0.05, 1.0))))
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
   tx = make_optimizer(config.optim)
-  method = methods_lib.get_method(config.method)
-  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method)
-  eval_step = make_eval_step(built.module.apply, preprocess, k, C, method)
   bs = config.train.batch_size
+  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
+                               linearized=linearized,
+                               loss_scope=config.loss.get("scope", "local"))
+  eval_step = make_eval_step(built.module.apply, preprocess, k, C, method, linearized=linearized)
+  forward = jax.jit(make_forward(built.module.apply, linearized))
+
+  def task_context(t: Optional[int]) -> methods_lib.TaskContext:
+    return methods_lib.TaskContext(
+        task_id=t, task_range=None if t is None else scenario.task_range(t), num_classes=C,
+        classes_per_task=k, image_shape=ds.train_images.shape[1:],
+        forward=lambda p, x: forward(p, frozen, x), preprocess=preprocess,
+        batches=None if t is None else functools.partial(
+            batches, ds.train_images, train_labels, train_idx[t], bs),
+        loss_name=config.loss.name)
   steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]
   if config.loss.get("schedule_scope", "task") not in ("task", "global"):
     raise ValueError("loss.schedule_scope must be 'task' or 'global', got "
@@ -314,7 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
   # Resume.
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0),
-                     method_state=method.init_state(params0))
+                     method_state=method.init_state(params0, task_context(None)))
   R = np.full((T, T), np.nan)
   R_task = np.full((T, T), np.nan)
   entropy_end: List[float] = []
@@ -350,7 +422,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     lo, hi = scenario.task_range(t)
     if config.optim.get("reset_per_task", True):
       state = state.replace(opt_state=tx.init(state.params))
-    state = state.replace(method_state=method.begin_task(t, state.params, state.method_state))
+    state = state.replace(method_state=method.begin_task(t, state.params, state.method_state,
+                                                         task_context(t)))
     task_rng = jax.random.fold_in(rng, t)
     total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
     offset = 0 if not global_schedule else sum(steps_per_task[:t])
@@ -380,12 +453,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if hasattr(bar, "close"):
       bar.close()
     entropy_end.append(last.get("entropy", float("nan")))
-    state = state.replace(method_state=method.end_task(t, state.params, state.method_state))
+    state = state.replace(method_state=method.end_task(t, state.params, state.method_state,
+                                                       task_context(t)))
 
     for i in range(t + 1):
       ilo, _ = scenario.task_range(i)
+      num_seen = hi if kind != "data_il" else C
       R[t, i], R_task[t, i] = evaluate(eval_step, state, frozen, ds.test_images,
-                                       test_labels, test_idx[i], config.eval.batch_size, hi, ilo)
+                                       test_labels, test_idx[i], config.eval.batch_size,
+                                       num_seen, ilo)
     if verbose:
       print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
       print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "

@@ -11,7 +11,7 @@ from typing import Callable, Dict
 
 import ml_collections
 
-from cft_jax.methods.base import Method
+from cft_jax.methods.base import Method, TaskContext
 from cft_jax.methods.lae import LAE
 
 _FACTORIES: Dict[str, Callable[[ml_collections.ConfigDict], Method]] = {

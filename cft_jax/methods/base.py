@@ -24,6 +24,34 @@ import jax
 PyTree = Any
 
 
+@dataclasses.dataclass
+class TaskContext:
+  """What host-side hooks may use: the model, the data of a task, the scenario geometry.
+
+  Attributes:
+    task_id: current task (None in ``init_state``).
+    task_range: ``(lo, hi)`` incremental labels of the task.
+    num_classes: head width ``C``.
+    classes_per_task: ``k``.
+    image_shape: ``(h, w, c)`` of stored uint8 images.
+    forward: ``forward(params, x [B,S,S,3] float) -> logits [B, C]`` (eval mode, frozen merged,
+      linearized when the run is).
+    preprocess: uint8 -> normalised float images (``preprocess(images, rng, train)``).
+    batches: ``batches()`` iterates the task's training data as ``(images uint8, labels, mask)``.
+    loss_name: ``config.loss.name`` (curvature estimators choose CE or MSE Fisher from it).
+  """
+
+  task_id: Any = None
+  task_range: Any = None
+  num_classes: int = 0
+  classes_per_task: int = 0
+  image_shape: Any = None
+  forward: Any = None
+  preprocess: Any = None
+  batches: Any = None
+  loss_name: str = "ce"
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """Sequential fine-tuning: one set of trainable (PEFT + head) params updated across tasks.
@@ -34,14 +62,18 @@ class Method:
 
   name: str = "sequential"
 
-  def init_state(self, params: PyTree) -> PyTree:
-    """Initial ``method_state`` (a pytree of arrays; ``{}`` when stateless)."""
-    del params
+  def init_state(self, params: PyTree, ctx: "TaskContext" = None) -> PyTree:
+    """Initial ``method_state`` (a pytree of arrays; ``{}`` when stateless).
+
+    The structure must not change over the run (it is checkpointed and traced once).
+    """
+    del params, ctx
     return {}
 
-  def begin_task(self, task_id: int, params: PyTree, method_state: PyTree) -> PyTree:
+  def begin_task(self, task_id: int, params: PyTree, method_state: PyTree,
+                 ctx: "TaskContext" = None) -> PyTree:
     """Host-side hook before task ``task_id``; returns the new method state."""
-    del task_id, params
+    del task_id, params, ctx
     return method_state
 
   def frozen_peft(self, task_id: int, epoch: int) -> bool:
@@ -49,19 +81,48 @@ class Method:
     del task_id, epoch
     return False
 
+  cumulative_data: bool = False
+  """If True the trainer trains task ``t`` on the union of tasks ``0..t`` (joint upper bound)."""
+
+  def data_weight(self, method_state: PyTree) -> jax.Array:
+    """Weight of the current task's data loss inside the jitted step (e.g. DLCFT's ``1/t``)."""
+    del method_state
+    return 1.0
+
   def penalty(self, params: PyTree, method_state: PyTree) -> jax.Array:
-    """Regulariser added to the data loss inside the jitted step (scalar)."""
+    """Parameter regulariser added to the loss inside the jitted step (scalar)."""
     del params, method_state
     return 0.0
 
-  def after_step(self, params: PyTree, method_state: PyTree) -> PyTree:
-    """Updates the method state after each optimiser step (inside jit)."""
-    del params
+  def extra_loss(self, params: PyTree, method_state: PyTree, batch: dict, logits: jax.Array,
+                 logits_fn, rng: jax.Array) -> jax.Array:
+    """Data-dependent extra loss inside the jitted step (distillation, replay), scalar.
+
+    Args:
+      params: trainable params being differentiated.
+      method_state: the method's state (constants here).
+      batch: ``images [B,h,w,c] uint8``, incremental ``labels [B]``, ``mask [B]``, ``task_lo``.
+      logits: ``[B, C]`` logits of ``params`` on the (augmented) current batch.
+      logits_fn: ``logits_fn(params, images_uint8, rng) -> [B', C]`` (preprocess + forward).
+      rng: PRNG key for sampling (e.g. replay batches).
+    """
+    del params, method_state, batch, logits, logits_fn, rng
+    return 0.0
+
+  def after_step(self, params: PyTree, method_state: PyTree, batch: dict = None,
+                 rng: jax.Array = None) -> PyTree:
+    """Updates the method state after each optimiser step (inside jit).
+
+    ``batch`` is the step's batch plus ``logits [B, C]`` (before the update, no gradient);
+    e.g. a reservoir buffer inserts it here.
+    """
+    del params, batch, rng
     return method_state
 
-  def end_task(self, task_id: int, params: PyTree, method_state: PyTree) -> PyTree:
-    """Host-side hook after task ``task_id``; returns the new method state."""
-    del task_id, params
+  def end_task(self, task_id: int, params: PyTree, method_state: PyTree,
+               ctx: "TaskContext" = None) -> PyTree:
+    """Host-side hook after task ``task_id`` (e.g. curvature estimation); returns the new state."""
+    del task_id, params, ctx
     return method_state
 
   def eval_params(self, params: PyTree, method_state: PyTree) -> Sequence[PyTree]:

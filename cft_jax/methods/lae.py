@@ -42,7 +42,7 @@ class LAE(Method):
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"method.ema_decay must be in [0, 1), got {self.ema_decay}")
 
-  def init_state(self, params: PyTree) -> PyTree:
+  def init_state(self, params: PyTree, ctx=None) -> PyTree:
     """``{'offline': copy of the non-head trainable leaves}``."""
     offline = {k: v for k, v in params.items() if k != "head"}
     return {"offline": jax.tree_util.tree_map(lambda x: x + 0, offline)}
@@ -50,7 +50,7 @@ class LAE(Method):
   def frozen_peft(self, task_id: int, epoch: int) -> bool:
     return task_id > 0 and epoch < self.freeze_epochs
 
-  def after_step(self, params: PyTree, method_state: PyTree) -> PyTree:
+  def after_step(self, params: PyTree, method_state: PyTree, batch=None, rng=None) -> PyTree:
     """EMA ``theta_off <- d theta_off + (1 - d) theta_on`` on the PEFT leaves."""
     d = self.ema_decay
     online = {k: v for k, v in params.items() if k != "head"}

@@ -490,12 +490,18 @@ def load_pretrained(
     if rng is None:
         rng = jax.random.PRNGKey(0)
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    # Only the LoRA leaves keep their init values (the rest is overwritten or is
+    # the zero head), so jit ``model.init`` returning just those: XLA drops the
+    # forward pass and the other initialisers (a full jitted init compiles ~20 s).
+    shapes = jax.eval_shape(model.init, rng, dummy)
+    leaves = {k: np.zeros(v.shape, v.dtype) for k, v in _flatten(shapes).items()}
     if lora_rank > 0:
-        init_vars = jax.jit(model.init)(rng, dummy)
-        leaves = {k: np.asarray(v) for k, v in _flatten(init_vars).items()}
-    else:  # no random leaves needed beyond the (zero) head: shapes suffice
-        shapes = jax.eval_shape(model.init, rng, dummy)
-        leaves = {k: np.zeros(v.shape, v.dtype) for k, v in _flatten(shapes).items()}
+        def lora_init(r):
+            flat = _flatten(model.init(r, dummy))
+            return {"/".join(k): v for k, v in flat.items() if any("lora" in p for p in k)}
+
+        for k, v in jax.jit(lora_init)(rng).items():
+            leaves[tuple(k.split("/"))] = np.asarray(v)
 
     keep_fc = num_classes == 1000
     mapping = _weight_map(variant, keep_fc)
