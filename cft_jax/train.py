@@ -107,7 +107,8 @@ def make_forward(apply_fn: Callable, linearized: bool = False) -> Callable:
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
                     method: Optional[methods_lib.Method] = None, *, linearized: bool = False,
-                    loss_scope: str = "local") -> Callable:
+                    loss_scope: str = "local", l2sp_alpha: float = 0.0,
+                    needs_val_batch: bool = False) -> Callable:
   """Builds the jitted train step.
 
   The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
@@ -122,6 +123,11 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
   the ``head`` leaves move (LAE's frozen first epochs). ``task_lo``, ``step_in_task`` and
   ``total_steps`` are traced, so the step compiles once per run.
+
+  Robust fine-tuning (SPEC §4): ``l2sp_alpha > 0`` adds L2-SP
+  ``alpha/2 ||theta - theta_0||^2`` toward ``frozen['anchor']`` (head excluded); with
+  ``needs_val_batch`` (TPGM) the step takes ``val_batch = (images, labels, mask)`` and passes the
+  validation loss inputs to ``tx.update(..., val_batch=...)``.
 
   Raises:
     ValueError: unknown ``loss_scope``.
@@ -155,16 +161,27 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
 
     loss = (method.data_weight(method_state) * data_loss + method.penalty(params, method_state)
             + method.extra_loss(params, method_state, batch, logits, logits_fn, rng_method))
+    if l2sp_alpha:
+      from cft_jax import projection  # pylint: disable=g-import-not-at-top
+      loss = loss + projection.l2sp_penalty(params, frozen["anchor"], l2sp_alpha,
+                                            exclude=projection.is_head)
     acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
     return loss, dict(loss=loss, data_loss=data_loss, accuracy=acc, entropy=aux["entropy"],
                       alpha=aux["alpha"], logits=jax.lax.stop_gradient(logits))
 
   def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
-                 freeze_peft=False):
+                 freeze_peft=False, val_batch=None):
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
         state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
         total_steps, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if needs_val_batch:
+      vx, vy, vm = val_batch
+      updates, opt_state = tx.update(
+          grads, state.opt_state, state.params,
+          val_batch={"frozen": frozen, "x": preprocess(vx, train=False), "labels": vy - task_lo,
+                     "mask": vm.astype(jnp.float32), "task_lo": task_lo})
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
     updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
                for key, u in updates.items()}
@@ -213,6 +230,58 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
     return jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
 
   return jax.jit(eval_step)
+
+
+PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
+
+
+def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, anchor: PyTree,
+                             apply_fn: Callable, classes_per_task: int,
+                             linearized: bool = False) -> Tuple[Any, bool]:
+  """Wraps ``tx`` with ``method.projection`` (SPEC §4), anchored at the pretrained ``anchor``.
+
+  - ``tpgm``: ``optax.chain(tx, projection.tpgm(...))`` with the local validation CE as
+    ``val_loss_fn`` (needs a validation batch each step: ``data.val_fraction > 0``);
+  - ``ftp``: ``projection.ftp(anchor, base=tx, k=method.ftp_k)``;
+  - ``l2sp`` / ``""``: ``tx`` unchanged (L2-SP is a loss term).
+  The head is excluded from every constraint. Returns ``(tx, needs_val_batch)``.
+
+  Raises:
+    ValueError: unknown projection name.
+  """
+  from cft_jax import projection  # pylint: disable=g-import-not-at-top
+  name = method_cfg.get("projection", "") or ""
+  if name not in PROJECTIONS:
+    raise ValueError(f"unknown method.projection '{name}'; known: tpgm, ftp, l2sp or ''")
+  norm = method_cfg.get("projection_norm", "") or ("l2" if name == "tpgm" else "mars")
+  if name == "ftp":
+    return projection.ftp(anchor, base=tx, k=method_cfg.get("ftp_k", 1.0),
+                          radius_lr=method_cfg.get("radius_lr", 1e-2), norm=norm,
+                          exclude=projection.is_head), False
+  if name == "tpgm":
+    forward = make_forward(apply_fn, linearized)
+    k = classes_per_task
+
+    def val_loss_fn(params, vb):
+      logits = forward(params, vb["frozen"], vb["x"])
+      local = jax.lax.dynamic_slice_in_dim(logits, vb["task_lo"], k, axis=1)
+      ce = objectives.ce(local, vb["labels"])
+      return jnp.sum(ce * vb["mask"]) / jnp.maximum(vb["mask"].sum(), 1.0)
+
+    return optax.chain(tx, projection.tpgm(
+        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.get("proj_freq", 1),
+        max_iters=method_cfg.get("max_iters", 1), radius_lr=method_cfg.get("radius_lr", 1e-2),
+        exclude=projection.is_head)), True
+  return tx, False
+
+
+def wise_ft_params(params: PyTree, anchor: PyTree, alpha: float) -> PyTree:
+  """WiSE-FT ``(1 - alpha) theta_0 + alpha theta`` on the non-head leaves (the head is kept)."""
+  from cft_jax import projection  # pylint: disable=g-import-not-at-top
+  mixed = projection.wise_ft(params, anchor, alpha)
+  if "head" in params:
+    mixed = dict(mixed, head=params["head"])
+  return mixed
 
 
 class ConfigMismatchError(ValueError):
@@ -315,7 +384,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   test_labels = scenario.relabel(ds.test_labels)
   method = methods_lib.get_method(config.method)
   train_limit, test_limit = config.data.get("train_limit"), config.data.get("test_limit")
-  train_idx, test_idx = [], []
+  train_idx, val_idx, test_idx = [], [], []
   parts = scenario.split(len(train_labels)) if kind == "data_il" else None
   for t in range(T):
     lo, hi = scenario.task_range(t)
@@ -324,7 +393,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     else:
       tr = np.flatnonzero((train_labels >= lo) & (train_labels < hi))
       te = np.flatnonzero((test_labels >= lo) & (test_labels < hi))
-    train_idx.append(subsample(tr, train_limit, seed=config.seed * 1000 + t))
+    tr = subsample(tr, train_limit, seed=config.seed * 1000 + t)
+    n_val = int(round(config.data.get("val_fraction", 0.0) * len(tr)))
+    if n_val:  # held out from the task's training data (never the test data)
+      perm = np.random.default_rng((config.seed, t, 99)).permutation(len(tr))
+      val_idx.append(np.sort(tr[perm[:n_val]]))
+      tr = np.sort(tr[perm[n_val:]])
+    else:
+      val_idx.append(np.zeros(0, np.int64))
+    train_idx.append(tr)
     test_idx.append(subsample(te, test_limit, seed=config.seed * 1000 + (7 if kind == "data_il"
                                                                          else t + 7)))
     if len(train_idx[-1]) == 0:
@@ -355,9 +432,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
   tx = make_optimizer(config.optim)
   bs = config.train.batch_size
+  wise_alpha = config.eval.get("wise_ft_alpha", 1.0)
+  l2sp_alpha = (config.method.get("l2sp_alpha", 0.01)
+                if config.method.get("projection", "") == "l2sp" else 0.0)
+  if config.method.get("projection", "") or wise_alpha != 1.0:
+    frozen["anchor"] = jax.tree_util.tree_map(jnp.array, params0)  # pretrained theta_0
+  tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
+      tx, config.method, jax.tree_util.tree_map(jnp.array, params0), built.module.apply, k,
+      linearized)
+  if needs_val and not any(len(v) for v in val_idx):
+    raise ValueError("method.projection=tpgm learns its radii on held-out training data: set "
+                     "data.val_fraction > 0 (e.g. 0.1)")
   train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
                                linearized=linearized,
-                               loss_scope=config.loss.get("scope", "local"))
+                               loss_scope=config.loss.get("scope", "local"),
+                               l2sp_alpha=l2sp_alpha, needs_val_batch=needs_val)
   eval_step = make_eval_step(built.module.apply, preprocess, k, C, method, linearized=linearized)
   forward = jax.jit(make_forward(built.module.apply, linearized))
 
@@ -433,11 +522,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     last = {}
     with open(log_path, "a") as log_f:
       for epoch in range(config.train.epochs):
+        val_iter = (_cycle(ds.train_images, train_labels, val_idx[t], bs, (config.seed, t, epoch))
+                    if needs_val else None)
         for xb, yb, mb in batches(ds.train_images, train_labels, train_idx[t], bs,
                                   shuffle_seed=(config.seed, t, epoch)):
           step_rng = jax.random.fold_in(task_rng, step_in_task)
+          extra = {"val_batch": next(val_iter)} if needs_val else {}
           state, m = train_step(state, frozen, xb, yb, mb, lo, offset + step_in_task, total,
-                                step_rng, method.frozen_peft(t, epoch))
+                                step_rng, method.frozen_peft(t, epoch), **extra)
           step_in_task += 1
           next(bar_iter, None)
           if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
@@ -456,10 +548,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     state = state.replace(method_state=method.end_task(t, state.params, state.method_state,
                                                        task_context(t)))
 
+    eval_state = state
+    if wise_alpha != 1.0:
+      eval_state = state.replace(params=wise_ft_params(state.params, frozen["anchor"], wise_alpha))
     for i in range(t + 1):
       ilo, _ = scenario.task_range(i)
       num_seen = hi if kind != "data_il" else C
-      R[t, i], R_task[t, i] = evaluate(eval_step, state, frozen, ds.test_images,
+      R[t, i], R_task[t, i] = evaluate(eval_step, eval_state, frozen, ds.test_images,
                                        test_labels, test_idx[i], config.eval.batch_size,
                                        num_seen, ilo)
     if verbose:
@@ -477,6 +572,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
             f"command without it to continue")
     return {"accuracy_matrix": _nan_to_none(R), "num_finished_tasks": stop_after}
+  ood = {}
+  if config.eval.get("ood_corruptions") or config.eval.get("ood_dataset"):
+    eval_state = state
+    if wise_alpha != 1.0:
+      eval_state = state.replace(params=wise_ft_params(state.params, frozen["anchor"], wise_alpha))
+    all_test = np.concatenate(test_idx[:T]) if kind != "data_il" else test_idx[0]
+    ood = evaluate_ood(config, eval_step, eval_state, frozen, ds, test_labels, all_test, scenario,
+                       C, verbose)
   result = {
       "accuracy_matrix": _nan_to_none(R),
       "task_il_accuracy_matrix": _nan_to_none(R_task),
@@ -489,6 +592,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       "total_params": n_total,
       "wall_time_s": time.time() - t_start,
   }
+  if ood:
+    result["ood"] = ood
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   pngs = []
@@ -500,6 +605,64 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}"
           + (f" and {len(pngs)} plots" if pngs else ""))
   return result
+
+
+def _cycle(images, labels, indices, batch_size, seed):
+  """Endless batches over ``indices`` (reshuffled every pass), for TPGM's validation data."""
+  n = 0
+  while True:
+    yield from batches(images, labels, indices, batch_size, shuffle_seed=(*seed, n))
+    n += 1
+
+
+def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, scenario,
+                 num_classes, verbose=True) -> Dict[str, Any]:
+  """In-distribution and out-of-distribution class-IL accuracy (%) over all tasks' test images.
+
+  Corrupted copies (``eval.ood_corruptions`` x ``eval.ood_severities``, see
+  :mod:`cft_jax.data.corruptions`) of the test images, and the test split of
+  ``eval.ood_dataset`` (a dataset with the same classes, relabelled with the same class order).
+
+  Returns:
+    ``{"id": acc, "corruptions": {name: {severity: acc}}, "corruption_mean": acc,
+    "dataset": acc}`` (keys present when computed).
+  """
+  from cft_jax.data import corruptions  # pylint: disable=g-import-not-at-top
+  bs = config.eval.batch_size
+
+  def acc(images, labels, idx):
+    return evaluate(eval_step, state, frozen, images, labels, idx, bs, num_classes, 0)[0]
+
+  out = {"id": acc(ds.test_images, test_labels, test_idx)}
+  names = list(config.eval.get("ood_corruptions") or ())
+  if names:
+    sevs = list(config.eval.get("ood_severities") or (1, 2, 3, 4, 5))
+    clean = ds.test_images[test_idx]
+    labels = test_labels[test_idx]
+    table = {}
+    for name in names:
+      table[name] = {}
+      for sev in sevs:
+        imgs = corruptions.corrupt(clean, name, int(sev), seed=config.seed)
+        table[name][str(sev)] = acc(imgs, labels, np.arange(len(labels)))
+    out["corruptions"] = table
+    out["corruption_mean"] = float(np.mean([v for d in table.values() for v in d.values()]))
+  if config.eval.get("ood_dataset"):
+    other = load_dataset(config.eval.ood_dataset, root=config.eval.get("ood_root") or None,
+                         image_size=config.data.image_size)
+    if other.num_classes != num_classes:
+      raise ValueError(f"eval.ood_dataset '{config.eval.ood_dataset}' has {other.num_classes} "
+                       f"classes, the training data {num_classes}: it must share the classes")
+    olabels = scenario.relabel(other.test_labels)
+    out["dataset"] = acc(other.test_images, olabels, np.arange(len(olabels)))
+  if verbose:
+    line = f"[cft_jax] in-distribution {out['id']:.2f}%"
+    if "corruption_mean" in out:
+      line += f", corruptions (mean of {len(names)} x severities) {out['corruption_mean']:.2f}%"
+    if "dataset" in out:
+      line += f", {config.eval.ood_dataset} {out['dataset']:.2f}%"
+    print(line)
+  return out
 
 
 def _nan_to_none(R: np.ndarray) -> List[List[Optional[float]]]:

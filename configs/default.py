@@ -31,7 +31,8 @@ def get_config(arg=None):
   c.data.image_size = 64          # pixels; Lite0's native 224 is too slow for a 2-core CPU
   c.data.train_limit = 1000       # max training images per task (0 / None: all)
   c.data.test_limit = 500         # max test images per task (0 / None: all)
-  c.data.augment = "crop_flip"    # none | crop_flip
+  c.data.augment = "crop_flip"    # none | crop_flip | rrc_flip
+  c.data.val_fraction = 0.0       # held-out share of each task's training data (TPGM radii)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "efficientnet_lite0"
@@ -54,6 +55,13 @@ def get_config(arg=None):
   c.method.name = "sequential"    # sequential | lae
   c.method.ema_decay = 0.999      # lae: offline EMA decay
   c.method.freeze_epochs = 0      # lae: PEFT frozen for the first k epochs of tasks t >= 1
+  c.method.projection = ""        # "" | tpgm | ftp | l2sp: robust fine-tuning toward theta_0
+  c.method.projection_norm = ""   # l2 | mars ("" -> tpgm: l2, ftp: mars)
+  c.method.proj_freq = 1          # tpgm: project every n steps
+  c.method.max_iters = 1          # tpgm: radius updates per projection
+  c.method.radius_lr = 1e-2       # tpgm / ftp: Adam lr of the radii
+  c.method.ftp_k = 1.0            # ftp: positive-gradient gain k
+  c.method.l2sp_alpha = 0.01      # l2sp: penalty alpha
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "aepg"            # ce | epg | aepg | confidence_penalty | label_smoothing | ...
@@ -79,6 +87,11 @@ def get_config(arg=None):
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250
+  c.eval.wise_ft_alpha = 1.0      # WiSE-FT: evaluate (1 - a) theta_0 + a theta (1.0: off)
+  c.eval.ood_corruptions = ()     # e.g. ("gaussian_noise", "contrast"): OOD test sets at the end
+  c.eval.ood_severities = (1, 2, 3, 4, 5)
+  c.eval.ood_dataset = ""         # a second dataset with the same classes (data registry name)
+  c.eval.ood_root = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 0    # 0 -> keep every task's checkpoint

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from cft_jax.models import efficientnet_lite as eff
 from cft_jax.models.efficientnet_lite import (
     MEAN,
     STD,
@@ -86,11 +85,14 @@ def test_lora_at_init_matches_pretrained(pretrained):
         else:
             assert np.any(np.asarray(v))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
-    y0 = jax.jit(EfficientNetLite().apply)(pretrained, x)
-    y4 = jax.jit(EfficientNetLite(lora_rank=4).apply)(v4, x)
+    def run(model, v):  # logits and pooled features
+        return jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, return_features=True)))(v, x)
+
+    y0, f0 = run(EfficientNetLite(), pretrained)
+    y4, f4 = run(EfficientNetLite(lora_rank=4), v4)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y4))
-    f0 = EfficientNetLite().apply(pretrained, x, return_features=True)
-    assert f0.shape == (2, 1280)
+    np.testing.assert_array_equal(np.asarray(f0), np.asarray(f4))
+    assert y0.shape == (2, 1000) and f0.shape == (2, 1280)
 
 
 def test_pretrained_errors(tmp_path):
@@ -123,32 +125,38 @@ def test_variant_sizes(variant, millions):
 # ------------------------------------------------------------------------ depthwise
 
 
-@pytest.mark.parametrize("k", [3, 5])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("hw", [(7, 7), (8, 8), (9, 12)])
+@pytest.mark.parametrize("k,stride,hw", [(3, 1, (7, 7)), (3, 2, (8, 8)), (5, 2, (9, 12)),
+                                         (5, 1, (8, 11))])
 def test_shift_depthwise_matches_xla(k, stride, hw):
     kx, kw_, kd = jax.random.split(jax.random.PRNGKey(k * 10 + stride), 3)
     x = jax.random.normal(kx, (2, *hw, 5))
     w = jax.random.normal(kw_, (k, k, 5))
-    y_s = depthwise_conv_shift(x, w, stride)
-    y_x = depthwise_conv_xla(x, w, stride)
-    assert y_s.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 5)
+    out_shape = (2, -(-hw[0] // stride), -(-hw[1] // stride), 5)
+    probe = jax.random.normal(kd, out_shape)
+
+    @jax.jit
+    def run(x, w):
+        res = []
+        for fn in (depthwise_conv_shift, depthwise_conv_xla):
+            y = fn(x, w, stride)
+            # gradients: the shift version has a custom backward pass
+            g = jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w, stride)) * probe), (0, 1))(x, w)
+            res.append((y, *g))
+        return res
+
+    (y_s, gx_s, gw_s), (y_x, gx_x, gw_x) = run(x, w)
+    assert y_s.shape == out_shape
     np.testing.assert_allclose(y_s, y_x, rtol=1e-5, atol=1e-5)
-    # The custom backward pass matches autodiff of the XLA grouped convolution.
-    probe = jax.random.normal(kd, y_s.shape)
-    g_s = jax.grad(lambda x, w: jnp.sum(jnp.sin(depthwise_conv_shift(x, w, stride)) * probe),
-                   argnums=(0, 1))(x, w)
-    g_x = jax.grad(lambda x, w: jnp.sum(jnp.sin(depthwise_conv_xla(x, w, stride)) * probe),
-                   argnums=(0, 1))(x, w)
-    for a, b in zip(g_s, g_x):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gx_s, gx_x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gw_s, gw_x, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_impl_switch(pretrained):
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 40, 40, 3))
-    y_s = EfficientNetLite(depthwise_impl="shift").apply(pretrained, x, return_features=True)
-    y_x = EfficientNetLite(depthwise_impl="xla").apply(pretrained, x, return_features=True)
-    np.testing.assert_allclose(y_s, y_x, rtol=1e-4, atol=1e-4)
+def test_depthwise_impl_switch():
+    x = jnp.zeros((1, 32, 32, 3))
+    for impl in ("shift", "xla"):
+        jax.eval_shape(EfficientNetLite(depthwise_impl=impl).init, jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        jax.eval_shape(EfficientNetLite(depthwise_impl="nope").init, jax.random.PRNGKey(0), x)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -166,16 +174,16 @@ def test_lora_dense_math():
     scale = 6.0 / 3
     w = params["kernel"] + scale * params["lora_a"] @ params["lora_b"]
     expected = np.einsum("bhwi,io->bhwo", np.asarray(x), np.asarray(w)) + np.asarray(params["bias"])
-    y = layer.apply({"params": params}, x)
+    y = jax.jit(layer.apply)({"params": params}, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     # The unmerged form x@W + s*(x@A)@B gives the same output and gradients.
     unmerged = LoRADense(features=7, rank=3, alpha=6.0, use_bias=True, merged=False)
-    np.testing.assert_allclose(unmerged.apply({"params": params}, x), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(unmerged.apply)({"params": params}, x), y, rtol=1e-5, atol=1e-5)
 
     def loss(m):
-        return lambda p: jnp.sum(jnp.tanh(m.apply({"params": p}, x)))
+        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.tanh(m.apply({"params": p}, x)))))
 
-    g1, g2 = jax.grad(loss(layer))(params), jax.grad(loss(unmerged))(params)
+    g1, g2 = loss(layer)(params), loss(unmerged)(params)
     for name in params:
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-4, atol=1e-5)
     # rank 0: plain dense layer without adapter leaves.
@@ -238,9 +246,7 @@ class _Tensor:
 
 def _save_fake_torch(obj, path, zip_format: bool, tensors=None):
     """Write ``obj`` (dict of arrays, or of _Tensor) the way torch.save does."""
-    import pytest as _pytest  # noqa: F401
-
-    mp = _pytest.MonkeyPatch()
+    mp = pytest.MonkeyPatch()
     try:
         torch = _fake_torch(mp)
         storages: list[_Storage] = []
@@ -272,7 +278,7 @@ def _save_fake_torch(obj, path, zip_format: bool, tensors=None):
             with zipfile.ZipFile(path, "w") as zf:
                 zf.writestr("archive/data.pkl", buf.getvalue())
                 for st in storages:
-                    zf.writestr(f"archive/data/{st.key}", st.flat.astype(st.flat.dtype.newbyteorder("<")).tobytes())
+                    zf.writestr(f"archive/data/{st.key}", st.flat.tobytes())
         else:
             with open(path, "wb") as f:
                 pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)

@@ -137,3 +137,29 @@ def test_cli_on_image_folder(tmp_path):
   bad = subprocess.run(cmd + ["--config.optim.learnin_rate=1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode != 0 and "learnin_rate" in bad.stderr
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("projection", ["tpgm", "ftp", "l2sp"])
+def test_projection_in_continual_run(projection, tmp_path):
+  c = tiny_config(**{"scenario.num_tasks": 2, "peft.name": "full", "data.val_fraction": 0.2,
+                     "method.projection": projection, "train.epochs": 2})
+  c.eval.ood_corruptions = ("gaussian_noise",)
+  c.eval.ood_severities = (1, 5)
+  m = train.run(c, str(tmp_path))
+  assert set(m["ood"]["corruptions"]["gaussian_noise"]) == {"1", "5"}
+  assert 0.0 <= m["ood"]["id"] <= 100.0
+  if projection == "tpgm":
+    c.data.val_fraction = 0.0
+    with pytest.raises(ValueError, match="val_fraction"):
+      train.run(c, str(tmp_path / "novalid"))
+
+
+def test_wise_ft_params_keeps_the_head():
+  params = {"enc": {"w": jnp.array([2.0, 4.0])}, "head": {"kernel": jnp.array([1.0])}}
+  anchor = {"enc": {"w": jnp.array([0.0, 0.0])}, "head": {"kernel": jnp.array([9.0])}}
+  mixed = train.wise_ft_params(params, anchor, 0.25)
+  np.testing.assert_allclose(mixed["enc"]["w"], [0.5, 1.0])
+  np.testing.assert_allclose(mixed["head"]["kernel"], [1.0])
+  same = train.wise_ft_params(params, anchor, 1.0)
+  np.testing.assert_allclose(same["enc"]["w"], params["enc"]["w"])

@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -468,9 +468,10 @@ def load_pretrained(
     [in,out], BN weight/bias -> scale/bias, running mean/var -> batch_stats.
     ``num_classes == 1000`` keeps the ImageNet ``_fc`` classifier; otherwise
     ``head`` is fresh: kernel and bias zeros (logits start at 0, LoRA grads
-    flow from the second step). LoRA leaves come from ``model.init(rng)``:
-    ``lora_a`` Kaiming-uniform, ``lora_b`` zeros (the adapted model equals the
-    pretrained one). Every ``.pth`` tensor must be consumed and every non-LoRA
+    flow from the second step). LoRA leaves: ``lora_b`` zeros (so the adapted
+    model equals the pretrained one), ``lora_a`` drawn from ``rng`` with the
+    same Kaiming-uniform law as ``model.init`` (one draw for all leaves; the
+    values differ from ``model.init(rng)``'s). Every ``.pth`` tensor must be consumed and every non-LoRA
     leaf filled with a matching shape, else ``ValueError``.
 
     Args:
@@ -490,18 +491,19 @@ def load_pretrained(
     if rng is None:
         rng = jax.random.PRNGKey(0)
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    # Only the LoRA leaves keep their init values (the rest is overwritten or is
-    # the zero head), so jit ``model.init`` returning just those: XLA drops the
-    # forward pass and the other initialisers (a full jitted init compiles ~20 s).
     shapes = jax.eval_shape(model.init, rng, dummy)
     leaves = {k: np.zeros(v.shape, v.dtype) for k, v in _flatten(shapes).items()}
     if lora_rank > 0:
-        def lora_init(r):
-            flat = _flatten(model.init(r, dummy))
-            return {"/".join(k): v for k, v in flat.items() if any("lora" in p for p in k)}
-
-        for k, v in jax.jit(lora_init)(rng).items():
-            leaves[tuple(k.split("/"))] = np.asarray(v)
+        # lora_b stays zero. lora_a: the distribution of LoRADense's init
+        # (U(-1/sqrt(fan_in), 1/sqrt(fan_in))) from ONE uniform draw split over
+        # the leaves: jitting model.init (one threefry per parameter) costs
+        # 10-20 s of XLA compile on a small CPU.
+        a_paths = sorted(k for k in leaves if k[-1] == "lora_a")
+        sizes = [leaves[k].size for k in a_paths]
+        u = np.asarray(jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0))
+        for k, chunk in zip(a_paths, np.split(u, np.cumsum(sizes)[:-1])):
+            fan_in = leaves[k].shape[0]
+            leaves[k] = (chunk.reshape(leaves[k].shape) / np.sqrt(fan_in)).astype(np.float32)
 
     keep_fc = num_classes == 1000
     mapping = _weight_map(variant, keep_fc)

@@ -84,6 +84,11 @@ class LoRADense(nn.Module):
       use_bias: whether to add a bias.
       kernel_init / bias_init: initialisers of the base layer.
       dtype: computation dtype (params stay float32).
+      merged: compute ``x @ (kernel + scale * lora_a @ lora_b)`` (default: one
+        matmul; the LoRA gradients come from the r x (in+out) products of the
+        kernel gradient, ~3x cheaper on CPU than the skinny rank-r matmuls of
+        the two-path form) instead of ``x @ kernel + scale * (x @ lora_a) @ lora_b``.
+        Same function and gradients either way.
     """
 
     features: int
