@@ -1,14 +1,18 @@
-"""Orbax checkpoints between tasks: one checkpoint step per finished task, and resume.
+"""Orbax checkpoints: after every task (and every ``checkpoint.every_steps`` inside one), resume.
 
-Checkpoint step ``s`` holds the state after ``s`` finished tasks: the trainable parameters, the
-optimiser state, and a JSON ``meta`` item (accuracy matrices, class order, resolved config, ...).
-Re-running the same command on the same workdir restores the latest step and continues with
-task ``s``.
+A checkpoint holds the trainable parameters, the optimiser and method state (item ``state``) and
+a JSON ``meta`` item (accuracy matrices, class order, resolved config, task / step reached).
+Saving is asynchronous (orbax writes in a background thread and commits by an atomic rename, so a
+process killed mid-write leaves only a temporary folder that is ignored). Restoring walks back from
+the newest checkpoint: one that cannot be read is moved aside to ``<step>.corrupt`` with a
+warning and the previous one is used.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from typing import Any, Optional, Tuple
 
 import jax
@@ -37,15 +41,49 @@ class TaskCheckpointer:
     """Number of finished tasks in the latest checkpoint, or None if there is none."""
     return self._manager.latest_step()
 
-  def save(self, num_finished: int, state: PyTree, meta: dict) -> None:
-    """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON-serialisable) as step ``num_finished``.
+  def save(self, step: int, state: PyTree, meta: dict, wait: bool = False) -> None:
+    """Saves ``state`` (a pytree of arrays) and ``meta`` (JSON-serialisable) as ``step``.
 
-    Blocks until written, so a crash right after returns never loses the task.
+    Asynchronous unless ``wait``: the write finishes in the background (the next save or
+    :meth:`close` waits for it). Steps must increase.
     """
     state = jax.device_get(state)
-    self._manager.save(num_finished, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    if wait:
+      self._manager.wait_until_finished()
+
+  def restore_latest(self, target: PyTree) -> Optional[Tuple[PyTree, dict]]:
+    """Restores the newest readable checkpoint into ``target``'s structure, or None if none.
+
+    Unreadable checkpoints (truncated or corrupted files) are renamed ``<step>.corrupt`` with a
+    warning and the previous step is tried.
+
+    Raises:
+      ValueError: a readable checkpoint whose tree does not match ``target`` (another model).
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, target)
+      except ValueError as e:
+        if "does not match" in str(e) and not _looks_corrupt(e):
+          raise
+        bad = os.path.join(self.directory, str(step))
+        warnings.warn(f"checkpoint {bad} is unreadable ({type(e.__cause__ or e).__name__}: "
+                      f"{str(e.__cause__ or e)[:200]}); moved to {bad}.corrupt, falling back to the "
+                      f"previous one", RuntimeWarning)
+        if os.path.exists(bad):
+          shutil.move(bad, bad + ".corrupt")
+        self._manager.reload()
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/json decode errors)
+        bad = os.path.join(self.directory, str(step))
+        warnings.warn(f"checkpoint {bad} is unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                      f"moved to {bad}.corrupt, falling back to the previous one",
+                      RuntimeWarning)
+        if os.path.exists(bad):
+          shutil.move(bad, bad + ".corrupt")
+        self._manager.reload()
+    return None
 
   def restore(self, num_finished: int, target: PyTree) -> Tuple[PyTree, dict]:
     """Restores step ``num_finished`` into the structure of ``target``.
@@ -68,4 +106,12 @@ class TaskCheckpointer:
     return restored.state, restored.meta
 
   def close(self) -> None:
+    """Waits for pending writes and releases the manager."""
+    self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _looks_corrupt(e: Exception) -> bool:
+  text = f"{e} {e.__cause__}".lower()
+  return any(w in text for w in ("corrupt", "decode", "tensorstore", "json", "eof", "no such file",
+                                 "not found", "truncat", "checksum", "invalid"))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +27,7 @@ import numpy as np
 import optax
 
 from cft_jax import methods as methods_lib
+from cft_jax import knn as knn_lib
 from cft_jax import metrics as metrics_lib
 from cft_jax import objectives
 from cft_jax import peft
@@ -32,256 +35,12 @@ from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
 from cft_jax.models import build_model
+from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
+                           make_optimizer, make_projected_optimizer, make_train_step,
+                           wise_ft_params)
 
 PyTree = Any
-LOSS_TRAINER_KEYS = ("name", "schedule_scope")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Trainable state; frozen weights live outside it (they never change).
-
-  Attributes:
-    step: global optimisation step (int32 scalar).
-    params: the trainable parameter subtree (see :func:`cft_jax.peft.split_params`).
-    opt_state: optax state of ``params`` only.
-    method_state: the continual method's state (e.g. LAE's offline PEFT copy).
-  """
-
-  step: jax.Array
-  params: PyTree
-  opt_state: PyTree
-  method_state: PyTree = flax.struct.field(default_factory=dict)
-
-
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
-  ``grad_clip``, ``momentum``).
-
-  Raises:
-    ValueError: for an unknown optimiser name.
-  """
-  name = optim.get("name", "adam")
-  lr = optim.learning_rate
-  wd = optim.get("weight_decay", 0.0)
-  if name == "adam":
-    tx = optax.adam(lr) if not wd else optax.adamw(lr, weight_decay=wd)
-  elif name == "adamw":
-    tx = optax.adamw(lr, weight_decay=wd)
-  elif name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(),
-                     optax.sgd(lr, momentum=optim.get("momentum", 0.9)))
-  else:
-    raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
-  clip = optim.get("grad_clip", 0.0)
-  if clip:
-    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  return tx
-
-
-def make_forward(apply_fn: Callable, linearized: bool = False) -> Callable:
-  """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
-
-  ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
-  collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
-  the expansion point of the trainable leaves (``frozen['params0']``). The linearized model is
-  ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` computed with one ``jax.jvp`` in eval mode
-  (DLCFT, SPEC §3; :func:`cft_jax.linearize.linearized_apply`).
-  """
-
-  def forward(params, frozen, x, train=False, rng=None):
-    def f(p):
-      variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
-      if train and not linearized and rng is not None:
-        return apply_fn(variables, x, train=True, rngs={"dropout": rng})
-      return apply_fn(variables, x, train=False)
-
-    if linearized:
-      from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
-      return linearized_apply(f, frozen["params0"], params)
-    return f(params)
-
-  return forward
-
-
-def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
-                    tx: optax.GradientTransformation, classes_per_task: int,
-                    method: Optional[methods_lib.Method] = None, *, linearized: bool = False,
-                    loss_scope: str = "local", l2sp_alpha: float = 0.0,
-                    needs_val_batch: bool = False) -> Callable:
-  """Builds the jitted train step.
-
-  The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
-  total_steps, rng, freeze_peft=False) -> (state, metrics)`` takes ``images [B,h,w,c] uint8``,
-  incremental ``labels [B]`` inside ``[task_lo, task_lo + k)``, ``mask [B]`` (False: padding), and
-  returns the new state and scalar metrics ``loss``, ``data_loss``, ``accuracy`` (on the task's
-  classes, %), ``entropy`` (nats), ``alpha`` (aEPG weight of CE).
-
-  The objective is ``method.data_weight * L_data + method.penalty + method.extra_loss`` where
-  ``L_data`` is the masked mean of the per-example loss over the task's ``k`` classes
-  (``loss_scope='local'``, SPEC §1 "Local loss": ``z[:, task_lo:task_lo + k]``, ``y - task_lo``) or
-  over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
-  the ``head`` leaves move (LAE's frozen first epochs). ``task_lo``, ``step_in_task`` and
-  ``total_steps`` are traced, so the step compiles once per run.
-
-  Robust fine-tuning (SPEC §4): ``l2sp_alpha > 0`` adds L2-SP
-  ``alpha/2 ||theta - theta_0||^2`` toward ``frozen['anchor']`` (head excluded); with
-  ``needs_val_batch`` (TPGM) the step takes ``val_batch = (images, labels, mask)`` and passes the
-  validation loss inputs to ``tx.update(..., val_batch=...)``.
-
-  Raises:
-    ValueError: unknown ``loss_scope``.
-  """
-  if loss_scope not in ("local", "all"):
-    raise ValueError(f"loss.scope must be 'local' or 'all', got '{loss_scope}'")
-  k = classes_per_task
-  method = method or methods_lib.Method()
-  forward = make_forward(apply_fn, linearized)
-
-  def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
-                       step_in_task, total_steps, rng):
-    rng_aug, rng_drop, rng_loss, rng_method = jax.random.split(rng, 4)
-    x = preprocess(images, rng_aug, train=True)
-    logits = forward(params, frozen, x, True, rng_drop)
-    local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
-    local_labels = labels - task_lo
-    if loss_scope == "local":
-      per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
-                                 rng=rng_loss)
-    else:
-      per_example, aux = loss_fn(logits, labels, step=step_in_task, total_steps=total_steps,
-                                 rng=rng_loss)
-    w = mask.astype(jnp.float32)
-    denom = jnp.maximum(w.sum(), 1.0)
-    data_loss = jnp.sum(per_example * w) / denom
-    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
-
-    def logits_fn(p, imgs, r):
-      return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
-
-    loss = (method.data_weight(method_state) * data_loss + method.penalty(params, method_state)
-            + method.extra_loss(params, method_state, batch, logits, logits_fn, rng_method))
-    if l2sp_alpha:
-      from cft_jax import projection  # pylint: disable=g-import-not-at-top
-      loss = loss + projection.l2sp_penalty(params, frozen["anchor"], l2sp_alpha,
-                                            exclude=projection.is_head)
-    acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
-    return loss, dict(loss=loss, data_loss=data_loss, accuracy=acc, entropy=aux["entropy"],
-                      alpha=aux["alpha"], logits=jax.lax.stop_gradient(logits))
-
-  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
-                 freeze_peft=False, val_batch=None):
-    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
-        state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
-        total_steps, rng)
-    if needs_val_batch:
-      vx, vy, vm = val_batch
-      updates, opt_state = tx.update(
-          grads, state.opt_state, state.params,
-          val_batch={"frozen": frozen, "x": preprocess(vx, train=False), "labels": vy - task_lo,
-                     "mask": vm.astype(jnp.float32), "task_lo": task_lo})
-    else:
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
-    updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
-               for key, u in updates.items()}
-    params = optax.apply_updates(state.params, updates)
-    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
-             "logits": metrics.pop("logits")}
-    method_state = method.after_step(params, state.method_state, batch=batch,
-                                     rng=jax.random.fold_in(rng, 1))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         method_state=method_state), metrics
-
-  return jax.jit(train_step, donate_argnums=(0,))
-
-
-def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
-                   num_classes: int, method: Optional[methods_lib.Method] = None, *,
-                   linearized: bool = False) -> Callable:
-  """Builds the jitted evaluation step.
-
-  ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
-  number of correct class-IL predictions (over the ``num_seen`` classes seen so far) and task-IL
-  predictions (over the task's ``k`` classes ``[task_lo, task_lo + k)``), counting only ``mask``
-  entries. With several parameter sets (``method.eval_params``, e.g. LAE's online and offline
-  modules) the score of class ``c`` is ``max_m softmax(z_m)_c`` over the classes in play.
-  """
-  k = classes_per_task
-  method = method or methods_lib.Method()
-  forward = make_forward(apply_fn, linearized)
-
-  def eval_step(state, frozen, images, labels, mask, num_seen, task_lo):
-    x = preprocess(images, train=False)
-    cls = jnp.arange(num_classes)
-    in_task = (cls >= task_lo) & (cls < task_lo + k)
-    seen = cls < num_seen
-    all_logits = [forward(p, frozen, x) for p in method.eval_params(state.params,
-                                                                    state.method_state)]
-
-    def predict(valid):
-      if len(all_logits) == 1:
-        z = all_logits[0]
-        return jnp.argmax(jnp.where(valid, z, jnp.finfo(z.dtype).min), -1)
-      probs = [jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1) for z in all_logits]
-      return jnp.argmax(jnp.max(jnp.stack(probs), 0), -1)
-
-    class_il, task_il = predict(seen), predict(in_task)
-    return jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
-
-  return jax.jit(eval_step)
-
-
-PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
-
-
-def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, anchor: PyTree,
-                             apply_fn: Callable, classes_per_task: int,
-                             linearized: bool = False) -> Tuple[Any, bool]:
-  """Wraps ``tx`` with ``method.projection`` (SPEC §4), anchored at the pretrained ``anchor``.
-
-  - ``tpgm``: ``optax.chain(tx, projection.tpgm(...))`` with the local validation CE as
-    ``val_loss_fn`` (needs a validation batch each step: ``data.val_fraction > 0``);
-  - ``ftp``: ``projection.ftp(anchor, base=tx, k=method.ftp_k)``;
-  - ``l2sp`` / ``""``: ``tx`` unchanged (L2-SP is a loss term).
-  The head is excluded from every constraint. Returns ``(tx, needs_val_batch)``.
-
-  Raises:
-    ValueError: unknown projection name.
-  """
-  from cft_jax import projection  # pylint: disable=g-import-not-at-top
-  name = method_cfg.get("projection", "") or ""
-  if name not in PROJECTIONS:
-    raise ValueError(f"unknown method.projection '{name}'; known: tpgm, ftp, l2sp or ''")
-  norm = method_cfg.get("projection_norm", "") or ("l2" if name == "tpgm" else "mars")
-  if name == "ftp":
-    return projection.ftp(anchor, base=tx, k=method_cfg.get("ftp_k", 1.0),
-                          radius_lr=method_cfg.get("radius_lr", 1e-2), norm=norm,
-                          exclude=projection.is_head), False
-  if name == "tpgm":
-    forward = make_forward(apply_fn, linearized)
-    k = classes_per_task
-
-    def val_loss_fn(params, vb):
-      logits = forward(params, vb["frozen"], vb["x"])
-      local = jax.lax.dynamic_slice_in_dim(logits, vb["task_lo"], k, axis=1)
-      ce = objectives.ce(local, vb["labels"])
-      return jnp.sum(ce * vb["mask"]) / jnp.maximum(vb["mask"].sum(), 1.0)
-
-    return optax.chain(tx, projection.tpgm(
-        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.get("proj_freq", 1),
-        max_iters=method_cfg.get("max_iters", 1), radius_lr=method_cfg.get("radius_lr", 1e-2),
-        exclude=projection.is_head)), True
-  return tx, False
-
-
-def wise_ft_params(params: PyTree, anchor: PyTree, alpha: float) -> PyTree:
-  """WiSE-FT ``(1 - alpha) theta_0 + alpha theta`` on the non-head leaves (the head is kept)."""
-  from cft_jax import projection  # pylint: disable=g-import-not-at-top
-  mixed = projection.wise_ft(params, anchor, alpha)
-  if "head" in params:
-    mixed = dict(mixed, head=params["head"])
-  return mixed
+LOSS_TRAINER_KEYS = ("name", "schedule_scope", "scope")
 
 
 class ConfigMismatchError(ValueError):
@@ -336,11 +95,123 @@ def _loss_hparams(loss_cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
   return {k: v for k, v in loss_cfg.items() if k not in LOSS_TRAINER_KEYS}
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
+def _progress(iterable, total: int, desc: str, enabled: bool, initial: int = 0):
   if not enabled:
     return iterable
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(iterable, total=total, desc=desc, leave=True, dynamic_ncols=True)
+  return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, initial=initial)
+
+
+def checkpoint_id(global_step: int, task_finished: bool) -> int:
+  """Orbax step of a checkpoint: ``2 * global_step + task_finished`` (monotone in progress; the
+  end-of-task checkpoint sorts after a mid-task one taken at the same optimiser step)."""
+  return 2 * global_step + int(task_finished)
+
+
+def _before(record: Dict[str, Any], task: int, step_in_task: int) -> bool:
+  """Whether a log record precedes the checkpoint ``(task, step_in_task)``."""
+  return (record.get("task", 0) < task
+          or (record.get("task", 0) == task and record.get("step", 0) <= step_in_task))
+
+
+class _GracefulExit:
+  """Context manager turning SIGINT/SIGTERM into a flag the loop checks after every step, so the
+  run saves a checkpoint before exiting (a second signal exits at once)."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def _handler(self, signum, frame):
+    if self.requested is not None:  # second signal: default behaviour
+      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    print(f"[cft_jax] {self.requested} received: saving a checkpoint after this step ...",
+          flush=True)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+class DeviceLayout:
+  """How a global batch maps onto devices and hosts (``train.num_devices``, ``distributed.*``).
+
+  One device: steps are ``jit``-ted, arrays pass through unchanged. ``n > 1`` local devices:
+  steps are ``pmap``-ped over ``axis_name="batch"``, state and frozen weights are replicated once,
+  and each global batch ``[B, ...]`` is cut into this host's slice ``[B / P]`` (``P`` processes)
+  and reshaped to ``[n, B / (P n), ...]``.
+  """
+
+  def __init__(self, num_devices: int = 1, process_index: int = 0, process_count: int = 1):
+    self.n = num_devices
+    self.process_index, self.process_count = process_index, process_count
+    self.axis_name = "batch" if num_devices * process_count > 1 else None
+    self.devices = jax.local_devices()[:num_devices]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "DeviceLayout":
+    """Reads ``train.num_devices`` (0: all local devices) and checks batch divisibility.
+
+    Raises:
+      ValueError: more devices requested than present, or batch sizes not divisible.
+    """
+    local = jax.local_device_count()
+    n = int(config.train.get("num_devices", 1) or local)
+    if n > local:
+      raise ValueError(f"train.num_devices={n} but only {local} local devices exist")
+    layout = cls(n, jax.process_index(), jax.process_count())
+    per = n * layout.process_count
+    for key, b in (("train.batch_size", config.train.batch_size),
+                   ("eval.batch_size", config.eval.batch_size)):
+      if b % per:
+        raise ValueError(f"{key}={b} must be divisible by the {per} devices it is split over")
+    return layout
+
+  def shard(self, arrays):
+    """Host slice of each global-batch array, reshaped ``[n, B/(P n), ...]`` when pmapped."""
+    if self.axis_name is None:
+      return arrays
+
+    def one(x):
+      x = np.asarray(x)
+      per_host = x.shape[0] // self.process_count
+      x = x[self.process_index * per_host:(self.process_index + 1) * per_host]
+      return x.reshape((self.n, per_host // self.n) + x.shape[1:])
+
+    return tuple(one(x) for x in arrays)
+
+  def replicate(self, tree):
+    if self.axis_name is None:
+      return tree
+    return jax.device_put_replicated(jax.device_get(tree), self.devices)
+
+  def unreplicate(self, tree):
+    if self.axis_name is None:
+      return tree
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+  def first(self, x):
+    return x[0] if self.axis_name is not None else x
+
+  def wrap_eval(self, eval_step):
+    """Eval step taking a global batch (sharded here) and returning global counts."""
+    if self.axis_name is None:
+      return eval_step
+
+    def wrapped(state, frozen, images, labels, mask, num_seen, task_lo):
+      out = eval_step(state, frozen, *self.shard((images, labels, mask)), num_seen, task_lo)
+      return np.asarray(out)[0]
+
+    return wrapped
 
 
 def evaluate(eval_step, state, frozen, images, labels, indices, batch_size, num_seen,
@@ -437,27 +308,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                 if config.method.get("projection", "") == "l2sp" else 0.0)
   if config.method.get("projection", "") or wise_alpha != 1.0:
     frozen["anchor"] = jax.tree_util.tree_map(jnp.array, params0)  # pretrained theta_0
+  dev = DeviceLayout.from_config(config)
   tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
       tx, config.method, jax.tree_util.tree_map(jnp.array, params0), built.module.apply, k,
-      linearized)
+      linearized, axis_name=dev.axis_name)
   if needs_val and not any(len(v) for v in val_idx):
     raise ValueError("method.projection=tpgm learns its radii on held-out training data: set "
                      "data.val_fraction > 0 (e.g. 0.1)")
   train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
+                               axis_name=dev.axis_name,
                                linearized=linearized,
                                loss_scope=config.loss.get("scope", "local"),
                                l2sp_alpha=l2sp_alpha, needs_val_batch=needs_val)
-  eval_step = make_eval_step(built.module.apply, preprocess, k, C, method, linearized=linearized)
+  eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
+                                           linearized=linearized, axis_name=dev.axis_name))
   forward = jax.jit(make_forward(built.module.apply, linearized))
 
+  def apply_eval(p, x, **kw):  # the NON-linearized model, eval mode (K-FAC layer taps, features)
+    variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
+    return built.module.apply(variables, x, train=False, **kw)
+
   def task_context(t: Optional[int]) -> methods_lib.TaskContext:
-    return methods_lib.TaskContext(
+    ctx = methods_lib.TaskContext(
         task_id=t, task_range=None if t is None else scenario.task_range(t), num_classes=C,
         classes_per_task=k, image_shape=ds.train_images.shape[1:],
         forward=lambda p, x: forward(p, frozen, x), preprocess=preprocess,
         batches=None if t is None else functools.partial(
             batches, ds.train_images, train_labels, train_idx[t], bs),
         loss_name=config.loss.name)
+    # Used by the curvature methods (cft_jax.methods.regularizers); candidates for TaskContext
+    # fields: the un-linearized apply, theta_0, the linearization mode and the loss scope.
+    ctx.apply, ctx.params0 = apply_eval, frozen.get("params0")
+    ctx.linearize = "full" if linearized else None
+    ctx.loss_scope = config.loss.get("scope", "local")
+    return ctx
+  knn_k = int(config.eval.get("knn_k", 0) or 0)
+  feature_fn = (jax.jit(knn_lib.make_feature_fn(built.module.apply, "full" if linearized else None))
+                if knn_k else None)
+  knn_acc: List[float] = []
   steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]
   if config.loss.get("schedule_scope", "task") not in ("task", "global"):
     raise ValueError("loss.schedule_scope must be 'task' or 'global', got "
@@ -473,18 +361,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     print(f"[cft_jax] {config.model.name} + {peft_name}: {n_train:,} trainable of {n_total:,} "
           f"parameters ({100.0 * n_train / n_total:.2f}%); loss {config.loss.name}")
 
-  # Resume.
+  # Resume (from the newest readable checkpoint; a finished run is only re-reported).
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0),
                      method_state=method.init_state(params0, task_context(None)))
   R = np.full((T, T), np.nan)
   R_task = np.full((T, T), np.nan)
   entropy_end: List[float] = []
-  ckpt = TaskCheckpointer(os.path.join(workdir, "checkpoints"))
-  start_task = 0
-  latest = ckpt.latest()
+  ckpt = TaskCheckpointer(os.path.join(workdir, "checkpoints"),
+                          max_to_keep=config.checkpoint.get("max_to_keep", 0) or None)
+  start_task, resume_step = 0, 0
   config_json = json.loads(config.to_json())
-  if latest is not None:
-    state_np, meta = ckpt.restore(latest, state)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state_np, meta = restored
     _check_resume_config(meta["config"], config)
     if list(meta["class_order"]) != list(scenario.class_order):
       raise ConfigMismatchError("saved class order differs from this run's; use a new --workdir")
@@ -492,81 +381,142 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     R = np.array(meta["accuracy_matrix"], dtype=float)
     R_task = np.array(meta["task_il_accuracy_matrix"], dtype=float)
     entropy_end = list(meta.get("entropy_end_of_task", []))
-    start_task = latest
+    knn_acc = list(meta.get("knn_accuracy", []))
+    start_task = meta["num_finished_tasks"]
+    resume_step = meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if start_task >= T and os.path.exists(metrics_path):
+      with open(metrics_path) as f:
+        result = json.load(f)
+      ckpt.close()
+      if verbose:
+        print(f"[cft_jax] {workdir} holds a finished run; its saved results (pass --overwrite to "
+              f"train again):")
+        print(report(result))
+      return result
     if verbose:
-      print(f"[cft_jax] resuming from {ckpt.directory}: {latest}/{T} tasks done")
+      where = f", task {start_task + 1} step {resume_step}" if resume_step else ""
+      print(f"[cft_jax] resuming from {ckpt.directory}: {start_task}/{T} tasks done{where}")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_json, f, indent=2)
 
   log_path = os.path.join(workdir, "log.jsonl")
-  if os.path.exists(log_path):  # drop records of a task that was interrupted
+  if os.path.exists(log_path):  # drop records written after the checkpoint we resume from
     with open(log_path) as f:
-      keep = [l for l in f if l.strip() and json.loads(l).get("task", 0) < start_task]
+      keep = [l for l in f if l.strip() and _before(json.loads(l), start_task, resume_step)]
     with open(log_path, "w") as f:
       f.writelines(keep)
   log_every = max(1, config.train.get("log_every", 10))
+  every_steps = int(config.checkpoint.get("every_steps", 0) or 0)
+  frozen_dev = dev.replicate(frozen)
+  state = dev.replicate(state)
 
-  stop_after = config.train.get("stop_after_task", 0) or T
-  for t in range(start_task, min(T, stop_after)):
-    lo, hi = scenario.task_range(t)
-    if config.optim.get("reset_per_task", True):
-      state = state.replace(opt_state=tx.init(state.params))
-    state = state.replace(method_state=method.begin_task(t, state.params, state.method_state,
-                                                         task_context(t)))
-    task_rng = jax.random.fold_in(rng, t)
-    total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
-    offset = 0 if not global_schedule else sum(steps_per_task[:t])
-    step_in_task = 0
-    bar = _progress(range(steps_per_task[t]), steps_per_task[t], f"task {t + 1}/{T}", show_bar)
-    bar_iter = iter(bar)
-    last = {}
-    with open(log_path, "a") as log_f:
-      for epoch in range(config.train.epochs):
-        val_iter = (_cycle(ds.train_images, train_labels, val_idx[t], bs, (config.seed, t, epoch))
-                    if needs_val else None)
-        for xb, yb, mb in batches(ds.train_images, train_labels, train_idx[t], bs,
-                                  shuffle_seed=(config.seed, t, epoch)):
-          step_rng = jax.random.fold_in(task_rng, step_in_task)
-          extra = {"val_batch": next(val_iter)} if needs_val else {}
-          state, m = train_step(state, frozen, xb, yb, mb, lo, offset + step_in_task, total,
-                                step_rng, method.frozen_peft(t, epoch), **extra)
-          step_in_task += 1
-          next(bar_iter, None)
-          if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
-            last = {key: float(v) for key, v in jax.device_get(m).items()}
-            if not np.isfinite(last["loss"]):
-              raise FloatingPointError(f"non-finite loss {last['loss']} at task {t}, step "
-                                       f"{step_in_task}; the last good checkpoint is kept")
-            log_f.write(json.dumps({"task": t, "step": step_in_task, "epoch": epoch,
-                                    "global_step": int(state.step), **last}) + "\n")
-            if hasattr(bar, "set_postfix"):
-              bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
-                              H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
-    if hasattr(bar, "close"):
-      bar.close()
-    entropy_end.append(last.get("entropy", float("nan")))
-    state = state.replace(method_state=method.end_task(t, state.params, state.method_state,
-                                                       task_context(t)))
-
-    eval_state = state
-    if wise_alpha != 1.0:
-      eval_state = state.replace(params=wise_ft_params(state.params, frozen["anchor"], wise_alpha))
-    for i in range(t + 1):
-      ilo, _ = scenario.task_range(i)
-      num_seen = hi if kind != "data_il" else C
-      R[t, i], R_task[t, i] = evaluate(eval_step, eval_state, frozen, ds.test_images,
-                                       test_labels, test_idx[i], config.eval.batch_size,
-                                       num_seen, ilo)
-    if verbose:
-      print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
-      print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
-            f"{np.mean(R_task[t, :t + 1]):.2f}%")
+  def save(t, step_in_task, finished, epoch=0):
     meta = {"accuracy_matrix": _nan_to_none(R), "task_il_accuracy_matrix": _nan_to_none(R_task),
             "class_order": list(scenario.class_order), "config": config_json,
-            "entropy_end_of_task": entropy_end, "num_finished_tasks": t + 1}
-    ckpt.save(t + 1, state, meta)
+            "entropy_end_of_task": entropy_end, "num_finished_tasks": t + 1 if finished else t,
+            "task_finished": finished, "step_in_task": step_in_task, "epoch": epoch}
+    if knn_k:
+      meta["knn_accuracy"] = knn_acc
+    ckpt.save(checkpoint_id(int(dev.unreplicate(state).step), finished), dev.unreplicate(state),
+              meta)
+
+  stop_after = config.train.get("stop_after_task", 0) or T
+  with _GracefulExit() as stop_signal:
+    for t in range(start_task, min(T, stop_after)):
+      lo, hi = scenario.task_range(t)
+      nb = num_batches(len(train_idx[t]), bs)
+      skip_steps = resume_step if t == start_task else 0
+      if not skip_steps:  # a fresh task (a resumed one restored its optimiser/method state)
+        host = dev.unreplicate(state)
+        if config.optim.get("reset_per_task", True):
+          host = host.replace(opt_state=tx.init(host.params))
+        host = host.replace(method_state=method.begin_task(t, host.params, host.method_state,
+                                                           task_context(t)))
+        state = dev.replicate(host)
+      task_rng = jax.random.fold_in(rng, t)
+      total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
+      offset = 0 if not global_schedule else sum(steps_per_task[:t])
+      step_in_task = skip_steps
+      bar = _progress(range(steps_per_task[t]), steps_per_task[t], f"task {t + 1}/{T}", show_bar,
+                      initial=skip_steps)
+      last = {}
+      with open(log_path, "a") as log_f:
+        for epoch in range(skip_steps // nb, config.train.epochs):
+          val_iter = (_cycle(ds.train_images, train_labels, val_idx[t], bs,
+                             (config.seed, t, epoch)) if needs_val else None)
+          for b, (xb, yb, mb) in enumerate(batches(ds.train_images, train_labels, train_idx[t],
+                                                   bs, shuffle_seed=(config.seed, t, epoch))):
+            extra = {"val_batch": dev.shard(next(val_iter))} if needs_val else {}
+            if epoch * nb + b < skip_steps:
+              continue  # replayed data order of a resumed task
+            step_rng = jax.random.fold_in(task_rng, step_in_task)
+            state, m = train_step(state, frozen_dev, *dev.shard((xb, yb, mb)), lo,
+                                  offset + step_in_task, total, step_rng,
+                                  method.frozen_peft(t, epoch), **extra)
+            step_in_task += 1
+            loss = float(dev.first(m["loss"]))
+            if not np.isfinite(loss):
+              raise FloatingPointError(
+                  f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
+                  f"The last good checkpoint in {ckpt.directory} is kept: lower "
+                  f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
+            if hasattr(bar, "update"):
+              bar.update(1)
+            if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
+              last = {key: float(dev.first(v)) for key, v in jax.device_get(m).items()}
+              log_f.write(json.dumps({"task": t, "step": step_in_task, "epoch": epoch,
+                                      "global_step": int(dev.first(state.step)), **last}) + "\n")
+              log_f.flush()
+              if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
+                                H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
+            if step_in_task < steps_per_task[t] and (
+                stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
+              save(t, step_in_task, finished=False, epoch=epoch)
+              if stop_signal.requested:
+                ckpt.close()
+                raise KeyboardInterrupt(
+                    f"stopped by signal {stop_signal.requested} at task {t}, step "
+                    f"{step_in_task}; saved. Re-run the same command to resume.")
+      if hasattr(bar, "close"):
+        bar.close()
+      entropy_end.append(last.get("entropy", float("nan")))
+      host = dev.unreplicate(state)
+      host = host.replace(method_state=method.end_task(t, host.params, host.method_state,
+                                                       task_context(t)))
+      state = dev.replicate(host)
+
+      eval_state = host
+      if wise_alpha != 1.0:
+        eval_state = host.replace(params=wise_ft_params(host.params, frozen["anchor"],
+                                                        wise_alpha))
+      eval_state = dev.replicate(eval_state)
+      for i in range(t + 1):
+        ilo, _ = scenario.task_range(i)
+        num_seen = hi if kind != "data_il" else C
+        R[t, i], R_task[t, i] = evaluate(eval_step, eval_state, frozen_dev, ds.test_images,
+                                         test_labels, test_idx[i], config.eval.batch_size,
+                                         num_seen, ilo)
+      if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
+        mem = np.unique(np.concatenate(train_idx if kind == "data_il" else train_idx[:t + 1]))
+        qry = np.unique(np.concatenate(test_idx[:t + 1]))
+        knn_acc.append(knn_lib.knn_probe(feature_fn, host.params, frozen, ds.train_images,
+                                         train_labels, mem, ds.test_images, test_labels, qry,
+                                         preprocess, k=knn_k, batch_size=config.eval.batch_size))
+      if verbose:
+        print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
+        print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
+              f"{np.mean(R_task[t, :t + 1]):.2f}%"
+              + (f", {knn_k}-NN probe {knn_acc[-1]:.2f}%" if knn_k else ""))
+      save(t, steps_per_task[t], finished=True)
+      if stop_signal.requested:
+        ckpt.close()
+        raise KeyboardInterrupt(f"stopped by signal {stop_signal.requested} after task {t}; "
+                                f"saved. Re-run the same command to resume.")
 
   ckpt.close()
+  state = dev.unreplicate(state)
   if stop_after < T and start_task < stop_after:
     if verbose:
       print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
@@ -578,8 +528,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if wise_alpha != 1.0:
       eval_state = state.replace(params=wise_ft_params(state.params, frozen["anchor"], wise_alpha))
     all_test = np.concatenate(test_idx[:T]) if kind != "data_il" else test_idx[0]
-    ood = evaluate_ood(config, eval_step, eval_state, frozen, ds, test_labels, all_test, scenario,
-                       C, verbose)
+    ood = evaluate_ood(config, eval_step, dev.replicate(eval_state), frozen_dev, ds, test_labels,
+                       all_test, scenario, C, verbose)
   result = {
       "accuracy_matrix": _nan_to_none(R),
       "task_il_accuracy_matrix": _nan_to_none(R_task),
@@ -591,9 +541,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       "trainable_params": n_train,
       "total_params": n_total,
       "wall_time_s": time.time() - t_start,
+      "train_step_compilations": train_step.num_traces(),
+      "num_devices": dev.n * dev.process_count,
   }
   if ood:
     result["ood"] = ood
+  if knn_k:
+    result["knn_accuracy"] = knn_acc
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2)
   pngs = []

@@ -78,7 +78,8 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 1
-  c.train.batch_size = 32
+  c.train.batch_size = 32         # global batch, split over train.num_devices
+  c.train.num_devices = 1         # local devices to pmap over (0: all)
   c.train.log_every = 5          # steps between log.jsonl records
   c.train.stop_after_task = 0    # >0: stop after this many tasks (resume later); 0: run all
   c.train.progress = True        # a progress bar per task
@@ -94,5 +95,6 @@ def get_config(arg=None):
   c.eval.ood_root = ""
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.max_to_keep = 0    # 0 -> keep every task's checkpoint
+  c.checkpoint.max_to_keep = 0    # 0 -> keep every checkpoint
+  c.checkpoint.every_steps = 0    # >0: also checkpoint every n steps inside a task
   return c

@@ -1,0 +1,331 @@
+"""Pure, jit-compiled (or pmapped) training and evaluation steps, optimisers and projections.
+
+The train step is a pure function of ``(state, frozen, batch, task_lo, step, total_steps, rng)``;
+``task_lo``, ``step`` and ``total_steps`` are traced scalars, so it compiles once per run (every
+task has the same number of classes ``k``; the local loss slices ``logits[:, task_lo:task_lo + k]``
+with ``lax.dynamic_slice_in_dim``).
+
+Data parallelism: with ``axis_name="batch"`` the step is ``jax.pmap``-ped over local devices;
+each device gets ``B / n`` examples of the global batch, losses are normalised by the global
+number of valid examples (``lax.psum``), gradients are summed across devices (so they equal the
+single-device gradient of the global batch), and state stays replicated. Multi-host runs use the
+same code after ``jax.distributed.initialize`` (the pmapped axis spans all hosts' devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from cft_jax import methods as methods_lib
+from cft_jax import objectives
+from cft_jax import peft
+from cft_jax.data import Preprocess
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Trainable state; frozen weights live outside it (they never change).
+
+  Attributes:
+    step: global optimisation step (int32 scalar).
+    params: the trainable parameter subtree (see :func:`cft_jax.peft.split_params`).
+    opt_state: optax state of ``params`` only.
+    method_state: the continual method's state (e.g. LAE's offline PEFT copy).
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  method_state: PyTree = flax.struct.field(default_factory=dict)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
+  ``grad_clip``, ``momentum``).
+
+  Raises:
+    ValueError: for an unknown optimiser name.
+  """
+  name = optim.get("name", "adam")
+  lr = optim.learning_rate
+  wd = optim.get("weight_decay", 0.0)
+  if name == "adam":
+    tx = optax.adam(lr) if not wd else optax.adamw(lr, weight_decay=wd)
+  elif name == "adamw":
+    tx = optax.adamw(lr, weight_decay=wd)
+  elif name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(),
+                     optax.sgd(lr, momentum=optim.get("momentum", 0.9)))
+  else:
+    raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
+  clip = optim.get("grad_clip", 0.0)
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  return tx
+
+
+def make_forward(apply_fn: Callable, linearized: bool = False) -> Callable:
+  """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
+
+  ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
+  collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
+  the expansion point of the trainable leaves (``frozen['params0']``). The linearized model is
+  ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` computed with one ``jax.jvp`` in eval mode
+  (DLCFT, SPEC §3; :func:`cft_jax.linearize.linearized_apply`).
+  """
+
+  def forward(params, frozen, x, train=False, rng=None):
+    def f(p):
+      variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
+      if train and not linearized and rng is not None:
+        return apply_fn(variables, x, train=True, rngs={"dropout": rng})
+      return apply_fn(variables, x, train=False)
+
+    if linearized:
+      from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
+      return linearized_apply(f, frozen["params0"], params)
+    return f(params)
+
+  return forward
+
+
+class _TraceCounter:
+  """Wraps a step function; ``num_traces`` counts how often JAX traced (compiled) it."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.num_traces = 0
+
+  def __call__(self, *args, **kwargs):
+    self.num_traces += 1
+    return self.fn(*args, **kwargs)
+
+
+def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
+                    tx: optax.GradientTransformation, classes_per_task: int,
+                    method: Optional[methods_lib.Method] = None, *, linearized: bool = False,
+                    loss_scope: str = "local", l2sp_alpha: float = 0.0,
+                    needs_val_batch: bool = False, axis_name: Optional[str] = None) -> Callable:
+  """Builds the jitted (or, with ``axis_name``, pmapped) train step.
+
+  The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
+  total_steps, rng, freeze_peft=False, val_batch=None) -> (state, metrics)`` takes
+  ``images [B,h,w,c] uint8``, incremental ``labels [B]`` inside ``[task_lo, task_lo + k)``,
+  ``mask [B]`` (False: padding), and returns the new state and scalar metrics ``loss``,
+  ``data_loss``, ``accuracy`` (on the task's classes, %), ``entropy`` (nats), ``alpha`` (aEPG
+  weight of CE). Under pmap, ``state``/``frozen`` are replicated (leading device axis), the batch
+  arrays are ``[n, B/n, ...]`` and the scalars/``rng`` are shared; metrics come back per device
+  (identical). ``train_step.num_traces`` counts compilations.
+
+  The objective is ``method.data_weight * L_data + method.penalty + method.extra_loss`` where
+  ``L_data`` is the masked mean of the per-example loss over the task's ``k`` classes
+  (``loss_scope='local'``, SPEC §1 "Local loss": ``z[:, task_lo:task_lo + k]``, ``y - task_lo``) or
+  over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
+  the ``head`` leaves move (LAE's frozen first epochs).
+
+  Robust fine-tuning (SPEC §4): ``l2sp_alpha > 0`` adds L2-SP
+  ``alpha/2 ||theta - theta_0||^2`` toward ``frozen['anchor']`` (head excluded); with
+  ``needs_val_batch`` (TPGM) the step takes ``val_batch = (images, labels, mask)`` and passes the
+  validation loss inputs to ``tx.update(..., val_batch=...)``.
+
+  Raises:
+    ValueError: unknown ``loss_scope``.
+  """
+  if loss_scope not in ("local", "all"):
+    raise ValueError(f"loss.scope must be 'local' or 'all', got '{loss_scope}'")
+  k = classes_per_task
+  method = method or methods_lib.Method()
+  forward = make_forward(apply_fn, linearized)
+
+  def psum(x):
+    return jax.lax.psum(x, axis_name) if axis_name else x
+
+  def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
+                       step_in_task, total_steps, rng):
+    rng_aug, rng_drop, rng_loss, rng_method = jax.random.split(rng, 4)
+    if axis_name:  # different augmentation / dropout / sampling on every device
+      dev = jax.lax.axis_index(axis_name)
+      rng_aug, rng_drop, rng_loss = (jax.random.fold_in(r, dev)
+                                     for r in (rng_aug, rng_drop, rng_loss))
+    n_dev = psum(1.0)
+    x = preprocess(images, rng_aug, train=True)
+    logits = forward(params, frozen, x, True, rng_drop)
+    local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
+    local_labels = labels - task_lo
+    if loss_scope == "local":
+      per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
+                                 rng=rng_loss)
+    else:
+      per_example, aux = loss_fn(logits, labels, step=step_in_task, total_steps=total_steps,
+                                 rng=rng_loss)
+    w = mask.astype(jnp.float32)
+    denom = jnp.maximum(psum(w.sum()), 1.0)  # global number of valid examples
+    data_loss = jnp.sum(per_example * w) / denom  # this device's share of the global mean
+    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
+
+    def logits_fn(p, imgs, r):
+      return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+
+    # Terms that do not depend on this device's shard are divided by the device count, so the
+    # psum of the gradients counts them once.
+    reg = method.penalty(params, method_state) + method.extra_loss(
+        params, method_state, batch, logits, logits_fn, rng_method)
+    if l2sp_alpha:
+      from cft_jax import projection  # pylint: disable=g-import-not-at-top
+      reg = reg + projection.l2sp_penalty(params, frozen["anchor"], l2sp_alpha,
+                                          exclude=projection.is_head)
+    loss = method.data_weight(method_state) * data_loss + reg / n_dev
+    correct = jnp.sum((jnp.argmax(local, -1) == local_labels) * w)
+    ent = jnp.sum(objectives.entropy(local) * w)
+    return loss, dict(loss=loss, data_loss=data_loss, correct=correct, entropy_sum=ent,
+                      denom=denom, alpha=aux["alpha"], logits=jax.lax.stop_gradient(logits))
+
+  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
+                 freeze_peft=False, val_batch=None):
+    grads, m = jax.grad(loss_and_metrics, has_aux=True)(
+        state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
+        total_steps, rng)
+    grads = psum(grads)
+    if needs_val_batch:
+      vx, vy, vm = val_batch
+      vb = {"frozen": frozen, "x": preprocess(vx, train=False), "labels": vy - task_lo,
+            "mask": vm.astype(jnp.float32), "task_lo": task_lo}
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, val_batch=vb)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
+    updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
+               for key, u in updates.items()}
+    params = optax.apply_updates(state.params, updates)
+    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
+             "logits": m["logits"]}
+    if axis_name:  # every replica sees the global batch, so replicated state stays identical
+      batch = {key: (v if key == "task_lo" else jax.lax.all_gather(v, axis_name, tiled=True))
+               for key, v in batch.items()}
+    method_state = method.after_step(params, state.method_state, batch=batch,
+                                     rng=jax.random.fold_in(rng, 1))
+    metrics = dict(loss=psum(m["loss"]), data_loss=psum(m["data_loss"]),
+                   accuracy=100.0 * psum(m["correct"]) / m["denom"],
+                   entropy=psum(m["entropy_sum"]) / m["denom"], alpha=m["alpha"])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         method_state=method_state), metrics
+
+  counted = _TraceCounter(train_step)
+  if axis_name:
+    compiled = jax.pmap(counted, axis_name=axis_name,
+                        in_axes=(0, 0, 0, 0, 0, None, None, None, None, None, 0),
+                        donate_argnums=(0,))
+  else:
+    compiled = jax.jit(counted, donate_argnums=(0,))
+
+  def step(*args, **kwargs):
+    return compiled(*args, **kwargs)
+
+  step.num_traces = lambda: counted.num_traces
+  step.pmapped = bool(axis_name)
+  return step
+
+
+def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
+                   num_classes: int, method: Optional[methods_lib.Method] = None, *,
+                   linearized: bool = False, axis_name: Optional[str] = None) -> Callable:
+  """Builds the jitted (or pmapped) evaluation step.
+
+  ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
+  number of correct class-IL predictions (over the ``num_seen`` classes seen so far) and task-IL
+  predictions (over the task's ``k`` classes ``[task_lo, task_lo + k)``), counting only ``mask``
+  entries (summed over devices under pmap). With several parameter sets
+  (``method.eval_params``, e.g. LAE's online and offline modules) the score of class ``c`` is
+  ``max_m softmax(z_m)_c`` over the classes in play.
+  """
+  k = classes_per_task
+  method = method or methods_lib.Method()
+  forward = make_forward(apply_fn, linearized)
+
+  def eval_step(state, frozen, images, labels, mask, num_seen, task_lo):
+    x = preprocess(images, train=False)
+    cls = jnp.arange(num_classes)
+    in_task = (cls >= task_lo) & (cls < task_lo + k)
+    seen = cls < num_seen
+    all_logits = [forward(p, frozen, x) for p in method.eval_params(state.params,
+                                                                    state.method_state)]
+
+    def predict(valid):
+      if len(all_logits) == 1:
+        z = all_logits[0]
+        return jnp.argmax(jnp.where(valid, z, jnp.finfo(z.dtype).min), -1)
+      probs = [jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1) for z in all_logits]
+      return jnp.argmax(jnp.max(jnp.stack(probs), 0), -1)
+
+    class_il, task_il = predict(seen), predict(in_task)
+    out = jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
+    return jax.lax.psum(out, axis_name) if axis_name else out
+
+  if axis_name:
+    return jax.pmap(eval_step, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None, None))
+  return jax.jit(eval_step)
+
+
+PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
+
+
+def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, anchor: PyTree,
+                             apply_fn: Callable, classes_per_task: int,
+                             linearized: bool = False,
+                             axis_name: Optional[str] = None) -> Tuple[Any, bool]:
+  """Wraps ``tx`` with ``method.projection`` (SPEC §4), anchored at the pretrained ``anchor``.
+
+  - ``tpgm``: ``optax.chain(tx, projection.tpgm(...))`` with the local validation CE as
+    ``val_loss_fn`` (needs a validation batch each step: ``data.val_fraction > 0``);
+  - ``ftp``: ``projection.ftp(anchor, base=tx, k=method.ftp_k)``;
+  - ``l2sp`` / ``""``: ``tx`` unchanged (L2-SP is a loss term).
+  The head is excluded from every constraint. Returns ``(tx, needs_val_batch)``.
+
+  Raises:
+    ValueError: unknown projection name.
+  """
+  from cft_jax import projection  # pylint: disable=g-import-not-at-top
+  name = method_cfg.get("projection", "") or ""
+  if name not in PROJECTIONS:
+    raise ValueError(f"unknown method.projection '{name}'; known: tpgm, ftp, l2sp or ''")
+  norm = method_cfg.get("projection_norm", "") or ("l2" if name == "tpgm" else "mars")
+  if name == "ftp":
+    return projection.ftp(anchor, base=tx, k=method_cfg.get("ftp_k", 1.0),
+                          radius_lr=method_cfg.get("radius_lr", 1e-2), norm=norm,
+                          exclude=projection.is_head), False
+  if name == "tpgm":
+    forward = make_forward(apply_fn, linearized)
+    k = classes_per_task
+
+    def val_loss_fn(params, vb):
+      logits = forward(params, vb["frozen"], vb["x"])
+      local = jax.lax.dynamic_slice_in_dim(logits, vb["task_lo"], k, axis=1)
+      ce = objectives.ce(local, vb["labels"])
+      num, den = jnp.sum(ce * vb["mask"]), vb["mask"].sum()
+      if axis_name:  # the global validation batch: identical radii on every replica
+        num, den = jax.lax.psum(num, axis_name), jax.lax.psum(den, axis_name)
+      return num / jnp.maximum(den, 1.0)
+
+    return optax.chain(tx, projection.tpgm(
+        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.get("proj_freq", 1),
+        max_iters=method_cfg.get("max_iters", 1), radius_lr=method_cfg.get("radius_lr", 1e-2),
+        exclude=projection.is_head)), True
+  return tx, False
+
+
+def wise_ft_params(params: PyTree, anchor: PyTree, alpha: float) -> PyTree:
+  """WiSE-FT ``(1 - alpha) theta_0 + alpha theta`` on the non-head leaves (the head is kept)."""
+  from cft_jax import projection  # pylint: disable=g-import-not-at-top
+  mixed = projection.wise_ft(params, anchor, alpha)
+  if "head" in params:
+    mixed = dict(mixed, head=params["head"])
+  return mixed
+
+
