@@ -10,17 +10,25 @@ from absl import logging
 from ml_collections import config_flags
 
 from cft_jax import train
+from cft_jax.config import ConfigError
+from cft_jax.data import DatasetNotFoundError
+from cft_jax.train import ConfigMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Delete the workdir's checkpoints and results and train again.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except (ConfigError, ConfigMismatchError, DatasetNotFoundError) as e:
+    raise SystemExit(f"cft_jax: error: {e}") from None
 
 
 if __name__ == "__main__":

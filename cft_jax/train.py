@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from cft_jax import objectives
 from cft_jax import peft
 from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
+from cft_jax.config import ConfigError, validate_config
 from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
 from cft_jax.models import build_model
 from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
@@ -100,6 +102,17 @@ def _progress(iterable, total: int, desc: str, enabled: bool, initial: int = 0):
     return iterable
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, initial=initial)
+
+
+def _init_distributed(cfg: ml_collections.ConfigDict) -> None:
+  """Multi-host start-up: ``jax.distributed.initialize`` from ``config.distributed``
+  (``coordinator_address`` host:port, ``num_processes``, ``process_id``; on TPU pods and SLURM
+  clusters these may be left empty and are auto-detected). Idempotent."""
+  if jax.process_count() > 1:
+    return
+  kwargs = {k: cfg.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+            if cfg.get(k) not in (None, "", -1)}
+  jax.distributed.initialize(**kwargs)
 
 
 def checkpoint_id(global_step: int, task_finished: bool) -> int:
@@ -224,12 +237,15 @@ def evaluate(eval_step, state, frozen, images, labels, indices, batch_size, num_
   return 100.0 * correct[0] / n, 100.0 * correct[1] / n
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+        ) -> Dict[str, Any]:
   """Runs (or resumes) a class-incremental fine-tuning job and writes ``workdir/metrics.json``.
 
   Args:
     config: the experiment config (see ``configs/default.py``).
     workdir: output folder: ``config.json``, ``checkpoints/``, ``log.jsonl``, ``metrics.json``.
+    overwrite: delete what the workdir holds and train from scratch (otherwise a finished run is
+      only re-reported and an unfinished one resumes).
 
   Returns:
     The metrics dict written to ``metrics.json``.
@@ -239,6 +255,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     ValueError / DatasetNotFoundError: bad config values or missing data, with the fix.
   """
   t_start = time.time()
+  validate_config(config)
+  if config.get("distributed") and config.distributed.get("coordinator_address"):
+    _init_distributed(config.distributed)
+  if overwrite and os.path.isdir(workdir):
+    for name in ("checkpoints", "metrics.json", "log.jsonl", "config.json"):
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    for fn in os.listdir(workdir):
+      if fn.endswith(".png"):
+        os.remove(os.path.join(workdir, fn))
   verbose = config.train.get("verbose", True)
   show_bar = verbose and config.train.get("progress", True)
   os.makedirs(workdir, exist_ok=True)
