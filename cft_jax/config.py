@@ -151,6 +151,19 @@ def _type_ok(value: Any, default: Any) -> bool:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks keys, types, values and method x setting compatibility (see :func:`_validate`).
+
+  Raises:
+    ConfigError: naming the first offending key, what is wrong and the fix.
+  """
+  try:
+    return _validate(config)
+  except (TypeError, AttributeError, KeyError) as e:  # a value of the wrong kind deep inside
+    raise ConfigError(f"invalid config: {type(e).__name__}: {e}. Compare with "
+                      f"configs/default.py") from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks keys, types, values and method x setting compatibility.
 
   Returns:
@@ -196,7 +209,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                           f"{type(default[key]).__name__} like the default {default[key]!r}")
       if full in _CHOICES and v not in _CHOICES[full]:
         raise ConfigError(f"config.{full}={v!r}; choose one of {list(_CHOICES[full])}")
-      if full in _POSITIVE and not v > 0:
+      if full in _POSITIVE and (v is None or not v > 0):
         raise ConfigError(f"config.{full}={v!r} must be > 0")
       if full in _NON_NEGATIVE and v is not None and not v >= 0:
         raise ConfigError(f"config.{full}={v!r} must be >= 0")

@@ -225,8 +225,10 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   else:
     compiled = jax.jit(counted, donate_argnums=(0,))
 
-  def step(*args, **kwargs):
-    return compiled(*args, **kwargs)
+  def step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
+           freeze_peft=False, val_batch=None):
+    return compiled(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
+                    freeze_peft, val_batch)
 
   step.num_traces = lambda: counted.num_traces
   step.pmapped = bool(axis_name)

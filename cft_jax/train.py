@@ -203,9 +203,14 @@ class DeviceLayout:
     return tuple(one(x) for x in arrays)
 
   def replicate(self, tree):
+    """Copies of ``tree`` on every local device (leading axis ``n``), placed once."""
     if self.axis_name is None:
       return tree
-    return jax.device_put_replicated(jax.device_get(tree), self.devices)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("batch",)),
+                                          jax.sharding.PartitionSpec("batch"))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)),
+                                 sharding), jax.device_get(tree))
 
   def unreplicate(self, tree):
     if self.axis_name is None:

@@ -226,8 +226,9 @@ def _read_image(path: str, image_size: int) -> np.ndarray:
     with Image.open(path) as im:
       im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
       return np.asarray(im, dtype=np.uint8)
-  except OSError as e:
-    raise ValueError(f"cannot decode image {path}: {e}. Remove or replace the file.") from e
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many types on bad files)
+    raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}. Remove or replace "
+                     f"the file.") from e
 
 
 def load_image_folder(root: Optional[str] = None, image_size: int = 224, **_) -> ImageDataset:

@@ -37,13 +37,16 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from cft_jax.peft.lora import LoRADense
 
@@ -157,47 +160,91 @@ def _shift_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    return _shift_forward(x, kernel, stride)
-
-
-def _depthwise_shift_fwd(x, kernel, stride):
-    return _shift_forward(x, kernel, stride), (x, kernel)
-
-
-def _depthwise_shift_bwd(stride, res, dy):
-    x, kernel = res
+def _shift_dx(ct: jax.Array, kernel: jax.Array, x_shape: Sequence[int], stride: int) -> jax.Array:
+    """Transpose w.r.t. x: correlate the stride-dilated, padded cotangent with the
+    flipped kernel, again as k*k shifted multiply-adds reading one padded buffer
+    (plain autodiff would materialise k*k padded copies of ct)."""
     kh, kw, c = kernel.shape
-    b, h, w, _ = x.shape
-    oh, (pt, pb) = _same_pads(h, kh, stride)
-    ow, (pl, pr) = _same_pads(w, kw, stride)
-    # Materialise the incoming cotangent once: without the barrier XLA fuses its
-    # (expensive) producer into each of the k*k taps below.
-    dy = lax.optimization_barrier(dy)
-    # dx: correlation of the (stride-dilated, padded) cotangent with the flipped
-    # kernel, again as k*k shifted multiply-adds reading one padded buffer.
-    zero = jnp.zeros((), dy.dtype)
-    dyp = lax.pad(dy, zero, ((0, 0, 0), (kh - 1 - pt, kh - 1 - pb, stride - 1),
+    b, h, w, _ = x_shape
+    _, (pt, pb) = _same_pads(h, kh, stride)
+    _, (pl, pr) = _same_pads(w, kw, stride)
+    # Keep XLA from fusing ct's producer (BN/ReLU6 backward, ...) into every tap.
+    ct = lax.optimization_barrier(ct)
+    zero = jnp.zeros((), ct.dtype)
+    ctp = lax.pad(ct, zero, ((0, 0, 0), (kh - 1 - pt, kh - 1 - pb, stride - 1),
                              (kw - 1 - pl, kw - 1 - pr, stride - 1), (0, 0, 0)))
     dx = None
     for i in range(kh):
         for j in range(kw):
-            term = lax.slice(dyp, (0, i, j, 0), (b, i + h, j + w, c)) * kernel[kh - 1 - i, kw - 1 - j]
+            term = lax.slice(ctp, (0, i, j, 0), (b, i + h, j + w, c)) * kernel[kh - 1 - i, kw - 1 - j]
             dx = term if dx is None else dx + term
-    # dkernel: per-tap reductions (dead code, removed by XLA, when the kernel is frozen).
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    dk = jnp.stack([
-        jnp.stack([
-            jnp.sum(lax.slice(xp, (0, i, j, 0),
-                              (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                              (1, stride, stride, 1)) * dy, axis=(0, 1, 2))
-            for j in range(kw)])
-        for i in range(kh)])
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    return dx
 
 
-_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+def _shift_dkernel(ct: jax.Array, x: jax.Array, k_shape: Sequence[int], stride: int) -> jax.Array:
+    """Transpose w.r.t. the kernel: one reduction per tap."""
+    kh, kw, c = k_shape
+    b, h, w, _ = x.shape
+    oh, ph = _same_pads(h, kh, stride)
+    ow, pw = _same_pads(w, kw, stride)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+    rows = []
+    for i in range(kh):
+        cols = []
+        for j in range(kw):
+            tap = lax.slice(xp, (0, i, j, 0),
+                            (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                            (1, stride, stride, 1))
+            cols.append(jnp.sum(tap * ct, axis=(0, 1, 2)))
+        rows.append(jnp.stack(cols))
+    return jnp.stack(rows)
+
+
+# The shifted depthwise conv is a JAX primitive, bilinear in (x, kernel) like
+# ``conv_general_dilated``: jvp, transpose (hence grad, any order, and
+# reverse-over-forward for linearized models) and vmap are all defined, with the
+# efficient transposes above.
+depthwise_shift_p = Primitive("cft_depthwise_shift")
+
+
+def _dw_impl(x, kernel, *, stride):
+    return _shift_forward(x, kernel, stride)
+
+
+def _dw_abstract(x, kernel, *, stride):
+    kh, kw, c = kernel.shape
+    b, h, w, cx = x.shape
+    if c != cx:
+        raise TypeError(f"depthwise conv: x {x.shape} and kernel {kernel.shape} do not match")
+    return ShapedArray((b, -(-h // stride), -(-w // stride), c),
+                       jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _dw_transpose_x(ct, x, kernel, *, stride):
+    return _shift_dx(ct, kernel, x.aval.shape, stride).astype(x.aval.dtype)
+
+
+def _dw_transpose_kernel(ct, x, kernel, *, stride):
+    return _shift_dkernel(ct, x, kernel.aval.shape, stride).astype(kernel.aval.dtype)
+
+
+def _dw_batch(args, dims, *, stride):
+    x, kernel = args
+    bx, bk = dims
+    if bk is None:  # fold the vmapped axis into the batch axis
+        x = jnp.moveaxis(x, bx, 0)
+        n, b = x.shape[:2]
+        y = depthwise_shift_p.bind(x.reshape((n * b,) + x.shape[2:]), kernel, stride=stride)
+        return y.reshape((n, b) + y.shape[1:]), 0
+    fn = functools.partial(_shift_forward, stride=stride)  # per-example kernels (rare)
+    return jax.vmap(fn, in_axes=(bx, bk))(x, kernel), 0
+
+
+depthwise_shift_p.def_impl(_dw_impl)
+depthwise_shift_p.def_abstract_eval(_dw_abstract)
+mlir.register_lowering(depthwise_shift_p, mlir.lower_fun(_dw_impl, multiple_results=False))
+ad.defbilinear(depthwise_shift_p, _dw_transpose_x, _dw_transpose_kernel)
+batching.primitive_batchers[depthwise_shift_p] = _dw_batch
 
 
 def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -205,12 +252,15 @@ def depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int = 1) -> ja
 
     x [B, H, W, C], kernel [k, k, C] -> [B, ceil(H/s), ceil(W/s), C].
     Each tap is a (strided) slice of the padded input times a broadcast
-    ``[C]`` weight; XLA fuses the sum into one loop. The backward pass is a
-    custom VJP of the same form (input gradient = shifted multiply-adds of the
-    padded, stride-dilated cotangent with the flipped kernel), which keeps XLA
-    from materialising k*k padded copies and recomputing their producers.
+    ``[C]`` weight; XLA fuses the sum into one loop. Derivatives (a primitive
+    with hand-written transposes, see ``depthwise_shift_p``) have the same
+    form: the input gradient is k*k shifted multiply-adds of the padded,
+    stride-dilated cotangent with the flipped kernel.
     """
-    return _depthwise_shift(x, kernel, int(stride))
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    return depthwise_shift_p.bind(x.astype(dtype), kernel.astype(dtype), stride=int(stride))
 
 
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:

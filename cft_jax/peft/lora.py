@@ -13,6 +13,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 __all__ = ["LoRADense", "lora_a_init", "is_lora_path", "dense_last_axis"]
 
@@ -29,32 +32,65 @@ def is_lora_path(path: tuple[str, ...]) -> bool:
     return any("lora" in str(p) for p in path)
 
 
-@jax.custom_vjp
-def dense_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``einsum('...i,io->...o', x, kernel)`` with a CPU-friendly backward.
+# ``dense_last_axis`` is a small JAX primitive (bilinear, like ``dot_general``) rather than a
+# ``custom_vjp`` so that forward mode (``jax.jvp``, linearized models), reverse mode, vmap and
+# higher-order derivatives all work, while the transpose w.r.t. the kernel is written as
+# ``(dy^T x)^T``: XLA's CPU dot emitter then transposes the (materialised) input ``x`` and not
+# the cotangent ``dy``, whose producer can be a large fusion (BN/ReLU6 backward + depthwise
+# backward) that XLA would otherwise re-evaluate in a cache-hostile transposed order. Train
+# steps of EfficientNet-Lite0 with LoRA are ~2x faster on CPU for it.
+dense_p = Primitive("cft_dense_last_axis")
 
-    The kernel gradient is computed as ``(dy^T x)^T`` so that XLA's CPU dot
-    emitter transposes the (materialised) input ``x`` rather than the
-    cotangent ``dy``, whose producer may be a large fused computation that
-    would otherwise be re-evaluated in a cache-hostile transposed order.
-    """
+
+def _dense_impl(x, kernel):
     return jnp.einsum("...i,io->...o", x, kernel)
 
 
-def _dense_fwd(x, kernel):
-    return dense_last_axis(x, kernel), (x, kernel)
+def _dense_abstract(x, kernel):
+    if x.shape[-1] != kernel.shape[0] or kernel.ndim != 2:
+        raise TypeError(f"dense_last_axis: x {x.shape} and kernel {kernel.shape} do not match")
+    return ShapedArray(x.shape[:-1] + (kernel.shape[1],), jnp.result_type(x.dtype, kernel.dtype))
 
 
-def _dense_bwd(res, dy):
-    x, kernel = res
-    dx = jnp.einsum("...o,io->...i", dy, kernel)
+def _dense_transpose_x(ct, x, kernel):
+    dx = jnp.einsum("...o,io->...i", ct, kernel)
+    return dx.astype(x.aval.dtype)
+
+
+def _dense_transpose_kernel(ct, x, kernel):
     x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dk = jnp.einsum("no,ni->oi", dy2, x2).T
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    ct2 = ct.reshape(-1, ct.shape[-1])
+    return jnp.einsum("no,ni->oi", ct2, x2).T.astype(kernel.aval.dtype)
 
 
-dense_last_axis.defvjp(_dense_fwd, _dense_bwd)
+def _dense_batch(args, dims):
+    x, kernel = args
+    bx, bk = dims
+    if bk is None:
+        return dense_p.bind(jnp.moveaxis(x, bx, 0), kernel), 0
+    kernel = jnp.moveaxis(kernel, bk, 0)
+    if bx is None:
+        return jnp.einsum("...i,nio->n...o", x, kernel), 0
+    return jnp.einsum("n...i,nio->n...o", jnp.moveaxis(x, bx, 0), kernel), 0
+
+
+dense_p.def_impl(_dense_impl)
+dense_p.def_abstract_eval(_dense_abstract)
+mlir.register_lowering(dense_p, mlir.lower_fun(_dense_impl, multiple_results=False))
+ad.defbilinear(dense_p, _dense_transpose_x, _dense_transpose_kernel)
+batching.primitive_batchers[dense_p] = _dense_batch
+
+
+def dense_last_axis(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``einsum('...i,io->...o', x, kernel)`` with a CPU-friendly kernel gradient.
+
+    Same values and derivatives (jvp, vjp, vmap, any order) as the einsum;
+    see ``dense_p`` above for why it is a primitive.
+    """
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(kernel)
+    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    return dense_p.bind(x.astype(dtype), kernel.astype(dtype))
 
 
 class LoRADense(nn.Module):
