@@ -52,7 +52,7 @@ def main():
     tt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tt)
     for n in (1, 2):
-      c = tt.tiny_config(**{"scenario.num_tasks": 3, "train.num_devices": n,
+      c = tt.tiny_config(**{"scenario.num_tasks": 5, "train.num_devices": n,
                             "train.batch_size": 16, "eval.batch_size": 20})
       m = train.run(c, os.path.join(sys.argv[1], f"dev{n}"))
       out[f"run_{n}"] = {"R": m["accuracy_matrix"], "compiles": m["train_step_compilations"],

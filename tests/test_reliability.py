@@ -49,9 +49,9 @@ def test_pmap_matches_single_device_and_compiles_once(tmp_path):
 
 
 CLI_ARGS = ["--config.model.name=tiny_cnn", "--config.model.pretrained=False",
-            "--config.data.image_size=16", "--config.data.train_limit=96",
+            "--config.data.image_size=16", "--config.data.train_limit=64",
             "--config.data.test_limit=40", "--config.data.augment=crop_flip",
-            "--config.scenario.num_tasks=3", "--config.train.batch_size=16",
+            "--config.scenario.num_tasks=5", "--config.train.batch_size=16",
             "--config.train.epochs=2", "--config.train.progress=False",
             "--config.train.plots=False", "--config.checkpoint.every_steps=2",
             "--config.eval.batch_size=20"]
