@@ -29,6 +29,9 @@ def main(argv):
     train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except (ConfigError, ConfigMismatchError, DatasetNotFoundError) as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
+  except KeyboardInterrupt as e:  # SIGINT/SIGTERM: the trainer saved a checkpoint first
+    print(f"cft_jax: {e or 'interrupted'}", flush=True)
+    raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
