@@ -2,7 +2,8 @@
 
 Every function takes plain data (lists / NumPy arrays, as stored in ``metrics.json`` and
 ``log.jsonl``), draws on a new figure, saves a PNG when ``path`` is given and returns the figure.
-The non-interactive ``Agg`` backend is used, so plots work on headless machines.
+Outside IPython/Jupyter the non-interactive ``Agg`` backend is selected, so plots work on
+headless machines; inside a notebook the notebook's backend is left alone (inline display).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 
 
 def _plt():
+  import sys  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg", force=False)
+  if "IPython" not in sys.modules and "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 

@@ -37,10 +37,11 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, monkeypatch, compilation_cache):
+def test_notebook_executes(name, monkeypatch, tmp_path, compilation_cache):
   if name in NEEDS_FASHION_MNIST and not HAS_FASHION_MNIST:
     pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
   monkeypatch.setenv("CFT_JAX_NOTEBOOK_TEST", "1")
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' workdirs (tempfile.mkdtemp)
   # Same programs, faster to compile on CPU: threefry init graphs of the models take seconds.
   monkeypatch.setenv("JAX_DEFAULT_PRNG_IMPL", "rbg")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", compilation_cache)
