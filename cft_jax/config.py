@@ -227,9 +227,14 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.method.name={c.method.name!r}; choose one of "
                       f"{list(methods.method_names())}")
   # Method x setting compatibility.
-  if c.peft.name in ("adapter", "prefix") and not c.model.name.startswith("vit_"):
-    raise ConfigError(f"peft.name={c.peft.name!r} needs a ViT (model.name=vit_*); "
-                      f"{c.model.name} supports lora | linear_probe | full")
+  if c.peft.name == "prefix" and not c.model.name.startswith("vit_"):
+    raise ConfigError(f"peft.name='prefix' needs a ViT (model.name=vit_*); "
+                      f"{c.model.name} supports lora | linear_probe | full"
+                      + (" | adapter" if c.model.name.startswith("efficientnet") else ""))
+  if c.peft.name == "adapter" and not (c.model.name.startswith("vit_")
+                                       or c.model.name.startswith("efficientnet_lite")):
+    raise ConfigError(f"peft.name='adapter' needs a ViT or EfficientNet-Lite backbone, not "
+                      f"{c.model.name}")
   if c.method.name == "lae" and c.peft.name not in ("lora", "adapter", "prefix"):
     raise ConfigError(f"method.name='lae' ensembles an online and an offline PEFT module: set "
                       f"peft.name to lora, adapter or prefix (got {c.peft.name!r})")

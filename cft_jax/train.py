@@ -75,10 +75,13 @@ def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None
 
 def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Extra backbone arguments from ``config.peft``/``config.model`` (ViT PEFT placement)."""
+  if config.model.name.startswith("efficientnet_lite") and config.peft.name == "adapter":
+    return {"adapter_hidden": config.peft.get("adapter_hidden", 5)}
   if not config.model.name.startswith("vit_"):
     if config.peft.name in ("adapter", "prefix"):
       raise ValueError(f"peft.name='{config.peft.name}' is implemented for the ViT backbones "
-                       f"(model.name=vit_*); {config.model.name} supports lora | linear_probe | full")
+                       f"(and adapter for EfficientNet-Lite); {config.model.name} supports "
+                       f"lora | linear_probe | full")
     return {}
   p = config.peft
   kw = {"peft": p.name if p.name in ("lora", "adapter", "prefix") else "none",
@@ -527,6 +530,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                                                         wise_alpha))
       eval_state = dev.replicate(eval_state)
       for i in range(t + 1):
+        if kind == "data_il" and i > 0:  # data-IL tasks share one test set: evaluate it once
+          R[t, i], R_task[t, i] = R[t, 0], R_task[t, 0]
+          continue
         ilo, _ = scenario.task_range(i)
         num_seen = hi if kind != "data_il" else C
         R[t, i], R_task[t, i] = evaluate(eval_step, eval_state, frozen_dev, ds.test_images,

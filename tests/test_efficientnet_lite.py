@@ -336,3 +336,27 @@ def test_torch_pickle_rejects_other_globals_and_formats(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="unsupported"):
         load_torch_state_dict(junk)
+
+
+def test_adapter_on_lite0_zero_init_and_trainable_split():
+  """A parallel Adapter per MBConv block leaves the pretrained output unchanged at init, and only
+  adapter + head leaves are trainable."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from cft_jax import peft
+  from cft_jax.models import build_model
+  rng = jax.random.PRNGKey(0)
+  base = build_model("efficientnet_lite0", 1000, image_size=32, rng=rng)
+  ad = build_model("efficientnet_lite0", 1000, image_size=32, rng=rng, adapter_hidden=5)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  np.testing.assert_allclose(ad.module.apply(ad.variables, x), base.module.apply(base.variables, x),
+                             atol=1e-5, rtol=1e-5)
+  trainable, _ = peft.split_params(ad.variables["params"], "adapter")
+  flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+  names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in flat]
+  assert any("adapter_down" in n for n in names) and any(n.startswith("head") for n in names)
+  assert all("adapter" in n or n.startswith("head") for n in names)
+  # 16 blocks x (D*5 + 5 + 5*cout + cout + 1) + head
+  n_ad = sum(int(np.prod(v.shape)) for p, v in flat if "adapter" in str(p))
+  assert 0 < n_ad < 100_000

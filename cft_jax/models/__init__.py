@@ -66,6 +66,8 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     ValueError: unknown name; ImportError/FileNotFoundError from weight loaders with install hints.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
+  if name.startswith("efficientnet_lite"):
+    adapter_hidden = int(model_kwargs.pop("adapter_hidden", 0) or 0)
   if model_kwargs and not name.startswith("vit_"):
     raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
@@ -77,10 +79,12 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     from cft_jax.models import efficientnet_lite as eff  # pylint: disable=g-import-not-at-top
     variant = name[len("efficientnet_"):]
     module = eff.EfficientNetLite(variant=variant, num_classes=num_classes, lora_rank=lora_rank,
-                                  lora_alpha=lora_alpha, dropout_rate=dropout_rate)
+                                  lora_alpha=lora_alpha, dropout_rate=dropout_rate,
+                                  adapter_hidden=adapter_hidden)
     if pretrained:
       variables = eff.load_pretrained(variant, num_classes=num_classes, lora_rank=lora_rank,
-                                      rng=rng)
+                                      rng=rng, lora_alpha=lora_alpha,
+                                      adapter_hidden=adapter_hidden)
     else:
       variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=eff.MEAN, std=eff.STD)

@@ -54,6 +54,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from cft_jax.peft.adapter import Adapter
 from cft_jax.peft.lora import LoRADense
 
 __all__ = [
@@ -342,6 +343,7 @@ class MBConvBlock(nn.Module):
     lora_alpha: float | None = None
     depthwise_impl: str = "shift"
     dtype: Any = jnp.float32
+    adapter_hidden: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -358,6 +360,10 @@ class MBConvBlock(nn.Module):
                       kernel_init=nn.initializers.he_normal(), dtype=self.dtype,
                       name="project_conv")(x)
         x = _bn("bn2", self.dtype)(x)
+        if self.adapter_hidden:  # parallel adapter: block(x) + adapter(x), zero at init
+            a = inp[:, ::self.stride, ::self.stride] if self.stride > 1 else inp
+            x = x + Adapter(self.adapter_hidden, out_features=self.cout, dtype=self.dtype,
+                            name="adapter")(a)
         if self.stride == 1 and self.cin == self.cout:
             x = x + inp  # (no drop-connect: the backbone is frozen / LoRA-tuned)
         return x
@@ -375,6 +381,9 @@ class EfficientNetLite(nn.Module):
         and a ``'dropout'`` rng is given.
       dtype: computation dtype (params stay float32).
       depthwise_impl: "shift" (fast on CPU) or "xla" (grouped conv reference).
+      adapter_hidden: >0 adds a parallel bottleneck Adapter (:class:`cft_jax.peft.adapter.Adapter`,
+        up-projection zero-initialised) to every MBConv block: ``block(x) + adapter(x)`` with the
+        adapter's input subsampled by the block's stride (0: none).
 
     ``__call__(x, train=False, return_features=False)``: ``x`` float
     ``[B, H, W, 3]`` already normalised with ``(x - MEAN) / STD``; returns
@@ -389,6 +398,7 @@ class EfficientNetLite(nn.Module):
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
     depthwise_impl: str = "shift"
+    adapter_hidden: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False) -> jax.Array:
@@ -399,7 +409,7 @@ class EfficientNetLite(nn.Module):
             x = MBConvBlock(cfg["cin"], cfg["cout"], cfg["expand"], cfg["kernel"], cfg["stride"],
                             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                             depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                            name=f"block_{i}")(x)
+                            adapter_hidden=self.adapter_hidden, name=f"block_{i}")(x)
         x = LoRADense(HEAD_FEATURES, rank=self.lora_rank, alpha=self.lora_alpha, use_bias=False,
                       kernel_init=nn.initializers.he_normal(), dtype=self.dtype,
                       name="conv_top")(x)
@@ -515,6 +525,7 @@ def load_pretrained(
     *,
     lora_alpha: float | None = None,
     path: str | os.PathLike | None = None,
+    adapter_hidden: int = 0,
 ) -> dict[str, Any]:
     """ImageNet EfficientNet-Lite variables ``{'params', 'batch_stats'}`` for
     ``EfficientNetLite(variant, num_classes, lora_rank, lora_alpha)``.
@@ -543,7 +554,7 @@ def load_pretrained(
     state = load_torch_state_dict(path)
 
     model = EfficientNetLite(variant=variant, num_classes=num_classes, lora_rank=lora_rank,
-                             lora_alpha=lora_alpha)
+                             lora_alpha=lora_alpha, adapter_hidden=adapter_hidden)
     if rng is None:
         rng = jax.random.PRNGKey(0)
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
@@ -560,6 +571,19 @@ def load_pretrained(
         for k, chunk in zip(a_paths, np.split(u, np.cumsum(sizes)[:-1])):
             fan_in = leaves[k].shape[0]
             leaves[k] = (chunk.reshape(leaves[k].shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    if adapter_hidden > 0:
+        # Adapters (same laws as Adapter's init): down kernel U(+-1/sqrt(fan_in)), biases and
+        # the up-projection zero (the adapted model equals the pretrained one), scale 1.
+        rng_ad = jax.random.fold_in(rng, 1)
+        for i, k in enumerate(sorted(k for k in leaves if "adapter" in "/".join(k))):
+            if k[-2:] == ("adapter_down", "kernel"):
+                fan_in = leaves[k].shape[0]
+                leaves[k] = np.asarray(jax.random.uniform(
+                    jax.random.fold_in(rng_ad, i), leaves[k].shape, jnp.float32, -1.0, 1.0)
+                ) / np.sqrt(fan_in)
+            elif k[-1] == "adapter_scale":
+                leaves[k] = np.ones(leaves[k].shape, np.float32)
 
     keep_fc = num_classes == 1000
     mapping = _weight_map(variant, keep_fc)
@@ -586,7 +610,8 @@ def load_pretrained(
         leaves[fpath] = arr
         filled.add(fpath)
 
-    not_filled = [p for p in leaves if p not in filled and not any("lora" in s for s in p)
+    not_filled = [p for p in leaves if p not in filled
+                  and not any("lora" in s or "adapter" in s for s in p)
                   and not (p[:2] == ("params", "head") and not keep_fc)]
     if not_filled:
         raise ValueError(f"Flax leaves not filled from {path}: "
