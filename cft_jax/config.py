@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 5          # steps between log.jsonl records
   c.train.stop_after_task = 0    # >0: stop after this many tasks (resume later); 0: run all
   c.train.progress = True        # a progress bar per task
+  c.train.tensorboard = True     # TensorBoard event files in workdir/tensorboard
   c.train.plots = True           # write PNG plots into the workdir at the end
   c.train.verbose = True         # print the accuracy matrix after every task
 

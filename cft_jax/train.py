@@ -51,7 +51,8 @@ class ConfigMismatchError(ValueError):
 
 RESUME_KEYS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "optim", "train")
 # Keys that may change between a run and its resumption (they do not change what is computed).
-RESUME_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task")
+RESUME_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task",
+                  "train.plots", "train.tensorboard")
 
 
 def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -116,6 +117,17 @@ def _init_distributed(cfg: ml_collections.ConfigDict) -> None:
   kwargs = {k: cfg.get(k) for k in ("coordinator_address", "num_processes", "process_id")
             if cfg.get(k) not in (None, "", -1)}
   jax.distributed.initialize(**kwargs)
+
+
+def _tensorboard_writer(workdir: str):
+  """A TensorBoard event-file writer on ``workdir/tensorboard`` (tensorboardX: no TensorFlow);
+  None with a note if tensorboardX is not installed."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("[cft_jax] tensorboardX not installed: no TensorBoard events (pip install tensorboardX)")
+    return None
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
 def checkpoint_id(global_step: int, task_finished: bool) -> int:
@@ -267,7 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   if config.get("distributed") and config.distributed.get("coordinator_address"):
     _init_distributed(config.distributed)
   if overwrite and os.path.isdir(workdir):
-    for name in ("checkpoints", "metrics.json", "log.jsonl", "config.json"):
+    for name in ("checkpoints", "metrics.json", "log.jsonl", "config.json", "tensorboard"):
       path = os.path.join(workdir, name)
       if os.path.isdir(path):
         shutil.rmtree(path)
@@ -444,6 +456,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     with open(log_path, "w") as f:
       f.writelines(keep)
   log_every = max(1, config.train.get("log_every", 10))
+  tb = _tensorboard_writer(workdir) if config.train.get("tensorboard", True) else None
   every_steps = int(config.checkpoint.get("every_steps", 0) or 0)
   frozen_dev = dev.replicate(frozen)
   state = dev.replicate(state)
@@ -505,6 +518,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
               log_f.write(json.dumps({"task": t, "step": step_in_task, "epoch": epoch,
                                       "global_step": int(dev.first(state.step)), **last}) + "\n")
               log_f.flush()
+              if tb is not None:
+                gstep = int(dev.first(state.step))
+                for key, v in last.items():
+                  tb.add_scalar(f"train/{key}", v, gstep)
               if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
                                 H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
@@ -549,6 +566,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
               f"{np.mean(R_task[t, :t + 1]):.2f}%"
               + (f", {knn_k}-NN probe {knn_acc[-1]:.2f}%" if knn_k else ""))
+      if tb is not None:
+        gstep = int(dev.first(state.step))
+        tb.add_scalar("eval/class_il_avg_accuracy", float(np.mean(R[t, :t + 1])), gstep)
+        tb.add_scalar("eval/task_il_avg_accuracy", float(np.mean(R_task[t, :t + 1])), gstep)
+        for i in range(t + 1):
+          tb.add_scalar(f"eval/class_il_accuracy_task{i}", float(R[t, i]), gstep)
+        tb.flush()
       save(t, steps_per_task[t], finished=True)
       if stop_signal.requested:
         ckpt.close()
@@ -556,6 +580,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                                 f"saved. Re-run the same command to resume.")
 
   ckpt.close()
+  if tb is not None:
+    tb.close()
   state = dev.unreplicate(state)
   if stop_after < T and start_task < stop_after:
     if verbose:

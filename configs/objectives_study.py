@@ -14,7 +14,24 @@ steps of the current task), confidence penalty beta 0.1, label smoothing gamma 0
 entropy penalty beta 1; ``reinforce`` is the sampled (one action per image, no baseline)
 estimator of the EPG gradient.
 
-RESULTS
+Measured (``python studies/objectives_study.py --seeds 0 1 2``: 24 runs in one process, 1814 s =
+30 min wall on 2 shared Xeon CPU cores with load average 8-11 from other jobs, 37-99 s per run;
+32 px, 800 train / 500 test images per task, 1 epoch, batch 32, Adam 1e-3). Class-IL final / avg
+incremental / task-IL final accuracy (%), mean ± std over seeds 0, 1, 2
+(``docs/results/objectives_table.md``)::
+
+    ce                  22.8 ± 3.0   53.6 ± 5.8   83.7 ± 4.4
+    epg                 17.2 ± 4.1   43.2 ± 7.3   77.1 ± 3.7
+    aepg                24.8 ± 4.6   54.3 ± 1.4   78.9 ± 9.0
+    entropy_penalty     21.4 ± 3.3   53.1 ± 5.9   78.6 ± 5.7
+    confidence_penalty  24.3 ± 4.9   51.6 ± 4.9   78.6 ± 8.6
+    label_smoothing     18.4 ± 4.3   51.6 ± 5.0   76.5 ± 1.2
+    focal               19.1 ± 2.7   51.0 ± 3.4   81.1 ± 7.0
+    reinforce           13.3 ± 4.8   42.7 ± 6.2   61.1 ± 16.0
+
+Entropy moves as the paper says (EPG / entropy penalty / aEPG below CE, label smoothing /
+confidence penalty / focal above) but the accuracy ordering does not reproduce at this size: only
+aEPG beats CE (+2.0, within the seed std), EPG is 5.6 points below CE.
 """
 
 import importlib.util
@@ -58,7 +75,7 @@ def get_config(arg: str = "ce") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict({"name": name, **OBJECTIVE_SETTINGS[name]})
   # Size: 24 runs in ~30 min of 2 shared CPU cores.
   c.data.image_size = 32
-  c.data.train_limit = 600
+  c.data.train_limit = 800
   c.data.test_limit = 500
   c.train.epochs = 1
   c.train.log_every = 1          # every step: entropy curves and end-of-task entropy

@@ -133,6 +133,8 @@ def test_cli_on_image_folder(tmp_path):
     assert os.path.getsize(os.path.join(workdir, fn)) > 0, fn
   with open(os.path.join(workdir, "log.jsonl")) as f:
     rec = json.loads(f.readline())
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
   assert {"task", "step", "global_step", "loss", "entropy", "alpha"} <= set(rec)
   bad = subprocess.run(cmd + ["--config.optim.learnin_rate=1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
