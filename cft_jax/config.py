@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_limit = 1000       # max training images per task (0 / None: all)
   c.data.test_limit = 500         # max test images per task (0 / None: all)
   c.data.augment = "crop_flip"    # none | crop_flip | rrc_flip
+  c.data.rrc_scale = (0.05, 1.0)  # rrc_flip: area-fraction range of RandomResizedCrop
   c.data.val_fraction = 0.0       # held-out share of each task's training data (TPGM radii)
 
   c.model = ml_collections.ConfigDict()

@@ -58,3 +58,16 @@ def test_paper_config_smoke(peft, loss, method, image_root, tmp_path):
   R = np.array(m["accuracy_matrix"], float)
   assert R.shape == (2, 2) and np.all(np.isfinite(np.tril(R)))
   assert m["trainable_params"] < m["total_params"] / 2
+
+
+@pytest.mark.parametrize("name,arg", [("default", None), ("imagenet_r_vit", "lora,aepg"),
+                                      ("imagenet_r_vit", "prefix,ce,lae"),
+                                      ("objectives_study", "aepg"), ("robust_ft", "tpgm"),
+                                      ("robust_ft", "wise_ft"), ("dlcft_data_il", None),
+                                      ("dlcft_class_il", None)])
+def test_every_shipped_config_validates(name, arg):
+  from cft_jax.config import validate_config  # pylint: disable=g-import-not-at-top
+  c = load_config(name, arg)
+  if c.data.name == "image_folder":
+    c.data.root = "/some/folder"
+  validate_config(c)
