@@ -98,12 +98,16 @@ def test_buffer_fills_in_order_then_der_term_is_mse_to_stored_logits():
 
 
 class _Head(nn.Module):
-  """A linear model whose only layer is the K-FAC-visible ``head``."""
+  """A linear model whose only layer is the K-FAC-visible ``head`` (``shift``: features
+  ``x + s`` with a trainable, zero-initialised ``s``, a "backbone" without a K-FAC layer)."""
   num_classes: int = 2
+  shift: bool = False
 
   @nn.compact
   def __call__(self, x, train=False, return_features=False):
     del train
+    if self.shift:
+      x = x + self.param("enc_shift", nn.initializers.zeros, (x.shape[-1],))
     if return_features:
       return x
     return nn.Dense(self.num_classes, name="head")(x)
@@ -214,13 +218,13 @@ def test_dlcft_class_il_head_extension_is_exact(mode):
   rng = np.random.default_rng(1)
   x1 = rng.normal(size=(n, d)).astype(np.float32)
   y1 = rng.integers(0, 2, n).astype(np.int32)
-  module = _Head(c)
+  module = _Head(c, shift=True)  # the shift is never moved: its diagonal term stays 0
   params0 = module.init(jax.random.PRNGKey(0), x1)["params"]
   a = np.concatenate([x1, np.ones((n, 1))], 1).astype(np.float64)
   w = np.linalg.lstsq(a, alpha * np.eye(c)[y1][:, :2], rcond=None)[0]
   w = np.concatenate([w, rng.normal(size=(d + 1, 1))], 1)  # unit 2 is NOT at zero: anchor fixes it
   theta1 = {"head": {"kernel": jnp.asarray(w[:d], jnp.float32),
-                     "bias": jnp.asarray(w[d], jnp.float32)}}
+                     "bias": jnp.asarray(w[d], jnp.float32)}, "enc_shift": jnp.zeros(d)}
   dl = regularizers.DLCFT(curvature="kfac", fisher_type="exact")
   ctx = _ctx(module, params0, x1, y1, (0, 2), c)
   ctx.linearize = mode
@@ -228,9 +232,11 @@ def test_dlcft_class_il_head_extension_is_exact(mode):
   st = dl.end_task(0, theta1, dl.begin_task(0, params0, st, ctx), ctx)
   st = dl.begin_task(1, theta1, st, ctx)
   np.testing.assert_array_equal(st["anchor"]["head"]["kernel"][:, 2], 0.0)
-  theta = _unflat(jnp.asarray(rng.normal(size=d * c + c), jnp.float32), d, c)
+  assert set(st["diag"]) == {"enc_shift"}  # the non-K-FAC leaf gets the diagonal Fisher
+  theta = {**_unflat(jnp.asarray(rng.normal(size=d * c + c), jnp.float32), d, c),
+           "enc_shift": jnp.zeros(d)}
   opt = {"head": {"kernel": theta1["head"]["kernel"].at[:, 2].set(0.0),
-                  "bias": theta1["head"]["bias"].at[2].set(0.0)}}
+                  "bias": theta1["head"]["bias"].at[2].set(0.0)}, "enc_shift": jnp.zeros(d)}
 
   def loss(p):  # old task's MSE over all 3 outputs (target 0 for the unseen class)
     z = module.apply({"params": p}, x1)

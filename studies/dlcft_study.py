@@ -1,0 +1,296 @@
+"""DLCFT's comparison at this machine's scale: data-IL and class-IL on Split Fashion-MNIST.
+
+Runs, for every seed, in one Python process (SPEC §3; DLCFT paper Tables 1-2):
+
+* data-IL, 10 tasks (``configs/dlcft_data_il.py``): None (sequential), EWC, OSLA,
+  DLCFT (K-FAC), DLCFT (TK-FAC), Joint;
+* class-IL, 5 tasks x 2 classes, buffer 500 (``configs/dlcft_class_il.py``): ER, DER, DER++,
+  DLCFT (TK-FAC + replay, lambda = 1/2).
+
+and writes into ``--out``:
+
+* ``dlcft_data_il.md`` / ``dlcft_class_il.md``: mean ± std (over seeds, ddof 1) of the final
+  accuracy (and average incremental accuracy; forgetting and task-IL accuracy for class-IL), the
+  paper's numbers, and a plain statement of whether the paper's ordering reproduces;
+* ``dlcft_results.json``: the per-run numbers;
+* ``dlcft_data_il.png`` / ``dlcft_class_il.png``: accuracy after each task (mean ± std).
+
+Command (from the repository root)::
+
+    python studies/dlcft_study.py --seeds 0 1 2 --out docs/results --workdir-root runs/dlcft_study
+
+Runs are ordered seed by seed, so an interrupted study has balanced partial results; a finished
+run (``metrics.json`` with the same config) is read back without training, an unfinished one
+resumes (``train.run``). ``--report-only`` aggregates what is finished. The JAX persistent
+compilation cache (``<workdir-root>/jax_cache``) lets later runs reuse the executables of
+earlier ones (same model, different seed / task), which is most of a short run's time on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+DATA_IL = ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
+CLASS_IL = ("er", "der", "derpp", "dlcft")
+LABELS = {"none": "None (sequential)", "ewc": "EWC", "osla": "OSLA", "dlcft_kfac": "DLCFT K-FAC",
+          "dlcft_tkfac": "DLCFT TK-FAC", "joint": "Joint", "er": "ER", "der": "DER",
+          "derpp": "DER++", "dlcft": "DLCFT (TK-FAC + replay)", "lwf": "LwF", "mas": "MAS"}
+PAPER = {"data_il": {"none": 78.74, "lwf": 80.25, "ewc": 78.88, "mas": 75.24, "osla": 79.23,
+                     "dlcft_kfac": 81.95, "dlcft_tkfac": 82.70, "joint": 83.57},
+         "class_il": {"er": 43.52, "der": 58.07, "derpp": 53.29, "dlcft": 59.98}}
+ORDER = {"data_il": ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint"),
+         "class_il": ("er", "der", "dlcft")}
+CONFIGS = {"data_il": "dlcft_data_il.py", "class_il": "dlcft_class_il.py"}
+
+
+def load_config(setting: str, method: str, seed: int, args):
+  path = os.path.join(ROOT, "configs", CONFIGS[setting])
+  spec = importlib.util.spec_from_file_location(f"dlcft_study_{setting}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(method)
+  c.seed = seed
+  for key, val in (("train_limit", args.train_limit), ("test_limit", args.test_limit),
+                   ("image_size", args.image_size)):
+    if val is not None:
+      c.data[key] = val
+  if args.epochs is not None:
+    c.train.epochs = args.epochs
+  c.train.progress = False
+  c.train.verbose = False
+  c.train.plots = False
+  return c
+
+
+def run_one(config, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes / reads back) one run; returns its metrics."""
+  from cft_jax import train  # pylint: disable=g-import-not-at-top
+  metrics_path = os.path.join(workdir, "metrics.json")
+  cfg_path = os.path.join(workdir, "config.json")
+  if os.path.exists(metrics_path) and os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      if json.load(f) == json.loads(config.to_json()):
+        with open(metrics_path) as g:
+          return json.load(g)
+  return train.run(config, workdir)
+
+
+def _ms(xs):
+  xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], float)
+  if not len(xs):
+    return float("nan"), float("nan")
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def summarize(runs: List[Dict[str, Any]], setting: str) -> Dict[str, Dict[str, Any]]:
+  out = {}
+  for m in (DATA_IL if setting == "data_il" else CLASS_IL):
+    rs = [r for r in runs if r["setting"] == setting and r["method"] == m]
+    if not rs:
+      continue
+    curves = np.array([[np.nanmean(row[:t + 1]) for t, row in enumerate(r["accuracy_matrix"])]
+                       for r in rs], float)
+    out[m] = {"n": len(rs), "final": _ms([r["final_accuracy"] for r in rs]),
+              "avg_inc": _ms([r["avg_incremental_accuracy"] for r in rs]),
+              "forgetting": _ms([r["forgetting"] for r in rs]),
+              "task_il_final": _ms([r["task_il_final"] for r in rs]),
+              "curve_mean": curves.mean(0).tolist(),
+              "curve_std": (curves.std(0, ddof=1) if len(rs) > 1 else 0 * curves[0]).tolist(),
+              "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
+  return out
+
+
+def verdict(summary: Dict[str, Dict[str, Any]], setting: str) -> str:
+  """Whether the paper's ordering reproduces, pair by adjacent pair, with the gaps."""
+  order = [m for m in ORDER[setting] if m in summary]
+  if len(order) < 2:
+    return "Not enough finished runs to compare."
+  lines, holds = [], True
+  for a, b in zip(order, order[1:]):
+    (ma, sa), (mb, sb) = summary[a]["final"], summary[b]["final"]
+    n = min(summary[a]["n"], summary[b]["n"])
+    se = np.sqrt((sa ** 2 + sb ** 2) / max(n, 1))
+    gap = mb - ma
+    ok = gap > 0
+    holds &= ok
+    strength = ("clear" if abs(gap) > 2 * se else "within noise") if n > 1 else "one seed"
+    lines.append(f"- {LABELS[a]} < {LABELS[b]}: {'yes' if ok else 'NO'} "
+                 f"({gap:+.2f} points; {strength}, 2 x std err = {2 * se:.2f}); paper "
+                 f"{PAPER[setting][b] - PAPER[setting][a]:+.2f}")
+  ranked = sorted(order, key=lambda m: -summary[m]["final"][0])
+  head = ("The paper's ordering " + " < ".join(LABELS[m] for m in order) +
+          (" **reproduces** " if holds else " **does not fully reproduce** ") +
+          "on final accuracy (mean over seeds). Measured ranking, best first: " +
+          ", ".join(f"{LABELS[m]} {summary[m]['final'][0]:.2f}" for m in ranked) + ".")
+  return head + "\n\n" + "\n".join(lines)
+
+
+def write_md(summary, setting: str, path: str, setup: str, seeds, wall_min: float) -> str:
+  f = lambda t: f"{t[0]:.2f} ± {t[1]:.2f}"
+  if setting == "data_il":
+    title = "# DLCFT comparison: data-incremental Split Fashion-MNIST (10 tasks)"
+    cols = "| method | final acc (%) | avg incremental acc (%) | paper (Seq-CIFAR-100) | seeds |"
+    rows = [f"| {LABELS[m]} | {f(s['final'])} | {f(s['avg_inc'])} | {PAPER[setting][m]:.2f} | "
+            f"{s['n']} |" for m, s in summary.items()]
+  else:
+    title = "# DLCFT comparison: class-incremental Split Fashion-MNIST (5 x 2 classes, buffer 500)"
+    cols = ("| method | final class-IL acc (%) | forgetting (points) | avg incremental acc (%) "
+            "| final task-IL acc (%) | paper class-IL (Seq-CIFAR-100) | seeds |")
+    rows = [f"| {LABELS[m]} | {f(s['final'])} | {f(s['forgetting'])} | {f(s['avg_inc'])} | "
+            f"{f(s['task_il_final'])} | {PAPER[setting][m]:.2f} | {s['n']} |"
+            for m, s in summary.items()]
+  sep = "|" + "---|" * (cols.count("|") - 1)
+  text = "\n".join([title, "", setup, "",
+                    f"Seeds {list(seeds)}; mean ± sample std (ddof 1). Study wall time "
+                    f"{wall_min:.1f} min for both settings (2-core CPU shared with other jobs).",
+                    "", cols, sep, *rows, "", "## Does the paper's ordering reproduce?", "",
+                    verdict(summary, setting), "", NOTES[setting], ""])
+  with open(path, "w") as fh:
+    fh.write(text)
+  return text
+
+
+def write_plot(summary, setting: str, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for m, s in summary.items():
+    mu, sd = np.array(s["curve_mean"]), np.array(s["curve_std"])
+    x = np.arange(1, len(mu) + 1)
+    ax.plot(x, mu, marker="o", ms=3, label=LABELS[m])
+    ax.fill_between(x, mu - sd, mu + sd, alpha=0.15)
+  ax.set_xlabel("tasks learned")
+  ax.set_ylabel("accuracy on the tasks so far (%)" if setting == "class_il"
+                else "test accuracy (%)")
+  ax.set_title(f"DLCFT comparison, {setting.replace('_', '-')} (mean ± std over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+SETUP = {
+    "data_il": ("Setup: Fashion-MNIST training set split at random into 10 tasks of 300 images "
+                "(all classes in each task), one test set of 2000 images; pretrained "
+                "EfficientNet-Lite0 at 32 px, frozen, trainable linear head (linear probe); Adam "
+                "lr 1e-2, batch 32, 3 epochs per task. Baselines: CE. EWC (MC diagonal Fisher), "
+                "OSLA (K-FAC of CE) and DLCFT use `(1/t) L_data + ((t-1)/t) L_reg`, strength 1; "
+                "DLCFT trains the linearized model with MSE (alpha 15) over all outputs and a "
+                "K-FAC / TK-FAC penalty (MC Fisher, factors averaged (t-1):1). Joint trains task "
+                "t on tasks 0..t. Config: `configs/dlcft_data_il.py:<method>`."),
+    "class_il": ("Setup: Fashion-MNIST, 5 tasks x 2 classes (fixed class order), 400 training / "
+                 "1000 test images per task; same frozen Lite0 + linear head at 32 px, Adam lr "
+                 "1e-2, batch 32, 3 epochs per task; reservoir buffer of 500, 32 replayed "
+                 "examples per step. ER / DER (alpha 0.3) / DER++ (alpha 0.1, beta 0.5): CE over "
+                 "all outputs. DLCFT: linearized, MSE over all outputs, TK-FAC penalty with the "
+                 "head extension (eq. 13) and replay, `L_reg = 1/2 q + 1/2 E_M[MSE]` (eq. 14). "
+                 "Config: `configs/dlcft_class_il.py:<method>`."),
+}
+
+
+NOTES = {
+    "data_il": (
+        "Reading the numbers. (1) With a frozen backbone the only trainable layer is the head, a "
+        "single dense layer; for it K-FAC of the MSE loss is exact up to the MC noise of "
+        "`G = E[q q^T] ~ I`, and TK-FAC's scale `tr(F) / (tr A tr G)` is 1 up to that noise, so "
+        "the two DLCFT rows are practically the same model (equal to within 0.05 points here). The paper's K-FAC < "
+        "TK-FAC gap comes from the deep linearized network, which this setup does not train. "
+        "(2) Data-IL on Fashion-MNIST draws every task from the same distribution and a linear "
+        "probe on fixed features forgets little: sequential fine-tuning ends within about one "
+        "point of Joint, so the regularisers have little to recover and their gaps are of the "
+        "size of the seed-to-seed noise. (3) DLCFT's MSE head with eq. 11's `1/t` weighting "
+        "learns each new chunk more slowly than a CE head under the same Adam budget (3 epochs "
+        "per task); its final accuracy is below the CE rows, unlike the paper. Why no linearized "
+        "backbone: EfficientNet-Lite0's head is zero-initialised (whole-network linearization "
+        "then gives the backbone a zero tangent) and its `LoRADense` layers use a custom VJP "
+        "that JAX cannot differentiate reverse-over-forward (`custom_lin`), so a linearized, "
+        "fine-tuned Lite0 does not train in this code base yet."),
+    "class_il": (
+        "Reading the numbers. The backbone is frozen (linear probe, see the data-IL page), so "
+        "all methods differ only in how the head is trained. DLCFT's head extension (eq. 13) "
+        "plus its curvature penalty and half-weighted replay keep old classes best (lowest "
+        "forgetting). DER (logit matching only, no replayed labels) loses the old classes "
+        "fastest here; with a 500-sample buffer that holds a quarter of all training images, "
+        "plain ER is a strong baseline, so the paper's ER < DER step does not reproduce."),
+}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  p.add_argument("--settings", nargs="+", default=["data_il", "class_il"],
+                 choices=["data_il", "class_il"])
+  p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
+  p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "dlcft_study"))
+  p.add_argument("--train-limit", type=int, default=None)
+  p.add_argument("--test-limit", type=int, default=None)
+  p.add_argument("--image-size", type=int, default=None)
+  p.add_argument("--epochs", type=int, default=None)
+  p.add_argument("--report-only", action="store_true")
+  p.add_argument("--no-compile-cache", action="store_true")
+  args = p.parse_args(argv)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  if not args.no_compile_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir_root, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  os.makedirs(args.out, exist_ok=True)
+  plan = [(s, setting, m) for s in args.seeds for setting in args.settings
+          for m in (DATA_IL if setting == "data_il" else CLASS_IL)]
+  t0 = time.time()
+  runs = []
+  for i, (seed, setting, m) in enumerate(plan):
+    wd = os.path.join(args.workdir_root, setting, m, f"seed{seed}")
+    config = load_config(setting, m, seed, args)
+    if args.report_only and not os.path.exists(os.path.join(wd, "metrics.json")):
+      continue
+    t1 = time.time()
+    if args.report_only:  # read back as is (library defaults may have gained keys since)
+      with open(os.path.join(wd, "metrics.json")) as f:
+        res = json.load(f)
+    else:
+      res = run_one(config, wd)
+    runs.append({"setting": setting, "method": m, "seed": seed,
+                 "final_accuracy": res["final_accuracy"],
+                 "avg_incremental_accuracy": res["avg_incremental_accuracy"],
+                 "forgetting": res["forgetting"], "task_il_final": res["task_il"]["final_accuracy"],
+                 "accuracy_matrix": res["accuracy_matrix"], "wall_s": res.get("wall_time_s", 0.0)})
+    print(f"[{i + 1}/{len(plan)}] {setting} {LABELS[m]} seed {seed}: final "
+          f"{res['final_accuracy']:.2f}% forgetting {res['forgetting']:.2f} "
+          f"({time.time() - t1:.0f} s; elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
+  wall_min = (time.time() - t0) / 60
+  if args.report_only:  # nothing trained now: the last full study's wall time if recorded
+    prev = os.path.join(args.out, "dlcft_results.json")
+    wall_min = sum(r["wall_s"] for r in runs) / 60
+    if os.path.exists(prev):
+      with open(prev) as f:
+        wall_min = json.load(f).get("wall_time_min", wall_min)
+  with open(os.path.join(args.out, "dlcft_results.json"), "w") as f:
+    json.dump({"runs": runs, "wall_time_min": wall_min}, f, indent=1)
+  for setting in args.settings:
+    summary = summarize(runs, setting)
+    if not summary:
+      continue
+    print(write_md(summary, setting, os.path.join(args.out, f"dlcft_{setting}.md"),
+                   SETUP[setting], args.seeds, wall_min))
+    write_plot(summary, setting, os.path.join(args.out, f"dlcft_{setting}.png"))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
