@@ -32,22 +32,13 @@ NOT reproduce at this scale (little forgetting to prevent; with only the head tr
 TK-FAC coincide). Details: ``docs/results/dlcft_data_il.md``.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
+from cft_jax.config import base_config
+
 METHODS = ("none", "lwf", "ewc", "mas", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
 
-
-def _load_default():
-  """Imports ``configs/default.py`` by path (config files are loaded by path, not as a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "cft_jax_default_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
@@ -84,7 +75,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
 
 def get_config(arg: str = "dlcft_tkfac") -> ml_collections.ConfigDict:
   """``arg``: one of :data:`METHODS`."""
-  c = _load_default().get_config()
+  c = base_config()
   c.scenario.type = "data_il"
   c.scenario.num_tasks = 10
   c.scenario.seed = 1993

@@ -34,20 +34,11 @@ Not run on this project's CPU machines (no ImageNet-R or augreg weights offline)
 every combination with a tiny ViT on a few synthetic images.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
+from cft_jax.config import base_config
 
-def _load_default():
-  """Imports ``configs/default.py`` by path (config files are loaded by path, not as a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "cft_jax_default_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 PEFTS = ("lora", "adapter", "prefix")
@@ -67,7 +58,7 @@ def get_config(arg: str = "lora,aepg") -> ml_collections.ConfigDict:
   if peft not in PEFTS or loss not in LOSSES or method not in METHODS:
     raise ValueError(f"config argument '{arg}': expected peft in {PEFTS}, loss in {LOSSES}, "
                      f"method in {METHODS}, e.g. configs/imagenet_r_vit.py:lora,aepg,lae")
-  c = _load_default().get_config()
+  c = base_config()
   c.scenario.num_tasks = 10
   c.scenario.seed = 1993
   c.data.name = "image_folder"

@@ -34,10 +34,10 @@ confidence penalty / focal above) but the accuracy ordering does not reproduce a
 aEPG beats CE (+2.0, within the seed std), EPG is 5.6 points below CE.
 """
 
-import importlib.util
-import os
 
 import ml_collections
+
+from cft_jax.config import base_config
 
 # objective -> its loss hyper-parameters (besides ``name``).
 OBJECTIVE_SETTINGS = {
@@ -52,15 +52,6 @@ OBJECTIVE_SETTINGS = {
 }
 
 
-def _load_default():
-  """Imports ``configs/default.py`` by path (config files are loaded by path, not as a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "cft_jax_default_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
 
 def get_config(arg: str = "ce") -> ml_collections.ConfigDict:
   """The default config with ``loss`` set to objective ``arg`` and a 2-core-CPU budget.
@@ -71,7 +62,7 @@ def get_config(arg: str = "ce") -> ml_collections.ConfigDict:
   name = (arg or "ce").strip()
   if name not in OBJECTIVE_SETTINGS:
     raise ValueError(f"unknown objective {name!r}; expected one of {sorted(OBJECTIVE_SETTINGS)}")
-  c = _load_default().get_config()
+  c = base_config()
   c.loss = ml_collections.ConfigDict({"name": name, **OBJECTIVE_SETTINGS[name]})
   # Size: 24 runs in ~30 min of 2 shared CPU cores.
   c.data.image_size = 32

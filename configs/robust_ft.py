@@ -50,32 +50,14 @@ CLIP ResNet-50 an OOD average of FT 33.17 vs TPGM 39.02: TPGM keeps more of the 
 model's robustness at similar in-distribution accuracy.
 """
 
-import importlib.util
-import os
 
 import ml_collections
+
+from cft_jax.config import base_config
 
 METHODS = ("ft", "l2sp", "wise_ft", "tpgm", "ftp")
 OOD_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "pixelate", "jpeg_compression")
 
-
-_DEFAULT = None
-
-
-def _load_default():
-  """Imports ``configs/default.py`` by path (config files are loaded by path, not as a package).
-
-  Loaded once per process, so every config of a study shares the same defaults."""
-  global _DEFAULT
-  if _DEFAULT is not None:
-    return _DEFAULT
-  spec = importlib.util.spec_from_file_location(
-      "cft_jax_default_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  _DEFAULT = module
-  return module
 
 
 def get_config(arg: str = "ft") -> ml_collections.ConfigDict:
@@ -87,7 +69,7 @@ def get_config(arg: str = "ft") -> ml_collections.ConfigDict:
   name = (arg or "ft").strip()
   if name not in METHODS:
     raise ValueError(f"unknown robust fine-tuning method {name!r}; expected one of {METHODS}")
-  c = _load_default().get_config()
+  c = base_config()
   # One task with every class: plain (non-continual) fine-tuning.
   c.scenario.num_tasks = 1
   c.data.image_size = 32
