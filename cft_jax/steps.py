@@ -232,6 +232,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
 
   step.num_traces = lambda: counted.num_traces
   step.pmapped = bool(axis_name)
+  step.lower = compiled.lower  # ahead-of-time lowering: memory_analysis(), HLO text, cost
   return step
 
 
