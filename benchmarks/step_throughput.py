@@ -157,11 +157,11 @@ class TorchCase:
     self.torch = torch
     variables = jcase.built.variables
     if spec["model"].startswith("efficientnet"):
-      from cft_jax.models.efficientnet_lite import block_config  # pylint: disable=g-import-not-at-top
+      from cft_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
       # channels_last: PyTorch's faster CPU layout for this network (~1.4x over NCHW here)
       p = {k: (v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v)
            for k, v in tr.effnet_params_from_flax(variables).items()}
-      blocks = block_config("lite0")
+      blocks = efficientnet_lite.block_config("lite0")
       fwd = lambda params, x, **kw: tr.effnet_forward(params, x, blocks, **kw)
       self.memory_format = torch.channels_last
     else:
@@ -274,13 +274,14 @@ def main() -> None:
   threads = os.cpu_count() or 1
   torch.set_num_threads(threads)
   cases = args.cases.split(",")
+  load_before = os.getloadavg()
   print(f"machine: {platform.processor() or platform.machine()}, {threads} cores, "
         f"python {platform.python_version()}, jax {jax.__version__} "
         f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"batch {args.batch}, float32, {args.repeats} alternating rounds of {args.steps} steps "
         f"after {args.warmup} warm-up steps; load average before: "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        f"{' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
 
   cands, info = {}, {}
   for case in cases:
@@ -298,8 +299,9 @@ def main() -> None:
     for name in [n for n in cands if n.endswith(case) or n == f"torch_{case}_math"]:
       for _ in range(args.warmup):
         cands[name]()
-    print(f"  {case}: built + compiled + warmed up in {time.perf_counter() - t:.0f} s; "
-          f"features: max |torch - jax| / max |jax| = {info[case]['diff']:.1e}"
+    check = ("JAX only" if case in JAX_ONLY else
+             f"features: max |torch - jax| / max |jax| = {info[case]['diff']:.1e}")
+    print(f"  {case}: built + compiled + warmed up in {time.perf_counter() - t:.0f} s; {check}"
           + (" (Lite0: ImageNet weights)" if jc.pretrained else ""), flush=True)
 
   times = {n: [] for n in cands}
@@ -344,7 +346,7 @@ def main() -> None:
     print(f"{'(torch vit_full, math attention)':34} {ips['torch_vit_full_math']:11.1f}")
 
   summary = {"batch": args.batch, "threads": threads, "repeats": args.repeats,
-             "load_before_after": [round(os.getloadavg()[0], 2), round(load_after[0], 2)],
+             "load_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
              "img_per_s": {n: round(v, 1) for n, v in ips.items()}}
   if "effnet_lora" in cases:
     summary["jax_over_torch_effnet"] = round(ips["jax_effnet_lora"] / ips["torch_effnet_lora"], 3)

@@ -152,7 +152,8 @@ def train_linear_probe_on_features(
     seed: Optional[Sequence[int]] = (0, 0), loss_fn: Optional[Callable] = None,
     opt_state: Optional[PyTree] = None, rng: Optional[jax.Array] = None,
     step_offset: int = 0, total_steps: Optional[int] = None, loss_scope: str = "local",
-    head_step: Optional[Callable] = None, first_epoch: int = 0) -> Tuple[Dict[str, Any], PyTree, Dict[str, float]]:
+    head_step: Optional[Callable] = None, first_epoch: int = 0
+) -> Tuple[Dict[str, Any], PyTree, Dict[str, float]]:
   """Trains the head on cached features, with ``train.run``'s batches and step rngs.
 
   Args:
@@ -209,8 +210,9 @@ def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   if normalize:
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
   labels = np.asarray(labels)
-  sums = np.zeros((num_classes, f.shape[1]), np.float64)
-  np.add.at(sums, labels, f)
+  onehot = np.zeros((len(labels), num_classes), np.float64)
+  onehot[np.arange(len(labels)), labels] = 1.0
+  sums = onehot.T @ f.astype(np.float64)
   counts = np.bincount(labels, minlength=num_classes)
   means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
   return means, counts
