@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "host:port" of process 0 ("" : single host)
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
-  c.model.linearize = False       # DLCFT: train the jvp-linearized network
+  c.model.linearize = "none"      # DLCFT: none | full (whole network) | features (eqs. 6-7)
   c.loss.scope = "local"          # local: current task's classes (aEPG paper) | all: every output
   c.optim.momentum = 0.9          # sgd
   return c
@@ -125,6 +125,7 @@ _CHOICES = {
     "method.projection": ("", "none", "tpgm", "ftp", "l2sp"),
     "method.projection_norm": ("", "l2", "mars"),
     "peft.adapter_position": ("attn", "mlp"),
+    "model.linearize": ("none", "full", "features"),
 }
 _POSITIVE = ("scenario.num_tasks", "data.image_size", "train.epochs", "train.batch_size",
              "eval.batch_size", "optim.learning_rate", "train.log_every")

@@ -38,7 +38,7 @@ program as constants.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,31 @@ from cft_jax.models.bn_fold import fold_batchnorm, fold_batchnorm_module  # re-e
 PyTree = Any
 ApplyFn = Callable[..., Any]
 
-__all__ = ["linearize", "linearized_apply", "linearize_features", "linearized_features_apply",
+__all__ = ["LINEARIZE_MODES", "linearize_mode", "linearize", "linearized_apply", "linearize_features", "linearized_features_apply",
            "module_apply_fn", "split_head", "fold_batchnorm", "fold_batchnorm_module"]
+
+
+LINEARIZE_MODES = ("none", "full", "features")
+
+
+def linearize_mode(value: Any) -> Optional[str]:
+  """Normalises ``config.model.linearize`` to ``None``, ``"full"`` or ``"features"``.
+
+  ``"none"`` / ``""`` / ``False`` / ``None``: the network itself; ``"full"`` / ``True``: the whole
+  network (head included) linearized around ``theta_0`` (:func:`linearized_apply`);
+  ``"features"``: DLCFT's eqs. 6-7, a linearized feature extractor under an ordinary linear head
+  (:func:`linearized_features_apply`).
+
+  Raises:
+    ValueError: any other value (the message lists the accepted ones).
+  """
+  if value is None or value is False or value in ("", "none"):
+    return None
+  if value is True or value == "full":
+    return "full"
+  if value == "features":
+    return "features"
+  raise ValueError(f"model.linearize={value!r}; choose one of {list(LINEARIZE_MODES)}")
 
 
 def _delta(params: PyTree, params0: PyTree) -> PyTree:

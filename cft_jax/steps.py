@@ -71,26 +71,37 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   return tx
 
 
-def make_forward(apply_fn: Callable, linearized: bool = False) -> Callable:
+def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
   """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
 
   ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
   collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
-  the expansion point of the trainable leaves (``frozen['params0']``). The linearized model is
-  ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` computed with one ``jax.jvp`` in eval mode
-  (DLCFT, SPEC §3; :func:`cft_jax.linearize.linearized_apply`).
+  the expansion point of the trainable leaves (``frozen['params0']``). ``linearized`` (see
+  :func:`cft_jax.linearize.linearize_mode`): ``None``/``False`` the network itself;
+  ``"full"``/``True`` ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` with one ``jax.jvp``
+  in eval mode; ``"features"`` DLCFT's eqs. 6-7, ``g_lin(x; psi) W + b``: the trainable backbone
+  leaves enter through the jvp of the pooled features (``apply_fn(..., return_features=True)``)
+  and the top-level ``head`` (``kernel [D, C]``, ``bias [C]``) is an ordinary linear layer
+  (SPEC §3; :mod:`cft_jax.linearize`).
+
+  Raises:
+    ValueError: unknown ``linearized`` mode.
   """
+  from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
+  mode = lin.linearize_mode(linearized)
 
   def forward(params, frozen, x, train=False, rng=None):
-    def f(p):
+    def f(p, **kw):
       variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
-      if train and not linearized and rng is not None:
-        return apply_fn(variables, x, train=True, rngs={"dropout": rng})
-      return apply_fn(variables, x, train=False)
+      if train and mode is None and rng is not None:
+        return apply_fn(variables, x, train=True, rngs={"dropout": rng}, **kw)
+      return apply_fn(variables, x, train=False, **kw)
 
-    if linearized:
-      from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
-      return linearized_apply(f, frozen["params0"], params)
+    if mode == "full":
+      return lin.linearized_apply(f, frozen["params0"], params)
+    if mode == "features":
+      return lin.linearized_features_apply(lambda p: f(p, return_features=True),
+                                           frozen["params0"], params)
     return f(params)
 
   return forward
@@ -110,7 +121,7 @@ class _TraceCounter:
 
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
-                    method: Optional[methods_lib.Method] = None, *, linearized: bool = False,
+                    method: Optional[methods_lib.Method] = None, *, linearized: Any = None,
                     loss_scope: str = "local", l2sp_alpha: float = 0.0,
                     needs_val_batch: bool = False, axis_name: Optional[str] = None) -> Callable:
   """Builds the jitted (or, with ``axis_name``, pmapped) train step.
@@ -238,7 +249,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
 
 def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
                    num_classes: int, method: Optional[methods_lib.Method] = None, *,
-                   linearized: bool = False, axis_name: Optional[str] = None) -> Callable:
+                   linearized: Any = None, axis_name: Optional[str] = None) -> Callable:
   """Builds the jitted (or pmapped) evaluation step.
 
   ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
@@ -281,7 +292,7 @@ PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
 
 def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, anchor: PyTree,
                              apply_fn: Callable, classes_per_task: int,
-                             linearized: bool = False,
+                             linearized: Any = None,
                              axis_name: Optional[str] = None) -> Tuple[Any, bool]:
   """Wraps ``tx`` with ``method.projection`` (SPEC §4), anchored at the pretrained ``anchor``.
 

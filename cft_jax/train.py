@@ -36,6 +36,7 @@ from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.config import ConfigError, validate_config
 from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
+from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
 from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
                            make_optimizer, make_projected_optimizer, make_train_step,
@@ -343,7 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   variables = dict(built.variables)
   params0, frozen_params = peft.split_params(variables.pop("params"), peft_name)
   frozen = {"params": frozen_params, "collections": variables}
-  linearized = bool(config.model.get("linearize", False))
+  linearized = linearize_mode(config.model.get("linearize", "none"))  # None | full | features
   if linearized:
     frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
   preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
@@ -384,15 +385,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         forward=lambda p, x: forward(p, frozen, x), preprocess=preprocess,
         batches=None if t is None else functools.partial(
             batches, ds.train_images, train_labels, train_idx[t], bs),
-        loss_name=config.loss.name)
-    # Used by the curvature methods (cft_jax.methods.regularizers); candidates for TaskContext
-    # fields: the un-linearized apply, theta_0, the linearization mode and the loss scope.
-    ctx.apply, ctx.params0 = apply_eval, frozen.get("params0")
-    ctx.linearize = "full" if linearized else None
-    ctx.loss_scope = config.loss.get("scope", "local")
+        loss_name=config.loss.name, apply=apply_eval, params0=frozen.get("params0"),
+        linearize=linearized, loss_scope=config.loss.get("scope", "local"))
     return ctx
   knn_k = int(config.eval.get("knn_k", 0) or 0)
-  feature_fn = (jax.jit(knn_lib.make_feature_fn(built.module.apply, "full" if linearized else None))
+  feature_fn = (jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
                 if knn_k else None)
   knn_acc: List[float] = []
   steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]

@@ -51,7 +51,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     raise ValueError(f"unknown method '{method}'; choose one of {METHODS}")
   name = {"none": "sequential", "dlcft_kfac": "dlcft", "dlcft_tkfac": "dlcft"}.get(method, method)
   c.method = ml_collections.ConfigDict({"name": name})
-  c.model.linearize = False
+  c.model.linearize = "none"
   c.loss.name = "ce"
   c.loss.scope = "local"
   if name in ("ewc", "mas", "osla", "dlcft"):
@@ -66,7 +66,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.method.curvature = "kfac"
   if name == "dlcft":
     c.method.curvature = "kfac" if method == "dlcft_kfac" else "tkfac"
-    c.model.linearize = True
+    c.model.linearize = "full"
     c.loss.name = "mse"
     c.loss.alpha = 15.0
     c.loss.scope = "all"

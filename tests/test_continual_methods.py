@@ -348,9 +348,14 @@ def _tiny(method, **overrides):
 RUNS = {
     "ewc": {}, "mas": {"scenario.type": "task_il", "method.exclude_head": True}, "lwf": {},
     "osla": {}, "er": {}, "der": {}, "derpp": {}, "joint": {"scenario.type": "data_il"},
-    # the linearized linear probe: LoRADense layers cannot be linearized (custom_vjp)
-    "dlcft": {"peft.name": "linear_probe", "model.linearize": True, "loss.name": "mse",
+    # the linearized linear probe (whole network linearized: only the head trains)
+    "dlcft": {"peft.name": "linear_probe", "model.linearize": "full", "loss.name": "mse",
               "loss.scope": "all", "eval.knn_k": 3},
+    # DLCFT eqs. 6-7: the whole tiny CNN trains, its feature extractor linearized (K-FAC on the
+    # convs, the rank-0 LoRADense layers and the head)
+    "dlcft_features": {"method.name": "dlcft", "peft.name": "full",
+                       "model.linearize": "features", "loss.name": "mse", "loss.scope": "all",
+                       "eval.knn_k": 3},
 }
 
 
@@ -364,8 +369,8 @@ def test_every_method_runs_end_to_end(method, tmp_path):
     log = [json.loads(l) for l in f]
   steps = [max(r["step"] for r in log if r["task"] == t) for t in range(2)]
   assert steps == ([2, 4] if method == "joint" else [2, 2]), steps  # joint: cumulative data
-  if method == "dlcft":
+  if method.startswith("dlcft"):
     assert len(res["knn_accuracy"]) == 2 and all(0 <= a <= 100 for a in res["knn_accuracy"])
-  if method in ("ewc", "osla", "lwf", "dlcft"):  # loss = 1/2 L_data + active regulariser
+  if method in ("ewc", "osla", "lwf", "dlcft", "dlcft_features"):  # loss = 1/2 L_data + active regulariser
     last = [r for r in log if r["task"] == 1][-1]
     assert last["loss"] != 0.5 * last["data_loss"], last

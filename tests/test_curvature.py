@@ -393,3 +393,42 @@ def test_average_factors():
   np.testing.assert_allclose(avg.fisher_trace, 4.0)
   with pytest.raises(ValueError):
     cv.average_factors(old, new, 0)
+
+
+def test_kfac_treats_rank0_lora_dense_as_a_1x1_conv():
+  """EfficientNet-Lite's 1x1 convs are rank-0 ``LoRADense`` layers: their K-FAC factors (and
+  TK-FAC trace) equal those of the same ``nn.Conv`` 1x1 layer; with LoRA on (rank > 0) the layer
+  is left to the diagonal fallback."""
+  from cft_jax.peft.lora import LoRADense
+
+  def net(layer):
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = nn.tanh(layer(name="pw")(x))
+        return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+    return Net()
+
+  x = _normal((4, 3, 3, 5))
+  y = jnp.array([0, 2, 1, 1])
+  lora_net = net(lambda name: LoRADense(6, rank=0, name=name))
+  conv_net = net(lambda name: nn.Conv(6, (1, 1), name=name))
+  params = lora_net.init(KEY, x)["params"]
+  conv_params = {"pw": {"kernel": params["pw"]["kernel"][None, None], "bias": params["pw"]["bias"]},
+                 "head": params["head"]}
+  np.testing.assert_allclose(conv_net.apply({"params": conv_params}, x),
+                             lora_net.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+  f_lora = cv.kfac_factors(lambda p, xx: lora_net.apply({"params": p}, xx), params, [(x, y)],
+                           loss="ce", fisher_type="empirical")
+  f_conv = cv.kfac_factors(lambda p, xx: conv_net.apply({"params": p}, xx), conv_params,
+                           [(x, y)], loss="ce", fisher_type="empirical")
+  assert set(f_lora) == {("pw",), ("head",)}
+  for a, b in zip(f_lora[("pw",)], f_conv[("pw",)]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  exact = _exact_layer_traces(_ce, lambda p, xx: lora_net.apply({"params": p}, xx), params, x, y)
+  np.testing.assert_allclose(f_lora[("pw",)].fisher_trace, exact["pw"], rtol=1e-4)
+  with_lora = net(lambda name: LoRADense(6, rank=2, name=name))
+  p2 = with_lora.init(KEY, x)["params"]
+  f2 = cv.kfac_factors(lambda p, xx: with_lora.apply({"params": p}, xx), p2, [(x, y)],
+                       loss="ce", fisher_type="empirical")
+  assert set(f2) == {("head",)}

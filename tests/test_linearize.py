@@ -147,6 +147,47 @@ def test_linearize_features_dlcft_head():
     lin.split_head({"fc": {}})
 
 
+def test_trainer_forward_features_mode_is_dlcft_eqs_6_7():
+  """``steps.make_forward(apply, "features")`` with the trainer's split (a frozen layer, trainable
+  backbone + head): equals the model at ``theta_0``; exactly linear in the backbone for a fixed
+  head; the head is an ordinary linear layer; the backbone gets a gradient once W != 0; first
+  order agrees with the network."""
+  from cft_jax import peft
+  from cft_jax.steps import make_forward
+
+  model = SmoothMLP()
+  x = _normal((4, 3))
+  full = model.init(KEY, x)["params"]
+  p0 = {"fc2": full["fc2"], "head": full["head"]}
+  frozen = {"params": {"fc1": full["fc1"]}, "collections": {}, "params0": p0}
+  apply_fn = lambda variables, xx, train=False, **kw: model.apply(variables, xx, **kw)
+  fwd = make_forward(apply_fn, "features")
+  np.testing.assert_allclose(fwd(p0, frozen, x), model.apply({"params": full}, x),
+                             rtol=1e-5, atol=1e-6)
+  d = _random_like(p0, 3)
+  d_backbone = dict(d, head=jax.tree_util.tree_map(jnp.zeros_like, d["head"]))
+  f = lambda a: fwd(_axpy(a, d_backbone, p0), frozen, x) - fwd(p0, frozen, x)
+  np.testing.assert_allclose(f(2.0), 2.0 * f(1.0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(f(-0.5), -0.5 * f(1.0), rtol=1e-4, atol=1e-5)
+  eps = 1e-3  # first order: the network's own change
+  net = lambda a: model.apply({"params": peft.merge_params(_axpy(a, d_backbone, p0),
+                                                           frozen["params"])}, x)
+  np.testing.assert_allclose(f(eps), net(eps) - net(0.0), rtol=5e-2, atol=2e-6)
+  head = {"kernel": 0.3 * d["head"]["kernel"], "bias": d["head"]["bias"]}
+  z = model.apply({"params": full}, x, return_features=True)
+  np.testing.assert_allclose(fwd(dict(p0, head=head), frozen, x),
+                             z @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+  zero_head = dict(p0, head=jax.tree_util.tree_map(jnp.zeros_like, p0["head"]))
+  g = jax.grad(lambda p: jnp.sum(fwd(p, frozen, x) ** 2 + fwd(p, frozen, x)))(zero_head)
+  assert float(jnp.abs(g["fc2"]["kernel"]).max()) == 0.0  # W = 0: no backbone tangent
+  assert float(jnp.abs(g["head"]["kernel"]).max()) > 0.0
+  g = jax.grad(lambda p: jnp.sum(fwd(p, frozen, x)))(p0)
+  assert float(jnp.abs(g["fc2"]["kernel"]).max()) > 0.0
+  with pytest.raises(ValueError, match="model.linearize"):
+    make_forward(apply_fn, "jacobian")
+  assert lin.linearize_mode(True) == "full" and lin.linearize_mode("none") is None
+
+
 def test_linearize_rejects_mismatched_trees():
   apply_lin = lin.linearize(lambda p, x: p["w"] * x, {"w": jnp.ones(())})
   with pytest.raises(ValueError, match="same tree structure"):

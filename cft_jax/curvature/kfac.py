@@ -66,6 +66,7 @@ from flax.linen import linear as flax_linear
 
 from cft_jax.curvature.fisher import _check, _float, iterate_batches, output_cotangents
 from cft_jax.linearize import linearized_apply, split_head
+from cft_jax.peft.lora import LoRADense
 
 PyTree = Any
 Array = jax.Array
@@ -99,9 +100,17 @@ class _LayerInfo(NamedTuple):
 
 
 def default_layer_filter(module: nn.Module) -> bool:
-  """``nn.Dense`` and ungrouped ``nn.Conv`` (depthwise/grouped convs have no K-FAC form here)."""
+  """``nn.Dense``, ungrouped ``nn.Conv`` and rank-0 :class:`~cft_jax.peft.lora.LoRADense`.
+
+  A rank-0 ``LoRADense`` (EfficientNet-Lite's 1x1 convs when LoRA is off) is a dense layer on the
+  last axis with ``kernel [in, out]``; with ``rank > 0`` its trainable leaves are the LoRA
+  factors, which have no Kronecker form here (the diagonal fallback covers them). Depthwise and
+  grouped convs have no K-FAC form here either.
+  """
   if isinstance(module, nn.Dense):
     return True
+  if isinstance(module, LoRADense):
+    return module.rank <= 0
   if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
     return module.feature_group_count == 1 and module.padding not in ("CIRCULAR", "CAUSAL")
   return False
@@ -116,7 +125,7 @@ def _tuple(v, n: int) -> Tuple[int, ...]:
 
 
 def _layer_info(module: nn.Module, x: Array) -> _LayerInfo:
-  if isinstance(module, nn.Dense):
+  if isinstance(module, (nn.Dense, LoRADense)):
     return _LayerInfo("dense", bool(module.use_bias))
   n = x.ndim - 2
   ks = _tuple(module.kernel_size, n)

@@ -17,7 +17,7 @@ checkpoint. The lifecycle, as in mammoth / LAMDA-PILOT:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -39,6 +39,13 @@ class TaskContext:
     preprocess: uint8 -> normalised float images (``preprocess(images, rng, train)``).
     batches: ``batches()`` iterates the task's training data as ``(images uint8, labels, mask)``.
     loss_name: ``config.loss.name`` (curvature estimators choose CE or MSE Fisher from it).
+    apply: ``apply(params, x, **kw) -> logits [B, C]`` (or ``[B, D]`` features with
+      ``return_features=True``): the NON-linearized model in eval mode with the frozen leaves
+      merged (K-FAC layer taps, feature extraction).
+    params0: ``theta_0``, the expansion point of a linearized run (trainable leaves; None when
+      the run is not linearized).
+    linearize: ``None``, ``"full"`` or ``"features"`` (:func:`cft_jax.linearize.linearize_mode`).
+    loss_scope: ``"local"`` (the task's ``k`` logits) or ``"all"`` (all ``C`` outputs).
   """
 
   task_id: Any = None
@@ -50,6 +57,10 @@ class TaskContext:
   preprocess: Any = None
   batches: Any = None
   loss_name: str = "ce"
+  apply: Any = None
+  params0: Any = None
+  linearize: Optional[str] = None
+  loss_scope: str = "local"
 
 
 @dataclasses.dataclass(frozen=True)
