@@ -11,6 +11,10 @@ Cases (same weights, shapes, batch, float32, thread count in both frameworks):
   step, PyTorch ``torch.func.jvp`` (PyTorch's fused CPU attention has no forward-mode rule, so
   its linearized model uses the explicit-softmax attention; ``torch_vit_full_math`` times that
   attention in the plain step too).
+- ``effnet_full`` / ``effnet_full_linearized``: Lite0 at 96 px, full fine-tuning (BN frozen),
+  plain and whole-network linearized (``jax.jvp`` / ``torch.func.jvp``); ``effnet_full_features``
+  (JAX only): DLCFT's eqs. 6-7, the linearized feature extractor under a linear head
+  (``model.linearize=features``), what ``configs/dlcft_*.py`` train.
 - ``vit_lora_remat`` (JAX only): ``vit_lora`` with ``VisionTransformer(remat=True)`` (every
   block recomputed in the backward pass): the memory/speed trade-off for PEFT.
 
@@ -68,20 +72,27 @@ from cft_jax.data import Preprocess  # noqa: E402
 from cft_jax.models import build_model  # noqa: E402
 from cft_jax.steps import TrainState, make_train_step  # noqa: E402
 
-CASES = ("effnet_lora", "vit_full", "vit_lora", "vit_full_linearized", "vit_lora_remat")
-JAX_ONLY = ("vit_lora_remat",)
+CASES = ("effnet_lora", "vit_full", "vit_lora", "vit_full_linearized", "vit_lora_remat",
+         "effnet_full", "effnet_full_linearized", "effnet_full_features")
+JAX_ONLY = ("vit_lora_remat", "effnet_full_features")
 NUM_CLASSES, K = 100, 10  # a 10-task split of 100 classes: the loss sees the task's 10
 
 
 def case_spec(case: str) -> dict:
   if case == "effnet_lora":
     return dict(model="efficientnet_lite0", size=96, peft="lora", linearized=False)
+  if case == "effnet_full":
+    return dict(model="efficientnet_lite0", size=96, peft="full", linearized=False)
+  if case == "effnet_full_linearized":
+    return dict(model="efficientnet_lite0", size=96, peft="full", linearized="full")
+  if case == "effnet_full_features":
+    return dict(model="efficientnet_lite0", size=96, peft="full", linearized="features")
   if case == "vit_full":
     return dict(model="vit_ti4", size=32, peft="full", linearized=False)
   if case == "vit_lora":
     return dict(model="vit_ti4", size=32, peft="lora", linearized=False)
   if case == "vit_full_linearized":
-    return dict(model="vit_ti4", size=32, peft="full", linearized=True)
+    return dict(model="vit_ti4", size=32, peft="full", linearized="full")
   if case == "vit_lora_remat":
     return dict(model="vit_ti4", size=32, peft="lora", linearized=False, remat=True)
   raise ValueError(case)
@@ -91,10 +102,11 @@ def build_variables(spec: dict):
   """``BuiltModel`` of a case (Lite0: pretrained if available; ViT-Ti/4: random init)."""
   kw = dict(image_size=spec["size"], rng=jax.random.PRNGKey(0))
   if spec["model"].startswith("efficientnet"):
+    rank = 4 if spec["peft"] == "lora" else 0
     try:
-      return build_model(spec["model"], NUM_CLASSES, lora_rank=4, pretrained=True, **kw), True
+      return build_model(spec["model"], NUM_CLASSES, lora_rank=rank, pretrained=True, **kw), True
     except (ImportError, ValueError, FileNotFoundError):
-      return build_model(spec["model"], NUM_CLASSES, lora_rank=4, pretrained=False, **kw), False
+      return build_model(spec["model"], NUM_CLASSES, lora_rank=rank, pretrained=False, **kw), False
   kw.update(peft=spec["peft"] if spec["peft"] == "lora" else "none", head_init_std=0.02)
   if spec.get("remat"):
     kw["remat"] = True
@@ -116,7 +128,7 @@ class JaxCase:
     variables = dict(built.variables)
     params0, frozen_params = peft.split_params(variables.pop("params"), spec["peft"])
     self.frozen = {"params": frozen_params, "collections": variables}
-    if spec["linearized"]:
+    if spec["linearized"]:  # "full" | "features"
       self.frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
     self.tx = optax.adam(1e-3)
     self.step = make_train_step(built.module.apply, Preprocess(spec["size"], built.mean,
@@ -174,7 +186,7 @@ class TorchCase:
       self.memory_format = torch.contiguous_format
     self.forward, self.params = fwd, p
     names = tr.trainable_names(p, spec["peft"])
-    self.step = tr.TorchStep(fwd, p, names, linearized=spec["linearized"],
+    self.step = tr.TorchStep(fwd, p, names, linearized=bool(spec["linearized"]),
                              mean=jcase.built.mean, std=jcase.built.std, k=K)
     images, labels = batch(spec, b)
     self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(
@@ -361,6 +373,16 @@ def main() -> None:
                                                    / med["torch_vit_full"], 3)
     summary["jax_over_torch_vit_linearized"] = round(
         ips["jax_vit_full_linearized"] / ips["torch_vit_full_linearized"], 3)
+  for pre in ("jax", "torch"):
+    if "effnet_full" in cases and "effnet_full_linearized" in cases:
+      summary[f"{pre}_linearized_over_plain_effnet"] = round(
+          med[f"{pre}_effnet_full_linearized"] / med[f"{pre}_effnet_full"], 3)
+  if "effnet_full" in cases and "effnet_full_features" in cases:
+    summary["jax_features_linearized_over_plain_effnet"] = round(
+        med["jax_effnet_full_features"] / med["jax_effnet_full"], 3)
+  if "effnet_full" in cases:
+    summary["jax_over_torch_effnet_full"] = round(ips["jax_effnet_full"]
+                                                  / ips["torch_effnet_full"], 3)
   if args.memory:
     summary["peak_mib"] = {f"{fw}_{case}": round(m["persistent_mib"] + m["step_mib"], 1)
                            for (case, fw), m in mem.items()}

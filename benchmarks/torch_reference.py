@@ -192,9 +192,9 @@ def vit_forward(p: Params, x: torch.Tensor, *, depth: int, heads: int, patch: in
 
 def trainable_names(p: Params, peft: str) -> list:
   """Names that train: ``full`` everything, ``lora`` the LoRA leaves + head, ``linear_probe``
-  the head (as :func:`cft_jax.peft.is_trainable`)."""
+  the head (as :func:`cft_jax.peft.is_trainable`). BatchNorm running statistics never train."""
   if peft == "full":
-    return sorted(p)
+    return sorted(k for k in p if not k.endswith(("/mean", "/var")))
   if peft == "lora":
     return sorted(k for k in p if k.startswith("head/") or "lora" in k)
   if peft == "linear_probe":

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.tensorboard = True     # TensorBoard event files in workdir/tensorboard
   c.train.plots = True           # write PNG plots into the workdir at the end
   c.train.verbose = True         # print the accuracy matrix after every task
+  c.train.cache_features = False  # linear probe: backbone features computed once, head trains on them
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250
@@ -107,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""  # "host:port" of process 0 ("" : single host)
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  c.model.remat = False           # ViT: recompute each block in the backward pass (less memory)
   c.model.linearize = "none"      # DLCFT: none | full (whole network) | features (eqs. 6-7)
   c.loss.scope = "local"          # local: current task's classes (aEPG paper) | all: every output
   c.optim.momentum = 0.9          # sgd
@@ -234,6 +236,9 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"peft.name='prefix' needs a ViT (model.name=vit_*); "
                       f"{c.model.name} supports lora | linear_probe | full"
                       + (" | adapter" if c.model.name.startswith("efficientnet") else ""))
+  if c.model.get("remat", False) and not c.model.name.startswith("vit_"):
+    raise ConfigError(f"model.remat=True is implemented for the ViT backbones (model.name="
+                      f"vit_*); {c.model.name} does not rematerialise: set model.remat=False")
   if c.peft.name == "adapter" and not (c.model.name.startswith("vit_")
                                        or c.model.name.startswith("efficientnet_lite")):
     raise ConfigError(f"peft.name='adapter' needs a ViT or EfficientNet-Lite backbone, not "

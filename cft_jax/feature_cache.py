@@ -44,7 +44,8 @@ from cft_jax.data import Preprocess, batches
 
 PyTree = Any
 
-__all__ = ["make_feature_fn", "extract_features", "head_logits", "make_head_step",
+__all__ = ["make_feature_fn", "extract_features", "head_logits", "head_apply",
+           "identity_preprocess", "make_head_step",
            "train_linear_probe_on_features", "class_means", "ncm_predict"]
 
 
@@ -99,49 +100,55 @@ def head_logits(head: Dict[str, jax.Array], features: jax.Array) -> jax.Array:
   return z.astype(jnp.float32)
 
 
+def head_apply(variables: Dict[str, Any], features: jax.Array, train: bool = False,
+               **unused) -> jax.Array:
+  """A ``module.apply``-shaped function of the ``head`` alone on cached features.
+
+  ``head_apply({'params': {'head': {...}}, ...}, features [B, D]) -> logits [B, C]``: the
+  model's last layer with the backbone replaced by the cache, so the library's train and eval
+  steps (:func:`cft_jax.steps.make_train_step`, :func:`cft_jax.steps.make_eval_step`) run on
+  cached features unchanged. ``train`` and extra keywords (``rngs``) are accepted and ignored
+  (no dropout on cached features).
+  """
+  del train, unused
+  return head_logits(variables["params"]["head"], features)
+
+
+def identity_preprocess(x: jax.Array, rng: Optional[jax.Array] = None, train: bool = False
+                        ) -> jax.Array:
+  """The :class:`cft_jax.data.Preprocess` of cached features: a float32 cast (they are already
+  the backbone's output)."""
+  del rng, train
+  return jnp.asarray(x, jnp.float32)
+
+
 def make_head_step(loss_fn: Callable, tx: optax.GradientTransformation,
                    classes_per_task: int, *, loss_scope: str = "local") -> Callable:
-  """Jitted ``step(params, opt_state, feats, labels, mask, task_lo, step_in_task, total_steps,
-  rng) -> (params, opt_state, metrics)`` training ``params = {'head': {...}}`` on cached
-  features.
+  """``step(params, opt_state, feats, labels, mask, task_lo, step_in_task, total_steps, rng)
+  -> (params, opt_state, metrics)`` training ``params = {'head': {...}}`` on cached features.
 
-  The objective is the one of :func:`cft_jax.steps.make_train_step` for the default method:
-  the masked mean over valid examples of ``loss_fn`` on ``logits[:, task_lo:task_lo + k]`` with
-  labels ``y - task_lo`` (``loss_scope='local'``) or on all logits (``'all'``). The rng is split
-  the same way as there (its third part goes to the loss), so stochastic objectives match too.
-  Metrics: ``loss``, ``accuracy`` (% on the task's classes).
+  It is the library's own jitted train step (:func:`cft_jax.steps.make_train_step`, default
+  method) with :func:`head_apply` as the model and :func:`identity_preprocess`: the same masked
+  mean of ``loss_fn`` over valid examples on ``logits[:, task_lo:task_lo + k]`` with labels
+  ``y - task_lo`` (``loss_scope='local'``) or on all logits (``'all'``), the same rng split. The
+  ``params`` / ``opt_state`` passed in are donated (use the returned ones). Metrics: ``loss``,
+  ``accuracy`` (% on the task's classes).
 
   Raises:
     ValueError: unknown ``loss_scope``.
   """
-  if loss_scope not in ("local", "all"):
-    raise ValueError(f"loss.scope must be 'local' or 'all', got '{loss_scope}'")
-  k = classes_per_task
+  from cft_jax.steps import TrainState, make_train_step  # pylint: disable=g-import-not-at-top
+  train_step = make_train_step(head_apply, identity_preprocess, loss_fn, tx, classes_per_task,
+                               loss_scope=loss_scope)
+  frozen = {"params": {}, "collections": {}}
 
-  def loss_and_metrics(params, feats, labels, mask, task_lo, step_in_task, total_steps, rng):
-    _, _, rng_loss, _ = jax.random.split(rng, 4)
-    logits = head_logits(params["head"], feats)
-    local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
-    local_labels = labels - task_lo
-    if loss_scope == "local":
-      per_example, _ = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
-                               rng=rng_loss)
-    else:
-      per_example, _ = loss_fn(logits, labels, step=step_in_task, total_steps=total_steps,
-                               rng=rng_loss)
-    w = mask.astype(jnp.float32)
-    denom = jnp.maximum(w.sum(), 1.0)
-    loss = jnp.sum(per_example * w) / denom
-    acc = 100.0 * jnp.sum((jnp.argmax(local, -1) == local_labels) * w) / denom
-    return loss, {"loss": loss, "accuracy": acc}
-
-  @jax.jit
   def step(params, opt_state, feats, labels, mask, task_lo, step_in_task, total_steps, rng):
-    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(
-        params, feats, labels, mask, task_lo, step_in_task, total_steps, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    state, m = train_step(state, frozen, feats, labels, mask, task_lo, step_in_task,
+                          total_steps, rng)
+    return state.params, state.opt_state, {"loss": m["loss"], "accuracy": m["accuracy"]}
 
+  step.num_traces = train_step.num_traces
   return step
 
 
@@ -188,6 +195,7 @@ def train_linear_probe_on_features(
   idx = np.arange(len(features)) if indices is None else np.asarray(indices)
   nb = -(-len(idx) // batch_size)
   total = int(total_steps if total_steps is not None else (first_epoch + epochs) * nb)
+  params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
   opt_state = tx.init(params) if opt_state is None else opt_state
   rng = jax.random.PRNGKey(0) if rng is None else rng
   metrics: Dict[str, float] = {}

@@ -92,7 +92,8 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
         "adapter_hidden": p.get("adapter_hidden", 5),
         "adapter_position": p.get("adapter_position", "attn"),
         "prefix_length": p.get("prefix_length", 10),
-        "head_init_std": config.model.get("head_init_std", 1e-3)}
+        "head_init_std": config.model.get("head_init_std", 1e-3),
+        "remat": bool(config.model.get("remat", False))}
   if config.model.get("checkpoint"):
     kw["path"] = config.model.checkpoint
   return kw
@@ -258,6 +259,32 @@ def evaluate(eval_step, state, frozen, images, labels, indices, batch_size, num_
   return 100.0 * correct[0] / n, 100.0 * correct[1] / n
 
 
+def _check_cache_features(config: ml_collections.ConfigDict) -> None:
+  """``train.cache_features`` is exact only when nothing but the head sees the backbone's output.
+
+  Raises:
+    ConfigError: naming the setting that rules the cache out and what to change.
+  """
+  problems = []
+  if config.peft.name != "linear_probe":
+    problems.append(f"peft.name='linear_probe' (got '{config.peft.name}': the backbone trains)")
+  if config.data.get("augment", "none") != "none":
+    problems.append(f"data.augment='none' (got '{config.data.augment}': features change "
+                    "every epoch)")
+  if linearize_mode(config.model.get("linearize", "none")):
+    problems.append("model.linearize='none'")
+  if config.model.get("dropout_rate", 0.0):
+    problems.append("model.dropout_rate=0 (dropout acts on the features before the head)")
+  if config.method.name not in ("sequential", "joint"):
+    problems.append(f"method.name in ('sequential', 'joint') (got '{config.method.name}': it "
+                    "needs images or the backbone)")
+  if config.method.get("projection", "") not in ("", "none"):
+    problems.append("method.projection=''")
+  if problems:
+    raise ConfigError("train.cache_features=True needs " + "; ".join(problems)
+                      + ". Change those settings or set train.cache_features=False.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         ) -> Dict[str, Any]:
   """Runs (or resumes) a class-incremental fine-tuning job and writes ``workdir/metrics.json``.
@@ -373,6 +400,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
                                            linearized=linearized, axis_name=dev.axis_name))
   forward = jax.jit(make_forward(built.module.apply, linearized))
+  # Data the train / eval loops index: the images, or (train.cache_features) the backbone
+  # features computed once, with `*_map` taking an image index to its row.
+  train_x, train_y, train_map = ds.train_images, train_labels, np.arange(len(train_labels))
+  test_x, test_y, test_map = ds.test_images, test_labels, np.arange(len(test_labels))
+  id_eval_step = eval_step  # in-distribution evaluation (OOD sets always go through images)
+  if config.train.get("cache_features", False):
+    _check_cache_features(config)
+    from cft_jax import feature_cache as fc  # pylint: disable=g-import-not-at-top
+    t_cache = time.time()
+    full_vars = dict(frozen["collections"], params=peft.merge_params(params0, frozen["params"]))
+    feat_fn = fc.make_feature_fn(built.module.apply, preprocess)
+
+    def cache(images, labels, index_lists):
+      used = np.unique(np.concatenate([np.asarray(i, np.int64) for i in index_lists]))
+      feats = fc.extract_features(built.module.apply, full_vars, images, preprocess,
+                                  indices=used, batch_size=config.eval.batch_size,
+                                  feature_fn=feat_fn)
+      row = np.full(len(images), -1, np.int64)
+      row[used] = np.arange(len(used))
+      return feats, labels[used], row
+
+    train_x, train_y, train_map = cache(ds.train_images, train_labels, train_idx)
+    test_x, test_y, test_map = cache(ds.test_images, test_labels, test_idx)
+    train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, tx, k, method,
+                                 axis_name=dev.axis_name,
+                                 loss_scope=config.loss.get("scope", "local"))
+    id_eval_step = dev.wrap_eval(make_eval_step(fc.head_apply, fc.identity_preprocess, k, C,
+                                                method, axis_name=dev.axis_name))
+    if verbose:
+      print(f"[cft_jax] train.cache_features: {len(train_x)} train + {len(test_x)} test "
+            f"features [{train_x.shape[-1]}] computed once in {time.time() - t_cache:.1f} s; "
+            f"the head trains on them")
 
   def apply_eval(p, x, **kw):  # the NON-linearized model, eval mode (K-FAC layer taps, features)
     variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
@@ -492,7 +551,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         for epoch in range(skip_steps // nb, config.train.epochs):
           val_iter = (_cycle(ds.train_images, train_labels, val_idx[t], bs,
                              (config.seed, t, epoch)) if needs_val else None)
-          for b, (xb, yb, mb) in enumerate(batches(ds.train_images, train_labels, train_idx[t],
+          for b, (xb, yb, mb) in enumerate(batches(train_x, train_y, train_map[train_idx[t]],
                                                    bs, shuffle_seed=(config.seed, t, epoch))):
             extra = {"val_batch": dev.shard(next(val_iter))} if needs_val else {}
             if epoch * nb + b < skip_steps:
@@ -549,8 +608,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
           continue
         ilo, _ = scenario.task_range(i)
         num_seen = hi if kind != "data_il" else C
-        R[t, i], R_task[t, i] = evaluate(eval_step, eval_state, frozen_dev, ds.test_images,
-                                         test_labels, test_idx[i], config.eval.batch_size,
+        R[t, i], R_task[t, i] = evaluate(id_eval_step, eval_state, frozen_dev, test_x, test_y,
+                                         test_map[test_idx[i]], config.eval.batch_size,
                                          num_seen, ilo)
       if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
         mem = np.unique(np.concatenate(train_idx if kind == "data_il" else train_idx[:t + 1]))

@@ -59,6 +59,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.method.strength = 1.0
     c.method.fisher_type = "mc"
     c.method.num_samples = 1
+    c.method.curvature_batches = 4  # the curvature from 128 of the task's images
   if name == "lwf":
     c.method.temperature = 2.0
     c.method.weighting = "dlcft"
@@ -66,7 +67,7 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.method.curvature = "kfac"
   if name == "dlcft":
     c.method.curvature = "kfac" if method == "dlcft_kfac" else "tkfac"
-    c.model.linearize = "full"
+    c.model.linearize = "features"  # eqs. 6-7: g_lin(x; psi) W + b
     c.loss.name = "mse"
     c.loss.alpha = 15.0
     c.loss.scope = "all"
@@ -86,12 +87,13 @@ def get_config(arg: str = "dlcft_tkfac") -> ml_collections.ConfigDict:
   c.data.augment = "none"
   c.model.name = "efficientnet_lite0"
   c.model.pretrained = True
-  c.peft.name = "linear_probe"
+  c.peft.name = "full"            # the whole backbone fine-tunes (BatchNorm statistics frozen)
   c.optim.name = "adam"
-  c.optim.learning_rate = 1e-2
+  c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 0.0
   c.train.epochs = 3
   c.train.batch_size = 32
   c.train.log_every = 5
   c.eval.batch_size = 250
+  c.checkpoint.max_to_keep = 2  # a full Lite0 + K-FAC factors is ~80 MB per checkpoint
   return apply_method(c, arg or "dlcft_tkfac")

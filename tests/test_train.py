@@ -165,3 +165,32 @@ def test_wise_ft_params_keeps_the_head():
   np.testing.assert_allclose(mixed["head"]["kernel"], [1.0])
   same = train.wise_ft_params(params, anchor, 1.0)
   np.testing.assert_allclose(same["enc"]["w"], params["enc"]["w"])
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="needs /usr/share/datasets/fashion-mnist")
+def test_cache_features_run_equals_uncached_run(tmp_path):
+  """``train.cache_features``: a linear-probe run on cached backbone features gives the same head
+  trajectory (log), accuracy matrices and metrics as the run that pushes every batch through the
+  backbone; settings where the cache is not exact are refused with the reason."""
+  kw = {"peft.name": "linear_probe", "scenario.num_tasks": 5, "train.epochs": 2,
+        "optim.learning_rate": 0.05}
+  plain = train.run(tiny_config(**kw), str(tmp_path / "plain"))
+  cached = train.run(tiny_config(**kw, **{"train.cache_features": True}), str(tmp_path / "c"))
+  np.testing.assert_allclose(np.array(cached["accuracy_matrix"], float),
+                             np.array(plain["accuracy_matrix"], float), atol=1e-6)
+  np.testing.assert_allclose(np.array(cached["task_il_accuracy_matrix"], float),
+                             np.array(plain["task_il_accuracy_matrix"], float), atol=1e-6)
+  logs = []
+  for d in ("plain", "c"):
+    with open(tmp_path / d / "log.jsonl") as f:
+      logs.append([json.loads(l) for l in f])
+  assert len(logs[0]) == len(logs[1]) > 3
+  for a, b in zip(*logs):
+    assert (a["task"], a["step"]) == (b["task"], b["step"])
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4, atol=1e-6)
+  for bad, match in (({"peft.name": "lora"}, "linear_probe"),
+                     ({"data.augment": "crop_flip"}, "augment"),
+                     ({"method.name": "ewc"}, "method.name")):
+    cfg = tiny_config(**{**kw, **bad, "train.cache_features": True})
+    with pytest.raises(train.ConfigError, match=match):
+      train.run(cfg, str(tmp_path / "bad"))
