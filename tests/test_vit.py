@@ -416,3 +416,36 @@ def test_build_model_registry(images):
     build_model("vit_tiny", C, pretrained=False, image_size=S, peft="bitfit")
   with pytest.raises(TypeError, match="takes no extra arguments"):
     build_model("tiny_cnn", C, pretrained=False, image_size=S, peft="adapter")
+
+
+def test_remat_from_config_same_values_and_gradients(images):
+  """``model.remat=True`` reaches the ViT (``train._model_kwargs``) and changes nothing but the
+  memory schedule: identical logits and LoRA/head gradients; non-ViT backbones refuse it."""
+  from cft_jax import config as config_lib
+  from cft_jax import train
+
+  c = config_lib.base_config()
+  c.model.name, c.peft.name, c.model.remat = "vit_tiny", "lora", True
+  kw = train._model_kwargs(c)  # pylint: disable=protected-access
+  assert kw["remat"] is True
+  outs = []
+  for remat in (False, True):
+    built = build_model("vit_tiny", C, lora_rank=4, pretrained=False, image_size=S, rng=KEY(0),
+                        **dict(kw, remat=remat))
+    assert built.module.remat is remat
+    params = built.variables["params"]
+    x = jnp.asarray(images)
+
+    def loss(p):
+      return jnp.sum(jax.nn.log_softmax(built.module.apply({"params": p}, x)) ** 2)
+
+    trainable, frozen = peft.split_params(params, "lora")
+    outs.append((built.module.apply({"params": params}, x),
+                 jax.grad(lambda t: loss(peft.merge_params(t, frozen)))(trainable)))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         outs[1][1], outs[0][1])
+  bad = config_lib.base_config()
+  bad.model.remat = True  # default backbone: EfficientNet-Lite0
+  with pytest.raises(config_lib.ConfigError, match="model.remat"):
+    config_lib.validate_config(bad)
