@@ -29,7 +29,6 @@ earlier ones (same model, different seed / task), which is most of a short run's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -41,6 +40,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import apply_overrides, enable_compile_cache, load_config_module, mean_std  # noqa: E402
 
 DATA_IL = ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
 CLASS_IL = ("er", "der", "derpp", "dlcft")
@@ -56,22 +57,9 @@ CONFIGS = {"data_il": "dlcft_data_il.py", "class_il": "dlcft_class_il.py"}
 
 
 def load_config(setting: str, method: str, seed: int, args):
-  path = os.path.join(ROOT, "configs", CONFIGS[setting])
-  spec = importlib.util.spec_from_file_location(f"dlcft_study_{setting}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(method)
-  c.seed = seed
-  for key, val in (("train_limit", args.train_limit), ("test_limit", args.test_limit),
-                   ("image_size", args.image_size)):
-    if val is not None:
-      c.data[key] = val
-  if args.epochs is not None:
-    c.train.epochs = args.epochs
-  c.train.progress = False
-  c.train.verbose = False
-  c.train.plots = False
-  return c
+  module = load_config_module(os.path.join(ROOT, "configs", CONFIGS[setting]),
+                              f"dlcft_study_{setting}")
+  return apply_overrides(module.get_config(method), args, seed)
 
 
 def run_one(config, workdir: str) -> Dict[str, Any]:
@@ -87,11 +75,7 @@ def run_one(config, workdir: str) -> Dict[str, Any]:
   return train.run(config, workdir)
 
 
-def _ms(xs):
-  xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], float)
-  if not len(xs):
-    return float("nan"), float("nan")
-  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+_ms = mean_std
 
 
 def summarize(runs: List[Dict[str, Any]], setting: str) -> Dict[str, Dict[str, Any]]:
@@ -244,11 +228,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-compile-cache", action="store_true")
   args = p.parse_args(argv)
 
-  import jax  # pylint: disable=g-import-not-at-top
   if not args.no_compile_cache:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir_root, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_compile_cache(os.path.join(args.workdir_root, "jax_cache"))
   os.makedirs(args.out, exist_ok=True)
   plan = [(s, setting, m) for s in args.seeds for setting in args.settings
           for m in (DATA_IL if setting == "data_il" else CLASS_IL)]

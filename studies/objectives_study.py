@@ -34,7 +34,6 @@ Definitions:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -47,6 +46,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import apply_overrides, load_config_module, mean_std  # noqa: E402
 
 OBJECTIVES = ("ce", "epg", "aepg", "entropy_penalty", "confidence_penalty", "label_smoothing",
               "focal", "reinforce")
@@ -71,29 +72,8 @@ REUSE_KEYS = (("seed",), ("scenario",), ("data", "name"), ("data", "image_size")
               ("train", "batch_size"))
 
 
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("objectives_study_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_config(module, objective: str, seed: int, args):
-  c = module.get_config(objective)
-  c.seed = int(seed)
-  if args.train_limit is not None:
-    c.data.train_limit = args.train_limit
-  if args.test_limit is not None:
-    c.data.test_limit = args.test_limit
-  if args.image_size is not None:
-    c.data.image_size = args.image_size
-  if args.epochs is not None:
-    c.train.epochs = args.epochs
-  if args.learning_rate is not None:
-    c.optim.learning_rate = args.learning_rate
-  c.train.progress = False
-  c.train.plots = False
-  c.train.verbose = False
+  c = apply_overrides(module.get_config(objective), args, seed)
   c.train.log_every = 1
   return c
 
@@ -171,9 +151,7 @@ def collect(objective: str, seed: int, workdir: str, metrics: Dict[str, Any]) ->
   }
 
 
-def _ms(xs) -> tuple:
-  xs = np.asarray(xs, float)
-  return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+_ms = mean_std
 
 
 def summarize(runs: List[Dict[str, Any]], objectives) -> Dict[str, Dict[str, Any]]:
@@ -413,7 +391,7 @@ def main(argv=None) -> int:
   p.add_argument("--report-only", action="store_true", help="aggregate finished runs only")
   args = p.parse_args(argv)
 
-  module = load_config_module(args.config)
+  module = load_config_module(args.config, "objectives_study_config")
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
   runs = []

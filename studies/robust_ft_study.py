@@ -35,7 +35,6 @@ taken seed by seed (same seed = same training subset, order and head init), then
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -48,6 +47,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import apply_overrides, enable_compile_cache, load_config_module, mean_std  # noqa: E402
 
 METHODS = ("ft", "l2sp", "wise_ft", "tpgm", "ftp")
 LABELS = {
@@ -73,33 +74,12 @@ IGNORED_KEYS = (("train", "progress"), ("train", "plots"), ("train", "verbose"),
                 ("train", "log_every"), ("train", "stop_after_task"))
 
 
-def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("robust_ft_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_config(module, method: str, seed: int, args):
-  c = module.get_config(method)
-  c.seed = int(seed)
-  if args.train_limit is not None:
-    c.data.train_limit = args.train_limit
-  if args.test_limit is not None:
-    c.data.test_limit = args.test_limit
-  if args.image_size is not None:
-    c.data.image_size = args.image_size
-  if args.epochs is not None:
-    c.train.epochs = args.epochs
-  if args.learning_rate is not None:
-    c.optim.learning_rate = args.learning_rate
+  c = apply_overrides(module.get_config(method), args, seed)
   if args.corruptions:
     c.eval.ood_corruptions = tuple(args.corruptions)
   if args.severities:
     c.eval.ood_severities = tuple(args.severities)
-  c.train.progress = False
-  c.train.plots = False
-  c.train.verbose = False
   return c
 
 
@@ -203,8 +183,7 @@ def collect(method: str, seed: int, workdir: str, metrics: Dict[str, Any],
 
 
 def _ms(xs) -> List[float]:
-  xs = np.asarray(xs, float)
-  return [float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0]
+  return list(mean_std(xs))
 
 
 def summarize(runs: List[Dict[str, Any]], methods) -> Dict[str, Dict[str, Any]]:
@@ -406,12 +385,10 @@ def main(argv=None) -> int:
                  help="persistent XLA compilation cache ('' disables): the runs of one method "
                  "differ only in their inputs, so every seed after the first skips compilation")
   args = p.parse_args(argv)
-  if args.jax_cache and not args.report_only:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_compilation_cache_dir", args.jax_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not args.report_only:
+    enable_compile_cache(args.jax_cache, min_compile_secs=1.0)
 
-  module = load_config_module(args.config)
+  module = load_config_module(args.config, "robust_ft_config")
   os.makedirs(args.out, exist_ok=True)
   # WiSE-FT re-evaluates the ft run of its seed: ft first.
   methods = sorted(args.methods, key=lambda n: 0 if n == "ft" else 1)

@@ -1,0 +1,53 @@
+"""Pieces the study scripts share: loading a config file, command-line overrides, the compile
+cache, mean ± std. Each study keeps its own run/reuse policy and report."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Iterable, Optional, Tuple
+
+
+def load_config_module(path: str, name: str = "study_config"):
+  """Imports a ``configs/*.py`` file by path (a module with ``get_config(arg)``)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def apply_overrides(c, args, seed: int):
+  """Sets ``seed`` and the optional ``--train-limit/--test-limit/--image-size/--epochs/
+  --learning-rate`` arguments (those the parser defines and the user gave) on config ``c``, and
+  turns progress bars, plots and the per-task report off (studies print one line per run)."""
+  c.seed = int(seed)
+  for arg, section, key in (("train_limit", "data", "train_limit"),
+                            ("test_limit", "data", "test_limit"),
+                            ("image_size", "data", "image_size"), ("epochs", "train", "epochs"),
+                            ("learning_rate", "optim", "learning_rate")):
+    val = getattr(args, arg, None)
+    if val is not None:
+      c[section][key] = val
+  c.train.progress = False
+  c.train.plots = False
+  c.train.verbose = False
+  return c
+
+
+def enable_compile_cache(directory: Optional[str], min_compile_secs: float = 0.0) -> None:
+  """JAX's persistent compilation cache in ``directory`` ('' / None: off): the runs of a study
+  differ only in their inputs, so runs after the first reuse the compiled executables."""
+  if not directory:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def mean_std(xs: Iterable[float]) -> Tuple[float, float]:
+  """Mean and sample std (ddof 1; 0 for one value) of the finite values; NaNs if none."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  xs = np.asarray([x for x in xs if x is not None and np.isfinite(x)], float)
+  if not len(xs):
+    return float("nan"), float("nan")
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
