@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Tuple
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from cft_jax import methods as methods_lib

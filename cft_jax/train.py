@@ -18,14 +18,12 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from cft_jax import methods as methods_lib
 from cft_jax import knn as knn_lib

@@ -145,15 +145,25 @@ def _per_example_reduce(apply_fn: ApplyFn, params: PyTree, x: Array, q: Array, w
   return jax.tree_util.tree_map(lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1), per_ex)
 
 
-def _accumulate(batch_fn, params, batches, rng) -> PyTree:
+def accumulate(batch_fn, params, batches, rng, what: str = "") -> PyTree:
+  """``sum_i batch_fn(params, x_i, y_i, w_i, fold_in(rng, i)) / sum_i sum(w_i)`` over batches.
+
+  The loop every curvature estimator shares (diagonal Fisher, MAS, K-FAC): ``batch_fn`` returns
+  the weighted per-batch sums of a pytree; the result is their example-weighted mean.
+
+  Raises:
+    ValueError: no examples (empty batches or all-zero masks), or ``batch_fn`` found nothing
+      to measure (``what``, e.g. "K-FAC layers", names it in the message).
+  """
   total, weight = None, 0.0
   for i, (x, y, w) in enumerate(iterate_batches(batches)):
     key = None if rng is None else jax.random.fold_in(rng, i)
     s = batch_fn(params, x, y, w, key)
     total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
     weight += float(jnp.sum(w))
-  if total is None or weight <= 0:
-    raise ValueError("no examples (empty batches or all-zero masks)")
+  if total is None or weight <= 0 or (what and not total):
+    raise ValueError("no examples (empty batches or all-zero masks)"
+                     + (f" or no {what} found" if what else ""))
   return jax.tree_util.tree_map(lambda t: t / weight, total)
 
 
@@ -190,7 +200,7 @@ def diagonal_fisher(apply_fn: ApplyFn, params: PyTree, batches: Iterable, *, los
                           num_samples=num_samples, mse_alpha=mse_alpha)
     return _per_example_reduce(apply_fn, params, x, q, w, "square", microbatch)
 
-  return _accumulate(batch_fn, params, batches, rng)
+  return accumulate(batch_fn, params, batches, rng)
 
 
 def mas_importance(apply_fn: ApplyFn, params: PyTree, batches: Iterable,
@@ -210,7 +220,7 @@ def mas_importance(apply_fn: ApplyFn, params: PyTree, batches: Iterable,
     z = _float(apply_fn(params, x))
     return _per_example_reduce(apply_fn, params, x, (2.0 * z)[None], w, "abs", microbatch)
 
-  return _accumulate(batch_fn, params, batches, None)
+  return accumulate(batch_fn, params, batches, None)
 
 
 def ewc_penalty(params: PyTree, anchor: PyTree, importance: PyTree) -> Array:

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import linear as flax_linear
 
-from cft_jax.curvature.fisher import _check, _float, iterate_batches, output_cotangents
+from cft_jax.curvature.fisher import _check, _float, accumulate, output_cotangents
 from cft_jax.linearize import linearized_apply, split_head
 from cft_jax.peft.lora import LoRADense
 
@@ -203,22 +203,6 @@ def _layer_sums(a: Array, g: Array, w: Array) -> LayerFactors:
   return LayerFactors(A, G, jnp.einsum("b,kb->", w, per))
 
 
-def _finish(total: Dict[Path, LayerFactors], weight: float) -> Dict[Path, LayerFactors]:
-  if not total or weight <= 0:
-    raise ValueError("no examples (empty batches or all-zero masks) or no K-FAC layers found")
-  return jax.tree_util.tree_map(lambda v: v / weight, total)
-
-
-def _run(batch_fn, params, batches, rng) -> Dict[Path, LayerFactors]:
-  total, weight = None, 0.0
-  for i, (x, y, w) in enumerate(iterate_batches(batches)):
-    key = None if rng is None else jax.random.fold_in(rng, i)
-    s = batch_fn(params, x, y, w, key)
-    total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
-    weight += float(jnp.sum(w))
-  return _finish(total or {}, weight)
-
-
 def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, batches: Iterable,
                  *, loss: str, fisher_type: str = "mc", rng: Optional[Array] = None,
                  num_samples: int = 1, mse_alpha: float = 15.0,
@@ -270,7 +254,7 @@ def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, bat
       out[path] = _layer_sums(a, g, w)
     return out
 
-  return _run(batch_fn, params, batches, rng)
+  return accumulate(batch_fn, params, batches, rng, what="K-FAC layers")
 
 
 def kfac_factors_linearized_features(
@@ -329,7 +313,7 @@ def kfac_factors_linearized_features(
     out[(head_key,)] = _layer_sums(a_head, q[:, :, None, :], w)
     return out
 
-  return _run(batch_fn, (params, psi0), batches, rng)
+  return accumulate(batch_fn, (params, psi0), batches, rng, what="K-FAC layers")
 
 
 # ------------------------------------------------------------------------------------------
