@@ -14,11 +14,16 @@ frozen weights do not cost).
 PEFT follows the paper setup (SPEC §1): blocks 0-4, LoRA r=4 on k,v; adapter h=5 parallel to
 attention; prefix length 10 (gated). Runs on whatever backend JAX picks (CPU here).
 
-Measured (2-core CPU, jax 0.10.2, ViT-Ti/4, 32 px, 100 classes; peak MiB full / LoRA / Adapter /
-Prefix): batch 64: 1154 / 1184 / 1149 / 1192 (activations, ~17 MiB per image on the CPU backend,
-dominate: PEFT still backpropagates to block 0); batch 4: 124 / 68 / 67 / 69 (PEFT 54-56% of
-full). Gradients + Adam state: 61.6 MiB for full fine-tuning vs 0.34-0.44 MiB for PEFT
-(0.6-0.7%), i.e. frozen weights cost no gradient or optimiser memory.
+The ``+remat`` rows (``--no-remat`` skips them) use ``VisionTransformer(remat=True)``
+(``config.model.remat``): only each block's input is kept for the backward pass.
+
+Measured (2-core CPU, jax 0.10.2, ViT-Ti/4, 32 px, 100 classes, the memory-lean ``vit.py``;
+peak MiB full / LoRA / Adapter / Prefix): batch 64: 998 / 943 / 920 / 982 (activations dominate:
+PEFT still backpropagates to block 0); batch 4: 120 / 64 / 62 / 65 (PEFT 52-54% of full).
+Gradients + Adam state: 61.6 MiB for full fine-tuning vs 0.34-0.44 MiB for PEFT (0.6-0.7%),
+i.e. frozen weights cost no gradient or optimiser memory. With ``remat=True`` at batch 64:
+LoRA 571 (57% of full fine-tuning), Adapter 545 (55%), Prefix 610 (61%) MiB; full + remat stays
+at 998 (XLA keeps the same peak).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ def nbytes(tree) -> int:
   return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def measure(method_peft: str, split_name: str, args) -> dict:
-  module = vit.VisionTransformer(args.variant, args.classes, peft=method_peft)
+def measure(method_peft: str, split_name: str, args, remat: bool = False) -> dict:
+  module = vit.VisionTransformer(args.variant, args.classes, peft=method_peft, remat=remat)
   x = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
   y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
@@ -81,14 +86,16 @@ def table(args) -> None:
   print(f"\nViT-{args.variant} at {args.size}px, batch {args.batch}, {args.classes} classes, "
         f"Adam, backend {jax.default_backend()} ({jax.devices()[0].device_kind})")
   rows = [(name, measure(p, s, args)) for name, p, s in METHODS]
+  if args.remat:  # model.remat=True: every block recomputed in the backward pass
+    rows += [(f"{name}+remat", measure(p, s, args, remat=True)) for name, p, s in METHODS]
   full = rows[0][1]
-  hdr = (f"{'method':8} {'trainable':>10} {'% params':>8} {'grad+opt MiB':>12} {'args MiB':>9} "
+  hdr = (f"{'method':14} {'trainable':>10} {'% params':>8} {'grad+opt MiB':>12} {'args MiB':>9} "
          f"{'out MiB':>8} {'alias MiB':>9} {'temp MiB':>9} {'peak MiB':>9} {'peak/full':>9} "
          f"{'g+o/full':>9}")
   print(hdr)
   print("-" * len(hdr))
   for name, r in rows:
-    print(f"{name:8} {r['trainable']:>10,d} {100 * r['trainable'] / r['total']:>7.2f}% "
+    print(f"{name:14} {r['trainable']:>10,d} {100 * r['trainable'] / r['total']:>7.2f}% "
           f"{mib(r['grad_opt']):>12.3f} {mib(r['args_b']):>9.2f} {mib(r['out_b']):>8.2f} "
           f"{mib(r['alias_b']):>9.2f} {mib(r['temp_b']):>9.2f} {mib(r['peak']):>9.2f} "
           f"{r['peak'] / full['peak']:>8.1%} {r['grad_opt'] / full['grad_opt']:>8.2%}")
@@ -101,6 +108,8 @@ def main() -> None:
   ap.add_argument("--batch", default="64,4",
                   help="comma-separated batch sizes, one table each (small: weights dominate)")
   ap.add_argument("--classes", type=int, default=100)
+  ap.add_argument("--no-remat", dest="remat", action="store_false",
+                  help="skip the rows with VisionTransformer(remat=True) (config model.remat)")
   args = ap.parse_args()
   for b in args.batch.split(","):
     table(argparse.Namespace(**{**vars(args), "batch": int(b)}))
