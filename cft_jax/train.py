@@ -435,6 +435,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
     return built.module.apply(variables, x, train=False, **kw)
 
+  jit_cache: Dict[Any, Any] = {}  # compiled curvature functions, reused across tasks
+
   def task_context(t: Optional[int]) -> methods_lib.TaskContext:
     ctx = methods_lib.TaskContext(
         task_id=t, task_range=None if t is None else scenario.task_range(t), num_classes=C,
@@ -443,7 +445,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
         batches=None if t is None else functools.partial(
             batches, ds.train_images, train_labels, train_idx[t], bs),
         loss_name=config.loss.name, apply=apply_eval, params0=frozen.get("params0"),
-        linearize=linearized, loss_scope=config.loss.get("scope", "local"))
+        linearize=linearized, loss_scope=config.loss.get("scope", "local"),
+        jit_cache=jit_cache)
     return ctx
   knn_k = int(config.eval.get("knn_k", 0) or 0)
   feature_fn = (jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))

@@ -432,3 +432,37 @@ def test_kfac_treats_rank0_lora_dense_as_a_1x1_conv():
   f2 = cv.kfac_factors(lambda p, xx: with_lora.apply({"params": p}, xx), p2, [(x, y)],
                        loss="ce", fisher_type="empirical")
   assert set(f2) == {("head",)}
+
+
+def test_jit_cache_reuses_one_compilation_with_new_values():
+  """``jit_cache``: the second call with other parameter values (and, for the diagonal Fisher,
+  other ``const`` values) reuses the first call's compiled function and returns exactly what an
+  uncached call returns."""
+  model = MLP()
+  x = _normal((6, 4))
+  y = jnp.asarray([0, 1, 2, 0, 1, 2])
+  p1 = model.init(KEY, x)["params"]
+  p2 = jax.tree_util.tree_map(lambda a: 1.3 * a + 0.05, p1)
+  apply_fn = lambda p, xx: model.apply({"params": p}, xx)
+  cache = {}
+  for p in (p1, p2):
+    got = cv.kfac_factors(apply_fn, p, [(x, y)], loss="ce", fisher_type="empirical",
+                          jit_cache=cache)
+    want = cv.kfac_factors(apply_fn, p, [(x, y)], loss="ce", fisher_type="empirical")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  (fn,) = cache.values()
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
+
+  # diagonal Fisher of fc1 only, the head passed as `const` (changes between calls)
+  def merged(s, xx, rest):
+    return apply_fn({"fc1": s, "head": rest}, xx)
+
+  cache = {}
+  for p in (p1, p2):
+    got = cv.diagonal_fisher(merged, p["fc1"], [(x, y)], loss="ce", fisher_type="empirical",
+                             const=p["head"], jit_cache=cache)
+    want = cv.diagonal_fisher(lambda s, xx, h=p["head"]: apply_fn({"fc1": s, "head": h}, xx),
+                              p["fc1"], [(x, y)], loss="ce", fisher_type="empirical")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  (fn,) = cache.values()
+  assert fn._cache_size() == 1  # pylint: disable=protected-access

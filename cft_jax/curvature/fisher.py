@@ -145,6 +145,24 @@ def _per_example_reduce(apply_fn: ApplyFn, params: PyTree, x: Array, q: Array, w
   return jax.tree_util.tree_map(lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1), per_ex)
 
 
+def cached_batch_fn(jit_cache: Optional[dict], key: Tuple, build: Callable[[], Callable]
+                    ) -> Callable:
+  """``build()`` (a jitted per-batch function), or the one stored under ``key`` in ``jit_cache``.
+
+  Every estimator here compiles a fresh function per call; a caller that calls one again with
+  the SAME model function (e.g. once per task of a run: the network and its frozen weights never
+  change) passes a dict it keeps for that purpose, and the second call reuses the compiled code
+  instead of tracing and compiling again. The estimator's own settings are part of ``key``; the
+  caller keeps one dict per model function (a cached entry closes over the first call's
+  ``apply_fn``). ``jit_cache=None``: no caching.
+  """
+  if jit_cache is None:
+    return build()
+  if key not in jit_cache:
+    jit_cache[key] = build()
+  return jit_cache[key]
+
+
 def accumulate(batch_fn, params, batches, rng, what: str = "") -> PyTree:
   """``sum_i batch_fn(params, x_i, y_i, w_i, fold_in(rng, i)) / sum_i sum(w_i)`` over batches.
 
@@ -170,7 +188,8 @@ def accumulate(batch_fn, params, batches, rng, what: str = "") -> PyTree:
 def diagonal_fisher(apply_fn: ApplyFn, params: PyTree, batches: Iterable, *, loss: str,
                     fisher_type: str = "mc", rng: Optional[Array] = None,
                     num_samples: int = 1, mse_alpha: float = 15.0,
-                    microbatch: Optional[int] = None) -> PyTree:
+                    microbatch: Optional[int] = None, const: Optional[PyTree] = None,
+                    jit_cache: Optional[dict] = None) -> PyTree:
   """Diagonal Fisher ``F_ii = E_x sum_k (J^T q_k)_i^2`` (EWC, Kirkpatrick et al. 2017).
 
   ``fisher_type="empirical"``: ``E_x[(d l(x, y_true) / d theta)^2]``; ``"mc"``: labels sampled
@@ -187,39 +206,53 @@ def diagonal_fisher(apply_fn: ApplyFn, params: PyTree, batches: Iterable, *, los
     num_samples: label samples per example (``"mc"``).
     mse_alpha: MSE target scale.
     microbatch: examples per ``lax.map`` step instead of one ``vmap`` over the batch.
+    const: optional pytree passed as ``apply_fn(params, x, const)`` (not differentiated): values
+      that change between calls (e.g. the other parameters) without a new compilation.
+    jit_cache: see :func:`cached_batch_fn`.
 
   Returns:
     A pytree like ``params`` (at least float32) of non-negative importances.
   """
   _check(loss, fisher_type, rng)
 
-  @jax.jit
-  def batch_fn(params, x, y, w, key):
-    logits = apply_fn(params, x)
-    q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
-                          num_samples=num_samples, mse_alpha=mse_alpha)
-    return _per_example_reduce(apply_fn, params, x, q, w, "square", microbatch)
+  def build():
+    @jax.jit
+    def batch_fn(params_and_const, x, y, w, key):
+      params, const = params_and_const
+      fn = apply_fn if const is None else (lambda p, xx: apply_fn(p, xx, const))
+      logits = fn(params, x)
+      q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
+                            num_samples=num_samples, mse_alpha=mse_alpha)
+      return _per_example_reduce(fn, params, x, q, w, "square", microbatch)
+    return batch_fn
 
-  return accumulate(batch_fn, params, batches, rng)
+  batch_fn = cached_batch_fn(jit_cache, ("diagonal_fisher", loss, fisher_type, num_samples,
+                                         mse_alpha, microbatch, const is None), build)
+  return accumulate(batch_fn, (params, const), batches, rng)
 
 
 def mas_importance(apply_fn: ApplyFn, params: PyTree, batches: Iterable,
-                   microbatch: Optional[int] = None) -> PyTree:
+                   microbatch: Optional[int] = None, jit_cache: Optional[dict] = None) -> PyTree:
   """MAS importance ``Omega = E_x |d ||f(x)||_2^2 / d theta|`` (Aljundi et al. 2018, eq. 4).
 
   The gradient of the squared L2 norm of the output (``J^T 2 f(x)``) is taken per example and its
   absolute value averaged; no labels are used (``y`` of the batches is ignored).
 
+  ``jit_cache``: see :func:`cached_batch_fn`.
+
   Returns:
     A pytree like ``params`` (at least float32).
   """
 
-  @jax.jit
-  def batch_fn(params, x, y, w, key):
-    del y, key
-    z = _float(apply_fn(params, x))
-    return _per_example_reduce(apply_fn, params, x, (2.0 * z)[None], w, "abs", microbatch)
+  def build():
+    @jax.jit
+    def batch_fn(params, x, y, w, key):
+      del y, key
+      z = _float(apply_fn(params, x))
+      return _per_example_reduce(apply_fn, params, x, (2.0 * z)[None], w, "abs", microbatch)
+    return batch_fn
 
+  batch_fn = cached_batch_fn(jit_cache, ("mas", microbatch), build)
   return accumulate(batch_fn, params, batches, None)
 
 

@@ -64,7 +64,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import linear as flax_linear
 
-from cft_jax.curvature.fisher import _check, _float, accumulate, output_cotangents
+from cft_jax.curvature.fisher import (_check, _float, accumulate, cached_batch_fn,
+                                      output_cotangents)
 from cft_jax.linearize import linearized_apply, split_head
 from cft_jax.peft.lora import LoRADense
 
@@ -206,8 +207,8 @@ def _layer_sums(a: Array, g: Array, w: Array) -> LayerFactors:
 def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, batches: Iterable,
                  *, loss: str, fisher_type: str = "mc", rng: Optional[Array] = None,
                  num_samples: int = 1, mse_alpha: float = 15.0,
-                 layer_filter: Callable[[nn.Module], bool] = default_layer_filter
-                 ) -> Dict[Path, LayerFactors]:
+                 layer_filter: Callable[[nn.Module], bool] = default_layer_filter,
+                 jit_cache: Optional[dict] = None) -> Dict[Path, LayerFactors]:
   """K-FAC factors ``{layer_path: LayerFactors(A, G, fisher_trace)}`` of a Flax model.
 
   Args:
@@ -222,6 +223,8 @@ def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, bat
     num_samples: label samples per example for ``"mc"``.
     mse_alpha: MSE target scale (``"empirical"`` only).
     layer_filter: which intercepted modules are K-FAC layers.
+    jit_cache: reuse the compiled per-batch function of an earlier call with the same
+      ``apply_fn`` and ``layer_filter`` (:func:`cft_jax.curvature.fisher.cached_batch_fn`).
 
   Returns:
     Factors averaged over examples; keys are module paths (= param paths of ``kernel``/``bias``).
@@ -231,29 +234,34 @@ def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, bat
       called twice.
   """
   _check(loss, fisher_type, rng)
-  infos: Dict[Path, _LayerInfo] = {}
 
-  @jax.jit
-  def batch_fn(params, x, y, w, key):
-    _, _, outs = jax.eval_shape(
-        lambda p, xx: _tap_forward(apply_fn, p, xx, None, layer_filter, infos), params, x)
-    pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
+  def build():
+    infos: Dict[Path, _LayerInfo] = {}
 
-    def fwd(pert):
-      y_, ins, _ = _tap_forward(apply_fn, params, x, pert, layer_filter, infos)
-      return y_, ins
+    @jax.jit
+    def batch_fn(params, x, y, w, key):
+      _, _, outs = jax.eval_shape(
+          lambda p, xx: _tap_forward(apply_fn, p, xx, None, layer_filter, infos), params, x)
+      pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
 
-    logits, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
-    q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
-                          num_samples=num_samples, mse_alpha=mse_alpha)
-    gs = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype))[0])(q)
-    out = {}
-    for path, x_in in ins.items():
-      a = _activations(x_in, infos[path])
-      g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
-      out[path] = _layer_sums(a, g, w)
-    return out
+      def fwd(pert):
+        y_, ins, _ = _tap_forward(apply_fn, params, x, pert, layer_filter, infos)
+        return y_, ins
 
+      logits, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
+      q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
+                            num_samples=num_samples, mse_alpha=mse_alpha)
+      gs = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype))[0])(q)
+      out = {}
+      for path, x_in in ins.items():
+        a = _activations(x_in, infos[path])
+        g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
+        out[path] = _layer_sums(a, g, w)
+      return out
+    return batch_fn
+
+  batch_fn = cached_batch_fn(jit_cache, ("kfac", loss, fisher_type, num_samples, mse_alpha),
+                            build)
   return accumulate(batch_fn, params, batches, rng, what="K-FAC layers")
 
 
@@ -261,8 +269,8 @@ def kfac_factors_linearized_features(
     feature_fn: Callable[[PyTree, Array], Array], params0: Dict[str, Any],
     params: Dict[str, Any], batches: Iterable, *, loss: str = "mse", fisher_type: str = "mc",
     rng: Optional[Array] = None, num_samples: int = 1, mse_alpha: float = 15.0,
-    head_key: str = "head", layer_filter: Callable[[nn.Module], bool] = default_layer_filter
-) -> Dict[Path, LayerFactors]:
+    head_key: str = "head", layer_filter: Callable[[nn.Module], bool] = default_layer_filter,
+    jit_cache: Optional[dict] = None) -> Dict[Path, LayerFactors]:
   """K-FAC of DLCFT's model ``f = g_lin(x; psi) W + b`` (eqs. 6-7) at ``params``.
 
   The per-example gradient of ``f`` w.r.t. a feature layer's weights is ``g a^T`` with ``a`` the
@@ -281,38 +289,43 @@ def kfac_factors_linearized_features(
     ``{path: LayerFactors}`` for the backbone layers and ``(head_key,)``.
   """
   _check(loss, fisher_type, rng)
-  infos: Dict[Path, _LayerInfo] = {}
   psi0, _ = split_head(params0, head_key)
 
-  @jax.jit
-  def batch_fn(params_and_psi0, x, y, w, key):
-    params, psi0 = params_and_psi0  # psi0 as an argument: not baked into the program
-    psi, head = split_head(params, head_key)
-    _, _, outs = jax.eval_shape(
-        lambda p, xx: _tap_forward(feature_fn, p, xx, None, layer_filter, infos), psi0, x)
-    pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
+  def build():
+    infos: Dict[Path, _LayerInfo] = {}
 
-    def fwd(pert):
-      z_, ins, _ = _tap_forward(feature_fn, psi0, x, pert, layer_filter, infos)
-      return z_, ins
+    @jax.jit
+    def batch_fn(params_and_psi0, x, y, w, key):
+      params, psi0 = params_and_psi0  # psi0 as an argument: not baked into the program
+      psi, head = split_head(params, head_key)
+      _, _, outs = jax.eval_shape(
+          lambda p, xx: _tap_forward(feature_fn, p, xx, None, layer_filter, infos), psi0, x)
+      pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
 
-    z0, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
-    z = linearized_apply(feature_fn, psi0, psi, x)
-    has_bias = "bias" in head
-    logits = z @ head["kernel"] + (head["bias"] if has_bias else 0.0)
-    q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
-                          num_samples=num_samples, mse_alpha=mse_alpha)
-    qz = jnp.einsum("kbc,dc->kbd", q, _float(head["kernel"]), precision=_HI)
-    gs = jax.vmap(lambda c: vjp_fn(c.astype(z0.dtype))[0])(qz)
-    out = {}
-    for path, x_in in ins.items():
-      a = _activations(x_in, infos[path])
-      g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
-      out[path] = _layer_sums(a, g, w)
-    a_head = _activations(z, _LayerInfo("dense", has_bias))
-    out[(head_key,)] = _layer_sums(a_head, q[:, :, None, :], w)
-    return out
+      def fwd(pert):
+        z_, ins, _ = _tap_forward(feature_fn, psi0, x, pert, layer_filter, infos)
+        return z_, ins
 
+      z0, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
+      z = linearized_apply(feature_fn, psi0, psi, x)
+      has_bias = "bias" in head
+      logits = z @ head["kernel"] + (head["bias"] if has_bias else 0.0)
+      q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
+                            num_samples=num_samples, mse_alpha=mse_alpha)
+      qz = jnp.einsum("kbc,dc->kbd", q, _float(head["kernel"]), precision=_HI)
+      gs = jax.vmap(lambda c: vjp_fn(c.astype(z0.dtype))[0])(qz)
+      out = {}
+      for path, x_in in ins.items():
+        a = _activations(x_in, infos[path])
+        g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
+        out[path] = _layer_sums(a, g, w)
+      a_head = _activations(z, _LayerInfo("dense", has_bias))
+      out[(head_key,)] = _layer_sums(a_head, q[:, :, None, :], w)
+      return out
+    return batch_fn
+
+  batch_fn = cached_batch_fn(jit_cache, ("kfac_features", loss, fisher_type, num_samples,
+                                         mse_alpha, head_key), build)
   return accumulate(batch_fn, (params, psi0), batches, rng, what="K-FAC layers")
 
 

@@ -46,6 +46,10 @@ class TaskContext:
       the run is not linearized).
     linearize: ``None``, ``"full"`` or ``"features"`` (:func:`cft_jax.linearize.linearize_mode`).
     loss_scope: ``"local"`` (the task's ``k`` logits) or ``"all"`` (all ``C`` outputs).
+    jit_cache: a dict that lives as long as the run (None: none): hooks keep compiled
+      functions in it (e.g. the curvature estimators, :mod:`cft_jax.curvature`) so later tasks
+      reuse them instead of compiling again; valid because a run's model, frozen weights and
+      ``forward``/``apply`` never change.
   """
 
   task_id: Any = None
@@ -61,6 +65,7 @@ class TaskContext:
   params0: Any = None
   linearize: Optional[str] = None
   loss_scope: str = "local"
+  jit_cache: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)

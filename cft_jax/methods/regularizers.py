@@ -79,6 +79,15 @@ def copy_tree(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def _jit_cache(ctx, *key) -> Optional[dict]:
+  """The run's store of compiled curvature functions for this call site (``ctx.jit_cache``,
+  one dict per ``key``), or None when the context has none (every call compiles)."""
+  store = getattr(ctx, "jit_cache", None)
+  if store is None:
+    return None
+  return store.setdefault(key, {})
+
+
 def _require(ctx: Optional[TaskContext], attr: str, who: str):
   val = getattr(ctx, attr, None) if ctx is not None else None
   if val is None:
@@ -280,7 +289,7 @@ class EWC(QuadraticRegularizer):
         lambda p, x: fwd(p, x)[:, lo:hi], params, self._batches_fn(ctx, lo)(),
         loss=self._loss(ctx), fisher_type=self.fisher_type, rng=self._rng(task_id),
         num_samples=self.num_samples, mse_alpha=self.mse_alpha,
-        microbatch=self.microbatch or None)
+        microbatch=self.microbatch or None, jit_cache=_jit_cache(ctx, self.name, lo, hi))
 
   def end_task(self, task_id, params, method_state, ctx=None):
     """Estimates the task's importance at ``theta_t``, accumulates it and moves the anchor."""
@@ -305,7 +314,8 @@ class MAS(EWC):
     fwd = _require(ctx, "forward", self.name)
     return curvature.mas_importance(lambda p, x: fwd(p, x)[:, lo:hi], params,
                                     self._batches_fn(ctx, lo)(),
-                                    microbatch=self.microbatch or None)
+                                    microbatch=self.microbatch or None,
+                                    jit_cache=_jit_cache(ctx, self.name, lo, hi))
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,7 +357,8 @@ class KroneckerRegularizer(QuadraticRegularizer):
     apply = _require(ctx, "apply", self.name)
     mode = getattr(ctx, "linearize", None)
     kw = dict(loss=self._loss(ctx), fisher_type=self.fisher_type, rng=rng,
-              num_samples=self.num_samples, mse_alpha=self.mse_alpha)
+              num_samples=self.num_samples, mse_alpha=self.mse_alpha,
+              jit_cache=_jit_cache(ctx, self.name, "kfac", mode, lo, hi))
     c = ctx.num_classes
     # only layers whose weights train (a frozen backbone's layers need no curvature)
     trainable = {k[:-1] for k in _flat(params) if k[-1] == "kernel"}
@@ -385,7 +396,7 @@ class KroneckerRegularizer(QuadraticRegularizer):
     rest = traverse_util.unflatten_dict({k: v for k, v in _flat(params).items()
                                          if k not in uncovered})
 
-    def merged(s, x):
+    def merged(s, x, rest):  # rest: an argument, so a cached compilation sees today's values
       flat = _flat(rest)
       flat.update(_flat(s))
       return fwd(traverse_util.unflatten_dict(flat), x)[:, lo:hi]
@@ -393,7 +404,8 @@ class KroneckerRegularizer(QuadraticRegularizer):
     return curvature.diagonal_fisher(
         merged, sub, batches_fn(), loss=self._loss(ctx), fisher_type=self.fisher_type,
         rng=rng, num_samples=self.num_samples, mse_alpha=self.mse_alpha,
-        microbatch=self.microbatch or None)
+        microbatch=self.microbatch or None, const=rest,
+        jit_cache=_jit_cache(ctx, self.name, "diag", lo, hi, tuple(sorted(uncovered))))
 
   def _curvature(self, params, ctx, lo, hi, batches_fn, rng):
     f = self._kfac(params, ctx, lo, hi, batches_fn, rng)
