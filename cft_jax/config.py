@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.linearize = "none"      # DLCFT: none | full (whole network) | features (eqs. 6-7)
   c.loss.scope = "local"          # local: current task's classes (aEPG paper) | all: every output
   c.optim.momentum = 0.9          # sgd
+  c.optim.backbone_lr_scale = 1.0  # learning rate of the non-head leaves = scale x learning_rate
   return c
 
 
@@ -133,7 +134,7 @@ _POSITIVE = ("scenario.num_tasks", "data.image_size", "train.epochs", "train.bat
              "eval.batch_size", "optim.learning_rate", "train.log_every")
 _NON_NEGATIVE = ("distributed.num_processes", "data.train_limit", "data.test_limit", "peft.rank", "train.num_devices",
                  "checkpoint.every_steps", "checkpoint.max_to_keep", "train.stop_after_task",
-                 "eval.knn_k", "method.freeze_epochs", "optim.weight_decay", "optim.grad_clip",
+                 "eval.knn_k", "method.freeze_epochs", "optim.weight_decay", "optim.grad_clip", "optim.backbone_lr_scale",
                  "model.dropout_rate")
 _UNIT = {"data.val_fraction": (0.0, 1.0, False), "eval.wise_ft_alpha": (0.0, 1.0, True),
          "method.ema_decay": (0.0, 1.0, False), "model.dropout_rate": (0.0, 1.0, False)}

@@ -49,7 +49,12 @@ class TrainState:
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
-  ``grad_clip``, ``momentum``).
+  ``grad_clip``, ``momentum``, ``backbone_lr_scale``).
+
+  ``backbone_lr_scale`` ``s != 1`` multiplies the updates of every leaf outside the top-level
+  ``head`` by ``s`` (``optax.masked(optax.scale(s))`` after the optimiser): the backbone then
+  learns at ``s * learning_rate`` while a fresh head keeps ``learning_rate``, the usual recipe
+  for fully fine-tuning a pretrained network.
 
   Raises:
     ValueError: for an unknown optimiser name.
@@ -69,6 +74,12 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   clip = optim.get("grad_clip", 0.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  scale = optim.get("backbone_lr_scale", 1.0)
+  if scale != 1.0:
+    def not_head(params):
+      return {k: jax.tree_util.tree_map(lambda _, keep=(k != "head"): keep, v)
+              for k, v in params.items()}
+    tx = optax.chain(tx, optax.masked(optax.scale(scale), not_head))
   return tx
 
 

@@ -69,10 +69,23 @@ def run_one(config, workdir: str) -> Dict[str, Any]:
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(metrics_path) and os.path.exists(cfg_path):
     with open(cfg_path) as f:
-      if json.load(f) == json.loads(config.to_json()):
+      if _same_settings(json.load(f), json.loads(config.to_json())):
         with open(metrics_path) as g:
           return json.load(g)
   return train.run(config, workdir)
+
+
+def _same_settings(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
+  """Equal configs, ignoring keys present on one side only (keys added to the library since
+  the run was made keep, at their defaults, the behaviour the run had)."""
+  for section in set(saved) & set(now):
+    a, b = saved[section], now[section]
+    if isinstance(a, dict) and isinstance(b, dict):
+      if any(a[k] != b[k] for k in set(a) & set(b)):
+        return False
+    elif a != b:
+      return False
+  return True
 
 
 _ms = mean_std
