@@ -194,3 +194,27 @@ def test_cache_features_run_equals_uncached_run(tmp_path):
     cfg = tiny_config(**{**kw, **bad, "train.cache_features": True})
     with pytest.raises(train.ConfigError, match=match):
       train.run(cfg, str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_backbone_lr_scale_scales_only_non_head_updates(name):
+  """``optim.backbone_lr_scale = s``: every non-head update is ``s`` times the unscaled one; the
+  head's is unchanged."""
+  import ml_collections
+  from cft_jax.steps import make_optimizer
+  base = dict(name=name, learning_rate=0.1, weight_decay=0.0, grad_clip=0.0, momentum=0.9)
+  params = {"head": {"kernel": jnp.ones((3, 2))},
+            "block_0": {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2)}}}
+  grads = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(np.random.default_rng(p.size).standard_normal(p.shape), p.dtype),
+      params)
+  ups = []
+  for scale in (1.0, 0.25):
+    tx = make_optimizer(ml_collections.ConfigDict(dict(base, backbone_lr_scale=scale)))
+    u, _ = tx.update(grads, tx.init(params), params)
+    ups.append(u)
+  np.testing.assert_allclose(ups[1]["head"]["kernel"], ups[0]["head"]["kernel"], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(ups[0]["block_0"]),
+                  jax.tree_util.tree_leaves(ups[1]["block_0"])):
+    np.testing.assert_allclose(b, 0.25 * a, rtol=1e-6)
+    assert float(jnp.abs(a).max()) > 0
