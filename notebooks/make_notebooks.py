@@ -389,8 +389,9 @@ ax.legend(); ax.grid(alpha=0.3)
 display(fig); plt.close(fig)  # shown once, whatever the backend
 """),
     md("""
-The same objects drive DLCFT in the trainer: `config.model.linearize = True` trains the linearized
-model (`train.make_forward`), and `cft_jax.curvature` provides the scalable curvature estimates
+The same objects drive DLCFT in the trainer: `config.model.linearize = "features"` trains the linearized
+feature extractor under a linear head (eqs. 6-7, `steps.make_forward`; `"full"` linearizes the whole
+network), and `cft_jax.curvature` provides the scalable curvature estimates
 (diagonal Fisher, K-FAC / TK-FAC via `curvature.kfac_factors_linearized_features`) that replace the
 exact `H` for real networks.
 """),
