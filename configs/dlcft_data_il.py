@@ -14,22 +14,18 @@ DLCFT TK-FAC 82.70, Joint 83.57.
 
 Setup here (what a 2-core CPU runs in minutes): the training set of Fashion-MNIST split uniformly
 at random into 10 tasks of 300 images (all 10 classes in every task), one shared test set of 2000
-images; pretrained EfficientNet-Lite0 at 32 px as a FROZEN feature extractor with a trainable
-linear head (``peft.name=linear_probe``); Adam lr 1e-2, batch 32, 3 epochs per task, no
-augmentation. Baselines use CE; DLCFT trains the linearized model (``model.linearize=True``; with
-a linear probe the model is already linear in its trainable parameters) with the MSE loss
-(``alpha = 15``) over all outputs, regularised by K-FAC / TK-FAC (MC Fisher, factors averaged
-``(t-1):1``) with eq. 11's weighting ``(1/t) L_data + ((t-1)/t) L_reg``; EWC (MC diagonal Fisher)
-and OSLA (K-FAC of the CE loss) use the same weighting with ``strength = 1``.
-*(inferred)* Why a linear probe: the Lite0 head is zero-initialised (so the whole-network
-linearization gives the backbone a zero tangent) and its LoRADense layers (custom VJP) cannot be
-differentiated reverse-over-forward, so a linearized fine-tuned Lite0 does not train here.
+images; pretrained EfficientNet-Lite0 at 32 px, the WHOLE network fine-tuned
+(``peft.name=full``, 3.4M parameters, BatchNorm statistics frozen); Adam lr 1e-3, batch 32,
+2 epochs per task, no augmentation. Baselines train the network itself with CE; EWC (MC diagonal
+Fisher), OSLA (K-FAC of the CE loss on the non-linear network) and DLCFT use eq. 11's weighting
+``(1/t) L_data + ((t-1)/t) L_reg`` with ``strength = 1`` and the curvature of 128 images of the
+task. DLCFT trains eqs. 6-7 (``model.linearize=features``): the jvp-linearized feature extractor
+``g(x; psi_0) + J g(x; psi_0)(psi - psi_0)`` under an ordinary linear head, with the MSE loss
+(``alpha = 15``) over all outputs and a K-FAC / TK-FAC penalty (MC Fisher, factors averaged
+``(t-1):1``) on every 1x1 conv and the head (the stem, depthwise convs and BN affine parameters
+take the diagonal-Fisher fallback).
 
-Measured (``studies/dlcft_study.py``, seeds 0-2, final accuracy mean ± std, 2-core CPU shared
-with other jobs; whole study 12.1 min): None 74.43 ± 0.53, EWC 76.00 ± 0.96, OSLA 75.98 ± 1.63,
-DLCFT K-FAC 73.38 ± 1.63, DLCFT TK-FAC 73.40 ± 1.63, Joint 75.15 ± 0.88 — the paper's ordering does
-NOT reproduce at this scale (little forgetting to prevent; with only the head trainable K-FAC and
-TK-FAC coincide). Details: ``docs/results/dlcft_data_il.md``.
+Measured: ``docs/results/dlcft_data_il.md`` (``studies/dlcft_study.py``, 3 seeds).
 """
 
 
