@@ -15,6 +15,16 @@ def load_config_module(path: str, name: str = "study_config"):
   return module
 
 
+def add_override_args(p, what: str = "per task") -> None:
+  """``--train-limit/--test-limit/--image-size/--epochs/--learning-rate`` (the arguments
+  :func:`apply_overrides` reads) on the argparse parser ``p``."""
+  p.add_argument("--train-limit", type=int, default=None, help=f"training images {what}")
+  p.add_argument("--test-limit", type=int, default=None, help=f"test images {what}")
+  p.add_argument("--image-size", type=int, default=None)
+  p.add_argument("--epochs", type=int, default=None)
+  p.add_argument("--learning-rate", type=float, default=None)
+
+
 def apply_overrides(c, args, seed: int):
   """Sets ``seed`` and the optional ``--train-limit/--test-limit/--image-size/--epochs/
   --learning-rate`` arguments (those the parser defines and the user gave) on config ``c``, and

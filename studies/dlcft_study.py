@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import apply_overrides, enable_compile_cache, load_config_module, mean_std  # noqa: E402
+from _common import (  # noqa: E402
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std)
 
 DATA_IL = ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
 CLASS_IL = ("er", "der", "derpp", "dlcft")
@@ -247,10 +248,7 @@ def main(argv=None) -> int:
                  choices=["data_il", "class_il"])
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "dlcft_study"))
-  p.add_argument("--train-limit", type=int, default=None)
-  p.add_argument("--test-limit", type=int, default=None)
-  p.add_argument("--image-size", type=int, default=None)
-  p.add_argument("--epochs", type=int, default=None)
+  add_override_args(p, "per task")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--no-compile-cache", action="store_true")
   args = p.parse_args(argv)

@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import apply_overrides, load_config_module, mean_std  # noqa: E402
+from _common import (  # noqa: E402
+    add_override_args, apply_overrides, load_config_module, mean_std)
 
 OBJECTIVES = ("ce", "epg", "aepg", "entropy_penalty", "confidence_penalty", "label_smoothing",
               "focal", "reinforce")
@@ -383,11 +384,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "objectives_study"))
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "objectives_study.py"))
-  p.add_argument("--train-limit", type=int, default=None, help="training images per task")
-  p.add_argument("--test-limit", type=int, default=None, help="test images per task")
-  p.add_argument("--image-size", type=int, default=None)
-  p.add_argument("--epochs", type=int, default=None)
-  p.add_argument("--learning-rate", type=float, default=None)
+  add_override_args(p, "per task")
   p.add_argument("--report-only", action="store_true", help="aggregate finished runs only")
   args = p.parse_args(argv)
 

@@ -48,7 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import apply_overrides, enable_compile_cache, load_config_module, mean_std  # noqa: E402
+from _common import (  # noqa: E402
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std)
 
 METHODS = ("ft", "l2sp", "wise_ft", "tpgm", "ftp")
 LABELS = {
@@ -373,11 +374,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "robust_ft"))
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "robust_ft.py"))
-  p.add_argument("--train-limit", type=int, default=None, help="training images (one task)")
-  p.add_argument("--test-limit", type=int, default=None, help="test images")
-  p.add_argument("--image-size", type=int, default=None)
-  p.add_argument("--epochs", type=int, default=None)
-  p.add_argument("--learning-rate", type=float, default=None)
+  add_override_args(p, "(one task)")
   p.add_argument("--corruptions", nargs="+", default=None, help="eval.ood_corruptions")
   p.add_argument("--severities", nargs="+", type=int, default=None, help="eval.ood_severities")
   p.add_argument("--report-only", action="store_true", help="aggregate finished runs only")
