@@ -204,6 +204,30 @@ def _layer_sums(a: Array, g: Array, w: Array) -> LayerFactors:
   return LayerFactors(A, G, jnp.einsum("b,kb->", w, per))
 
 
+def _tapped_layer_sums(fn, params, x: Array, w: Array, layer_filter, infos: Dict[Path, Any],
+                       cotangents: Callable[[Array], Array]) -> Dict[Path, LayerFactors]:
+  """Per-layer K-FAC sums of one batch: runs ``fn(params, x)`` with its K-FAC layers tapped,
+  backpropagates ``cotangents(output) [K, B, ...]`` to every layer output (one vjp per ``K``) and
+  returns ``{path: _layer_sums(a, g, w)}``."""
+  _, _, outs = jax.eval_shape(
+      lambda p, xx: _tap_forward(fn, p, xx, None, layer_filter, infos), params, x)
+  pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
+
+  def fwd(pert):
+    y, ins, _ = _tap_forward(fn, params, x, pert, layer_filter, infos)
+    return y, ins
+
+  y, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
+  q = cotangents(y)
+  gs = jax.vmap(lambda c: vjp_fn(c.astype(y.dtype))[0])(q)
+  out = {}
+  for path, x_in in ins.items():
+    a = _activations(x_in, infos[path])
+    g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
+    out[path] = _layer_sums(a, g, w)
+  return out
+
+
 def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, batches: Iterable,
                  *, loss: str, fisher_type: str = "mc", rng: Optional[Array] = None,
                  num_samples: int = 1, mse_alpha: float = 15.0,
@@ -240,24 +264,11 @@ def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, bat
 
     @jax.jit
     def batch_fn(params, x, y, w, key):
-      _, _, outs = jax.eval_shape(
-          lambda p, xx: _tap_forward(apply_fn, p, xx, None, layer_filter, infos), params, x)
-      pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
-
-      def fwd(pert):
-        y_, ins, _ = _tap_forward(apply_fn, params, x, pert, layer_filter, infos)
-        return y_, ins
-
-      logits, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
-      q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
-                            num_samples=num_samples, mse_alpha=mse_alpha)
-      gs = jax.vmap(lambda c: vjp_fn(c.astype(logits.dtype))[0])(q)
-      out = {}
-      for path, x_in in ins.items():
-        a = _activations(x_in, infos[path])
-        g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
-        out[path] = _layer_sums(a, g, w)
-      return out
+      return _tapped_layer_sums(
+          apply_fn, params, x, w, layer_filter, infos,
+          lambda logits: output_cotangents(logits, y, loss=loss, fisher_type=fisher_type,
+                                           rng=key, num_samples=num_samples,
+                                           mse_alpha=mse_alpha))
     return batch_fn
 
   batch_fn = cached_batch_fn(jit_cache, ("kfac", loss, fisher_type, num_samples, mse_alpha),
@@ -298,27 +309,15 @@ def kfac_factors_linearized_features(
     def batch_fn(params_and_psi0, x, y, w, key):
       params, psi0 = params_and_psi0  # psi0 as an argument: not baked into the program
       psi, head = split_head(params, head_key)
-      _, _, outs = jax.eval_shape(
-          lambda p, xx: _tap_forward(feature_fn, p, xx, None, layer_filter, infos), psi0, x)
-      pert0 = {k: jnp.zeros(v.shape, v.dtype) for k, v in outs.items()}
-
-      def fwd(pert):
-        z_, ins, _ = _tap_forward(feature_fn, psi0, x, pert, layer_filter, infos)
-        return z_, ins
-
-      z0, vjp_fn, ins = jax.vjp(fwd, pert0, has_aux=True)
       z = linearized_apply(feature_fn, psi0, psi, x)
       has_bias = "bias" in head
       logits = z @ head["kernel"] + (head["bias"] if has_bias else 0.0)
       q = output_cotangents(logits, y, loss=loss, fisher_type=fisher_type, rng=key,
                             num_samples=num_samples, mse_alpha=mse_alpha)
-      qz = jnp.einsum("kbc,dc->kbd", q, _float(head["kernel"]), precision=_HI)
-      gs = jax.vmap(lambda c: vjp_fn(c.astype(z0.dtype))[0])(qz)
-      out = {}
-      for path, x_in in ins.items():
-        a = _activations(x_in, infos[path])
-        g = gs[path].reshape(q.shape[0], a.shape[0], a.shape[1], -1)
-        out[path] = _layer_sums(a, g, w)
+      # backbone layers: taps of g(.; psi_0), cotangents q W^T on its features
+      out = _tapped_layer_sums(
+          feature_fn, psi0, x, w, layer_filter, infos,
+          lambda _: jnp.einsum("kbc,dc->kbd", q, _float(head["kernel"]), precision=_HI))
       a_head = _activations(z, _LayerInfo("dense", has_bias))
       out[(head_key,)] = _layer_sums(a_head, q[:, :, None, :], w)
       return out
