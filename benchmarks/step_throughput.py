@@ -78,24 +78,28 @@ JAX_ONLY = ("vit_lora_remat", "effnet_full_features")
 NUM_CLASSES, K = 100, 10  # a 10-task split of 100 classes: the loss sees the task's 10
 
 
+_EFF, _VIT = dict(model="efficientnet_lite0", size=96), dict(model="vit_ti4", size=32)
+CASE_SPECS = {
+    "effnet_lora": dict(_EFF, peft="lora", linearized=False),
+    "effnet_full": dict(_EFF, peft="full", linearized=False),
+    "effnet_full_linearized": dict(_EFF, peft="full", linearized="full"),
+    "effnet_full_features": dict(_EFF, peft="full", linearized="features"),
+    "vit_full": dict(_VIT, peft="full", linearized=False),
+    "vit_lora": dict(_VIT, peft="lora", linearized=False),
+    "vit_full_linearized": dict(_VIT, peft="full", linearized="full"),
+    "vit_lora_remat": dict(_VIT, peft="lora", linearized=False, remat=True),
+}
+
+
 def case_spec(case: str) -> dict:
-  if case == "effnet_lora":
-    return dict(model="efficientnet_lite0", size=96, peft="lora", linearized=False)
-  if case == "effnet_full":
-    return dict(model="efficientnet_lite0", size=96, peft="full", linearized=False)
-  if case == "effnet_full_linearized":
-    return dict(model="efficientnet_lite0", size=96, peft="full", linearized="full")
-  if case == "effnet_full_features":
-    return dict(model="efficientnet_lite0", size=96, peft="full", linearized="features")
-  if case == "vit_full":
-    return dict(model="vit_ti4", size=32, peft="full", linearized=False)
-  if case == "vit_lora":
-    return dict(model="vit_ti4", size=32, peft="lora", linearized=False)
-  if case == "vit_full_linearized":
-    return dict(model="vit_ti4", size=32, peft="full", linearized="full")
-  if case == "vit_lora_remat":
-    return dict(model="vit_ti4", size=32, peft="lora", linearized=False, remat=True)
-  raise ValueError(case)
+  """Model, image size, PEFT and linearization of a benchmark case.
+
+  Raises:
+    ValueError: unknown case (the message lists the known ones).
+  """
+  if case not in CASE_SPECS:
+    raise ValueError(f"unknown case {case!r}; choose from {sorted(CASE_SPECS)}")
+  return dict(CASE_SPECS[case])
 
 
 def build_variables(spec: dict):
