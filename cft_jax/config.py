@@ -8,7 +8,13 @@ it before anything runs, with messages that name the key and the fix.
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import ml_collections
 
@@ -138,8 +144,34 @@ _NON_NEGATIVE = ("distributed.num_processes", "data.train_limit", "data.test_lim
                  "model.dropout_rate")
 _UNIT = {"data.val_fraction": (0.0, 1.0, False), "eval.wise_ft_alpha": (0.0, 1.0, True),
          "method.ema_decay": (0.0, 1.0, False), "model.dropout_rate": (0.0, 1.0, False)}
-# Sections whose extra keys are method / objective hyper-parameters checked by their owners.
-_OPEN_SECTIONS = ("method",)
+
+
+# Keys that may differ between a run and its resumption / reuse: they do not change what is
+# computed (see :func:`same_run`).
+RUN_SECTIONS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "optim", "train")
+RUN_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task",
+               "train.plots", "train.tensorboard")
+# One-line meanings of keys whose base_config line carries no comment (see :func:`config_schema`).
+_DOC = {
+    "seed": "seed of the model init, data subsets, batch order and augmentation",
+    "data.name": "dataset (data registry name, e.g. fashion_mnist, cifar10, image_folder)",
+    "model.name": "backbone (efficientnet_lite0, vit_*, resnet*, tiny_cnn)",
+    "model.pretrained": "load the pretrained backbone weights (False: random init)",
+    "model.dropout_rate": "dropout before the head",
+    "method.name": "continual-learning method (see cft_jax.methods)",
+    "loss.name": "training objective (see cft_jax.objectives)",
+    "optim.name": "optimiser",
+    "optim.learning_rate": "learning rate",
+    "optim.weight_decay": "weight decay (adamw: decoupled; adam / sgd: added to the gradient)",
+    "optim.grad_clip": "global gradient-norm clip (0: off)",
+    "optim.reset_per_task": "fresh optimiser state at the start of every task",
+    "train.epochs": "epochs per task",
+    "eval.batch_size": "evaluation batch size",
+    "eval.ood_severities": "corruption severities of eval.ood_corruptions",
+    "eval.ood_root": "data root of eval.ood_dataset (\"\": the loader's default)",
+    "distributed.num_processes": "multi-host: number of processes (0: auto-detect)",
+    "distributed.process_id": "multi-host: this process's id (-1: auto-detect)",
+}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -156,11 +188,86 @@ def _type_ok(value: Any, default: Any) -> bool:
   return True
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks keys, types, values and method x setting compatibility (see :func:`_validate`).
+def _did_you_mean(key: str, candidates, prefix: str = "") -> str:
+  hint = difflib.get_close_matches(key, sorted(candidates), 1)
+  return f"; did you mean '{prefix}{hint[0]}'?" if hint else ""
+
+
+def _method_fields(name: str) -> Optional[Dict[str, Any]]:
+  from cft_jax import methods  # pylint: disable=g-import-not-at-top
+  if name not in methods.method_names():
+    raise ConfigError(f"config.method.name={name!r}; choose one of {list(methods.method_names())}"
+                      + _did_you_mean(str(name), methods.method_names()))
+  return methods.method_config_fields(name)
+
+
+def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
+  """Checks the keys of a ``config.method`` section against method ``name``'s declared fields
+  (:func:`cft_jax.methods.method_config_fields`) and the trainer's method keys of
+  :func:`base_config`.
+
+  Returns:
+    ``{key: default}`` of the method's own fields (None: a method registered without fields).
 
   Raises:
-    ConfigError: naming the first offending key, what is wrong and the fix.
+    ConfigError: unknown method, or an unknown key (with a "did you mean").
+  """
+  fields = _method_fields(name)
+  if fields is None:
+    return None
+  trainer_keys = set(base_config().method.keys())
+  allowed = trainer_keys | set(fields)
+  for key in keys:
+    if key == "mse_alpha":
+      raise ConfigError("config.method.mse_alpha: the MSE target scale is loss.alpha (one value "
+                        "for the loss and the curvature / replay terms); set loss.alpha instead")
+    if key not in allowed:
+      raise ConfigError(f"unknown config key 'method.{key}' for method '{name}'"
+                        + _did_you_mean(key, allowed, "method.")
+                        + f" Keys of method '{name}': {sorted(fields)}; trainer keys: "
+                        f"{sorted(trainer_keys)}")
+  return fields
+
+
+def mse_alpha_default() -> float:
+  """Default MSE target scale ``alpha`` (that of :func:`cft_jax.objectives.mse`, 15)."""
+  from cft_jax import objectives  # pylint: disable=g-import-not-at-top
+  return float(inspect.signature(objectives.mse).parameters["alpha"].default)
+
+
+def mse_alpha(config: ml_collections.ConfigDict) -> float:
+  """The run's MSE target scale: ``loss.alpha`` when ``loss.name='mse'``, else the default
+  (the curvature and replay terms of DLCFT use the same value as the loss)."""
+  if config.loss.name == "mse" and "alpha" in config.loss:
+    return float(config.loss.alpha)
+  return mse_alpha_default()
+
+
+def _normalise(user: Dict[str, Any]) -> None:
+  """In-place spelling normalisations of a user config dict (the one place for each)."""
+  model = user.get("model")
+  if isinstance(model, dict) and "linearize" in model:
+    from cft_jax.linearize import linearize_mode  # pylint: disable=g-import-not-at-top
+    try:
+      model["linearize"] = linearize_mode(model["linearize"]) or "none"
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks a config and returns it *resolved*: every key of :func:`base_config` present (the
+  user's value or the library default), plus the chosen method's own fields
+  (:func:`cft_jax.methods.method_config_fields`) at their defaults, ``model.linearize`` spelled
+  ``none | full | features``, and ``loss.alpha`` (the MSE target scale) when ``loss.name='mse'``.
+
+  The trainer reads only resolved configs, so no code needs an inline default.
+
+  Returns:
+    A new, unlocked ``ConfigDict`` (the argument is not modified).
+
+  Raises:
+    ConfigError: naming the first offending key, what is wrong and the fix (unknown keys get a
+      "did you mean" suggestion).
   """
   try:
     return _validate(config)
@@ -169,75 +276,95 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                       f"configs/default.py") from e
 
 
-def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks keys, types, values and method x setting compatibility.
+def _check_value(full: str, v: Any, default: Any) -> None:
+  """Type, choice and range checks of one value (``default``: the library default)."""
+  if default is not None and v is not None and not _type_ok(v, default):
+    raise ConfigError(f"config.{full}={v!r} has type {type(v).__name__}; expected "
+                      f"{type(default).__name__} like the default {default!r}")
+  if full in _CHOICES and v not in _CHOICES[full]:
+    raise ConfigError(f"config.{full}={v!r}; choose one of {list(_CHOICES[full])}")
+  if full in _POSITIVE and (v is None or not v > 0):
+    raise ConfigError(f"config.{full}={v!r} must be > 0")
+  if full in _NON_NEGATIVE and v is not None and not v >= 0:
+    raise ConfigError(f"config.{full}={v!r} must be >= 0")
+  if full in _UNIT:
+    lo, hi, closed = _UNIT[full]
+    if not (lo <= v <= hi if closed else lo <= v < hi):
+      raise ConfigError(f"config.{full}={v!r} must be in [{lo}, {hi}{']' if closed else ')'}")
 
-  Returns:
-    ``config`` unchanged (for chaining).
+
+def _resolve_section(section: str, value: Dict[str, Any], default: Dict[str, Any],
+                     method_fields: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+  """``default`` updated by the user's ``value`` (keys and values checked)."""
+  from cft_jax import objectives  # pylint: disable=g-import-not-at-top
+  defaults, allowed = dict(default), set(default)
+  if section == "loss":
+    allowed |= set(objectives.LOSS_HPARAMS)
+  if section == "method":
+    if method_fields is None:  # a method registered without declared fields: open section
+      allowed |= set(value)
+    else:
+      check_method_keys(value.get("name", default["name"]), value.keys())
+      defaults.update(method_fields)
+      allowed |= set(method_fields)
+  for key, v in value.items():
+    full = f"{section}.{key}"
+    if key not in allowed:
+      raise ConfigError(f"unknown config key '{full}'" + _did_you_mean(key, allowed, f"{section}.")
+                        + f" Valid keys of '{section}': {sorted(allowed)}")
+    _check_value(full, v, defaults.get(key))
+  out = dict(default)
+  if section == "method" and method_fields:
+    out.update(method_fields)
+  out.update(value)
+  return out
+
+
+def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Resolves and checks keys, types, values and method x setting compatibility.
 
   Raises:
     ConfigError: naming the first offending key, what is wrong and the fix.
   """
-  from cft_jax import methods, objectives  # pylint: disable=g-import-not-at-top
+  from cft_jax import objectives  # pylint: disable=g-import-not-at-top
   from cft_jax.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
-  ref = base_config()
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config must be an ml_collections.ConfigDict, got {type(config).__name__}")
-  for section in config.keys():
-    if section not in ref:
-      hint = difflib.get_close_matches(section, list(ref.keys()), 1)
+  user = config.to_dict()
+  _normalise(user)
+  resolved = base_config().to_dict()
+  method_name = (user.get("method") or {}).get("name", resolved["method"]["name"])
+  method_fields = _method_fields(method_name) if isinstance(method_name, str) else {}
+  for section, value in user.items():
+    if section not in resolved:
       raise ConfigError(f"unknown config section '{section}'"
-                        + (f"; did you mean '{hint[0]}'?" if hint else "")
-                        + f" Valid sections: {sorted(ref.keys())}")
-    value, default = config[section], ref[section]
-    if not isinstance(default, ml_collections.ConfigDict):
+                        + _did_you_mean(section, resolved.keys())
+                        + f" Valid sections: {sorted(resolved.keys())}")
+    default = resolved[section]
+    if not isinstance(default, dict):
       if not _type_ok(value, default):
         raise ConfigError(f"config.{section}={value!r}: expected {type(default).__name__}")
-      continue
-    if not isinstance(value, ml_collections.ConfigDict):
+      resolved[section] = value
+    elif not isinstance(value, dict):
       raise ConfigError(f"config.{section} must be a section (ConfigDict), got {value!r}")
-    allowed = set(default.keys())
-    if section == "loss":
-      allowed |= set(objectives.LOSS_HPARAMS)
-    for key in value.keys():
-      full = f"{section}.{key}"
-      if key not in allowed:
-        if section in _OPEN_SECTIONS:
-          continue
-        hint = difflib.get_close_matches(key, sorted(allowed), 1)
-        raise ConfigError(f"unknown config key '{full}'"
-                          + (f"; did you mean '{section}.{hint[0]}'?" if hint else "")
-                          + f" Valid keys of '{section}': {sorted(allowed)}")
-      v = value[key]
-      if key in default and default[key] is not None and v is not None and not _type_ok(
-          v, default[key]):
-        raise ConfigError(f"config.{full}={v!r} has type {type(v).__name__}; expected "
-                          f"{type(default[key]).__name__} like the default {default[key]!r}")
-      if full in _CHOICES and v not in _CHOICES[full]:
-        raise ConfigError(f"config.{full}={v!r}; choose one of {list(_CHOICES[full])}")
-      if full in _POSITIVE and (v is None or not v > 0):
-        raise ConfigError(f"config.{full}={v!r} must be > 0")
-      if full in _NON_NEGATIVE and v is not None and not v >= 0:
-        raise ConfigError(f"config.{full}={v!r} must be >= 0")
-      if full in _UNIT:
-        lo, hi, closed = _UNIT[full]
-        if not (lo <= v <= hi if closed else lo <= v < hi):
-          raise ConfigError(f"config.{full}={v!r} must be in [{lo}, {hi}{']' if closed else ')'}")
-  c = config
+    else:
+      resolved[section] = _resolve_section(section, value, default, method_fields)
+  if method_fields and "method" not in user:
+    resolved["method"].update(method_fields)
+  if resolved["loss"]["name"] == "mse" and "alpha" not in resolved["loss"]:
+    resolved["loss"]["alpha"] = mse_alpha_default()
+  c = ml_collections.ConfigDict(resolved)
   if c.model.name not in MODEL_NAMES:
     raise ConfigError(f"config.model.name={c.model.name!r}; choose one of {list(MODEL_NAMES)}")
   if c.loss.name not in objectives.OBJECTIVES:
     raise ConfigError(f"config.loss.name={c.loss.name!r}; choose one of "
                       f"{sorted(objectives.OBJECTIVES)}")
-  if c.method.name not in methods.method_names():
-    raise ConfigError(f"config.method.name={c.method.name!r}; choose one of "
-                      f"{list(methods.method_names())}")
   # Method x setting compatibility.
   if c.peft.name == "prefix" and not c.model.name.startswith("vit_"):
     raise ConfigError(f"peft.name='prefix' needs a ViT (model.name=vit_*); "
                       f"{c.model.name} supports lora | linear_probe | full"
                       + (" | adapter" if c.model.name.startswith("efficientnet") else ""))
-  if c.model.get("remat", False) and not c.model.name.startswith("vit_"):
+  if c.model.remat and not c.model.name.startswith("vit_"):
     raise ConfigError(f"model.remat=True is implemented for the ViT backbones (model.name="
                       f"vit_*); {c.model.name} does not rematerialise: set model.remat=False")
   if c.peft.name == "adapter" and not (c.model.name.startswith("vit_")
@@ -247,15 +374,228 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.method.name == "lae" and c.peft.name not in ("lora", "adapter", "prefix"):
     raise ConfigError(f"method.name='lae' ensembles an online and an offline PEFT module: set "
                       f"peft.name to lora, adapter or prefix (got {c.peft.name!r})")
-  if c.method.get("projection") == "tpgm" and not c.data.get("val_fraction", 0.0) > 0:
+  if c.method.projection == "tpgm" and not c.data.val_fraction > 0:
     raise ConfigError("method.projection='tpgm' learns its radii on held-out training data: "
                       "set data.val_fraction > 0 (e.g. 0.1)")
   if c.peft.name == "lora" and not c.peft.rank > 0:
     raise ConfigError("peft.name='lora' needs peft.rank >= 1")
-  if c.data.name == "image_folder" and not c.data.get("root"):
+  if c.data.name == "image_folder" and not c.data.root:
     raise ConfigError("data.name='image_folder' needs --config.data.root=DIR with "
                       "DIR/{train,test}/<class>/*.jpg")
-  if c.train.batch_size % max(c.train.get("num_devices", 1) or 1, 1):
+  if c.train.batch_size % max(c.train.num_devices, 1):
     raise ConfigError(f"train.batch_size={c.train.batch_size} must be divisible by "
                       f"train.num_devices={c.train.num_devices}")
-  return config
+  return c
+
+
+def parse_config_arg(arg, fields, example: str):
+  """Splits a config file's argument (``--config FILE.py:a,b,c``) into one value per field.
+
+  Args:
+    arg: the text after the colon (``None`` / ``""``: every field's default); comma-separated,
+      positional, trailing fields may be left out.
+    fields: ``[(name, choices, default), ...]`` in order; ``choices`` a tuple of allowed values.
+    example: a valid command-line use shown in the error, e.g. ``configs/cifar10.py:aepg,lae``.
+
+  Returns:
+    A tuple with one value per field (the given or the default one).
+
+  Raises:
+    ConfigError (a ValueError): more parts than fields, or a value outside its field's choices;
+      the message lists every field's choices and ``example``.
+  """
+  parts = [p.strip() for p in (arg or "").split(",")] if (arg or "").strip() else []
+  values = tuple(parts[i] if i < len(parts) and parts[i] else default
+                 for i, (_, _, default) in enumerate(fields))
+  if len(parts) > len(fields) or any(v not in choices
+                                     for v, (_, choices, _) in zip(values, fields)):
+    expected = ", ".join(f"{name} in {tuple(choices)}" for name, choices, _ in fields)
+    raise ConfigError(f"config argument '{arg}': expected {expected}, e.g. {example}")
+  return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Same run?  Loading config files.  Describing the keys.
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain(config: Union[ml_collections.ConfigDict, Dict[str, Any]]) -> Dict[str, Any]:
+  """A JSON-comparable dict (tuples as lists) of a ConfigDict or dict."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json())
+  return json.loads(json.dumps(config))
+
+
+def _lookup(d: Dict[str, Any], key: str) -> Any:
+  for part in key.split("."):
+    d = d.get(part) if isinstance(d, dict) else None
+  return d
+
+
+def same_run(saved: Union[ml_collections.ConfigDict, Dict[str, Any]],
+             now: Union[ml_collections.ConfigDict, Dict[str, Any]],
+             sections: Sequence[str] = RUN_SECTIONS,
+             ignore: Sequence[str] = RUN_IGNORED) -> List[str]:
+  """The keys (``"section.key"``) whose values differ between two configs of a run.
+
+  The one rule deciding "is this the same run?" for resume (:func:`cft_jax.train.run`) and for
+  the studies' reuse of finished workdirs: keys of ``sections`` are compared, except ``ignore``
+  (logging and stopping keys that do not change what is computed) and keys present on one side
+  only (a key added to the library since the run was made keeps, at its default, the behaviour
+  the run had).
+
+  Args:
+    saved: the run's saved config (``workdir/config.json`` as a dict, or a ConfigDict).
+    now: the config of this invocation.
+    sections: top-level sections (or scalar keys such as ``seed``) to compare; the studies add
+      ``eval`` when their metrics depend on it.
+    ignore: ``"section.key"`` names that may differ.
+
+  Returns:
+    The differing keys, sorted; ``[]`` means the same run.
+  """
+  a, b = _plain(saved), _plain(now)
+  diffs = []
+  for section in sections:
+    x, y = a.get(section), b.get(section)
+    if isinstance(x, dict) and isinstance(y, dict):
+      diffs += [f"{section}.{k}" for k in sorted(set(x) & set(y))
+                if f"{section}.{k}" not in ignore and x[k] != y[k]]
+    elif x is not None and y is not None and x != y and section not in ignore:
+      diffs.append(section)
+  return diffs
+
+
+def describe_diffs(saved, now, keys: Sequence[str]) -> str:
+  """``"key: saved X, now Y"`` lines of :func:`same_run`'s keys."""
+  a, b = _plain(saved), _plain(now)
+  return "\n".join(f"{k}: saved {_lookup(a, k)!r}, now {_lookup(b, k)!r}" for k in keys)
+
+
+def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
+                ) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of a config file, module name or module (the ``--config`` semantics).
+
+  Args:
+    path_or_module: a file path (``configs/default.py``, optionally ``FILE.py:arg`` as on the
+      command line), a module name (``configs.dlcft_class_il``) or an imported module.
+    arg: the argument of ``get_config`` (None: its default; overrides a ``:arg`` suffix).
+
+  Raises:
+    ConfigError: the file or module does not exist or has no ``get_config``.
+  """
+  module = path_or_module
+  if isinstance(path_or_module, str):
+    path = path_or_module
+    if ":" in path and path.rsplit(":", 1)[0].endswith(".py"):
+      path, suffix = path.rsplit(":", 1)
+      arg = suffix if arg is None else arg
+    if path.endswith(".py") or os.path.sep in path:
+      if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+      name = "cft_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+      spec = importlib.util.spec_from_file_location(name, path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+    else:
+      try:
+        module = importlib.import_module(path)
+      except ImportError as e:
+        raise ConfigError(f"config module {path!r} cannot be imported: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path_or_module!r} has no get_config(arg) function")
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def _source_comments() -> Dict[str, str]:
+  """``{"section.key": comment}`` from the ``# ...`` comments of :func:`base_config`'s lines."""
+  out = {}
+  for line in inspect.getsource(base_config).splitlines():
+    m = re.match(r"\s*c\.(\w+(?:\.\w+)?)\s*=\s*.*?#\s*(.+)$", line)
+    if m and "ConfigDict()" not in line:
+      out[m.group(1)] = m.group(2).strip()
+  return out
+
+
+def _allowed(key: str, default: Any) -> str:
+  """Allowed values of ``key`` as text (choices, registries, ranges, type)."""
+  from cft_jax import methods, objectives  # pylint: disable=g-import-not-at-top
+  from cft_jax.models import MODEL_NAMES  # pylint: disable=g-import-not-at-top
+  registries = {"model.name": MODEL_NAMES, "loss.name": sorted(objectives.OBJECTIVES),
+                "method.name": methods.method_names()}
+  if key in _CHOICES:
+    return " | ".join(repr(v) for v in _CHOICES[key])
+  if key in registries:
+    return " | ".join(registries[key])
+  kind = type(default).__name__ if default is not None else "any"
+  if key in _POSITIVE:
+    return f"{kind} > 0"
+  if key in _UNIT:
+    lo, hi, closed = _UNIT[key]
+    return f"{kind} in [{lo}, {hi}{']' if closed else ')'}"
+  if key in _NON_NEGATIVE:
+    return f"{kind} >= 0"
+  return kind
+
+
+def _field_doc(cls, field: str) -> str:
+  """The ``field: text`` line of the ``Attributes:`` docstrings along ``cls``'s MRO."""
+  for klass in cls.__mro__:
+    m = re.search(rf"^\s+{field}: (.+)$", klass.__doc__ or "", re.M)
+    if m:
+      return m.group(1).strip()
+  return f"hyper-parameter of {cls.__name__}"
+
+
+def config_schema(method: Optional[str] = None) -> List[Dict[str, Any]]:
+  """Every config key with its default, allowed values and meaning: :func:`base_config` (the
+  defaults validation merges), its line comments, the checks of :func:`validate_config`, and
+  the fields of the method ``method`` (None: of every registered method).
+
+  Returns:
+    ``[{"key", "default", "allowed", "meaning"}]`` in section order.
+  """
+  from cft_jax import methods, objectives  # pylint: disable=g-import-not-at-top
+  docs = {**_source_comments(), **_DOC}
+  rows = []
+  for section, value in base_config().to_dict().items():
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for key, default in items:
+      full = section if key is None else f"{section}.{key}"
+      rows.append({"key": full, "default": default, "allowed": _allowed(full, default),
+                   "meaning": docs.get(full, "")})
+  used_by = {}
+  for obj, keys in objectives.OBJECTIVE_HPARAMS.items():
+    for k in keys:
+      used_by.setdefault(k, []).append(obj)
+  for k in sorted(used_by):
+    rows.append({"key": f"loss.{k}", "default": None, "allowed": "see the objective",
+                 "meaning": f"hyper-parameter of loss {', '.join(used_by[k])}"
+                 + (" (mse: target scale alpha, also used by the curvature / replay terms)"
+                    if k == "alpha" else "")})
+  names = methods.method_names() if method is None else (method,)
+  seen = set()
+  for name in names:
+    fields = methods.method_config_fields(name) or {}
+    cls = type(methods.get_method(ml_collections.ConfigDict({"name": name})))
+    for k, default in fields.items():
+      if (k in seen and method is None) or k in base_config().method:
+        continue
+      seen.add(k)
+      users = [n for n in names if k in (methods.method_config_fields(n) or {})]
+      rows.append({"key": f"method.{k}", "default": default,
+                   "allowed": type(default).__name__ if default is not None else "any",
+                   "meaning": f"[{', '.join(users)}] {_field_doc(cls, k)}"})
+  return rows
+
+
+def describe(method: Optional[str] = None) -> str:
+  """Text table of :func:`config_schema` (``python -m cft_jax.main --describe``)."""
+  rows = config_schema(method)
+  width = max(len(r["key"]) for r in rows) + 2
+  lines = [f"{'key':<{width}}{'default':<22}{'allowed':<34}meaning"]
+  for r in rows:
+    default = "-" if r["default"] is None and r["key"].startswith("loss.") else repr(r["default"])
+    allowed = r["allowed"]
+    lines.append(f"{r['key']:<{width}}{default:<22}{allowed:<34}{r['meaning']}")
+  return "\n".join(lines)

@@ -37,7 +37,7 @@ every combination with a tiny ViT on a few synthetic images.
 
 import ml_collections
 
-from cft_jax.config import base_config
+from cft_jax.config import base_config, parse_config_arg
 
 
 
@@ -52,12 +52,9 @@ def get_config(arg: str = "lora,aepg") -> ml_collections.ConfigDict:
   Raises:
     ValueError: an unknown peft / loss / method in ``arg``.
   """
-  parts = [p.strip() for p in (arg or "lora,aepg").split(",")]
-  peft, loss = parts[0], parts[1] if len(parts) > 1 else "aepg"
-  method = parts[2] if len(parts) > 2 else "sequential"
-  if peft not in PEFTS or loss not in LOSSES or method not in METHODS:
-    raise ValueError(f"config argument '{arg}': expected peft in {PEFTS}, loss in {LOSSES}, "
-                     f"method in {METHODS}, e.g. configs/imagenet_r_vit.py:lora,aepg,lae")
+  peft, loss, method = parse_config_arg(
+      arg, [("peft", PEFTS, "lora"), ("loss", LOSSES, "aepg"), ("method", METHODS, "sequential")],
+      "configs/imagenet_r_vit.py:lora,aepg,lae")
   c = base_config()
   c.scenario.num_tasks = 10
   c.scenario.seed = 1993

@@ -1,0 +1,84 @@
+"""Split CIFAR-10 (cifar10-mini), 5 class-incremental tasks x 2 classes, EfficientNet-Lite0
+(ImageNet weights) + LoRA: the natural-image setting of the objectives / LAE comparison.
+
+The argument after the colon is ``loss[,method]``: loss one of the objectives study's objectives
+(``ce``, ``epg``, ``aepg``, ``entropy_penalty``, ``confidence_penalty``, ``label_smoothing``,
+``focal``, ``reinforce``; hyper-parameters as in ``configs/objectives_study.py``, i.e. the aEPG
+paper's), method ``sequential`` (default: one LoRA module updated across tasks, "seq-LoRA") or
+``lae``. Commands::
+
+    python -m cft_jax.main --config configs/cifar10.py:ce --workdir runs/c10_ce
+    python -m cft_jax.main --config configs/cifar10.py:aepg --workdir runs/c10_aepg
+    python -m cft_jax.main --config configs/cifar10.py:aepg,lae --workdir runs/c10_aepg_lae
+    python studies/natural_images.py --help          # the tuning protocol + final seeds
+
+Data: ``../shared/data/cifar10-mini`` beside the checkout (12,000 CIFAR-10 images, 32x32 JPG,
+``train/<class>/`` 1,000 and ``test/<class>/`` 200 per class); ``$CFT_JAX_CIFAR10_MINI`` or
+``--config.data.root=DIR`` points elsewhere. Class order: ``scenario.seed`` 1993.
+
+Budget (chosen for accuracy within a 2-core CPU): images resized to 64 px on load, every
+training image (2,000 per task) of which ``data.val_fraction`` 0.1 (200 per task, drawn with
+``seed``) is held out as the validation split used for tuning (``metrics.json``:
+``val_accuracy_matrix``, ``val`` / ``val_task_il`` summaries), all 400 test images per task,
+3 epochs per task (~170 steps), batch 32, crop + flip augmentation, Adam lr 1e-3 reset per task,
+LoRA rank 4 on every 1x1 convolution, local loss (the current task's classes).
+
+Measured (pilot, seed 0, ``docs/results/cifar10_pilot.md``): see that file; wall times are on
+this project's 2-core Xeon CPU shared with other jobs.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from cft_jax.config import base_config, parse_config_arg
+
+METHODS = ("sequential", "lae")
+ENV_ROOT = "CFT_JAX_CIFAR10_MINI"
+
+
+def _objective_settings():
+  """``OBJECTIVE_SETTINGS`` of ``configs/objectives_study.py`` (objective -> loss keys)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "objectives_study.py")
+  spec = importlib.util.spec_from_file_location("cft_jax_objectives_study_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.OBJECTIVE_SETTINGS
+
+
+def default_root() -> str:
+  """``$CFT_JAX_CIFAR10_MINI`` if set, else ``<checkout>/../shared/data/cifar10-mini``."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return os.environ.get(ENV_ROOT) or os.path.normpath(
+      os.path.join(here, "..", "..", "shared", "data", "cifar10-mini"))
+
+
+def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
+  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``).
+
+  Raises:
+    ConfigError (a ValueError): an unknown loss or method in ``arg``.
+  """
+  settings = _objective_settings()
+  loss, method = parse_config_arg(
+      arg, [("loss", tuple(settings), "aepg"), ("method", METHODS, "sequential")],
+      "configs/cifar10.py:aepg,lae")
+  c = base_config()
+  c.scenario.num_tasks = 5
+  c.scenario.seed = 1993
+  c.data.name = "image_folder"
+  c.data.root = default_root()
+  c.data.image_size = 64
+  c.data.train_limit = 0          # all 2,000 training images per task ...
+  c.data.val_fraction = 0.1       # ... of which 200 are the validation split (tuning)
+  c.data.test_limit = 0           # all 400 test images per task
+  c.data.augment = "crop_flip"
+  c.loss.name = loss
+  c.loss.update(settings[loss])
+  c.method.name = method
+  c.optim.learning_rate = 1e-3
+  c.train.epochs = 3
+  c.train.batch_size = 32
+  c.train.log_every = 10
+  return c
