@@ -11,7 +11,7 @@ frozen weights do not cost).
 
     python benchmarks/peft_memory.py [--variant ti4] [--size 32] [--batch 64,4] [--classes 100]
 
-PEFT follows the paper setup (SPEC §1): blocks 0-4, LoRA r=4 on k,v; adapter h=5 parallel to
+PEFT follows the aEPG paper's setup: blocks 0-4, LoRA r=4 on k,v; adapter h=5 parallel to
 attention; prefix length 10 (gated). Runs on whatever backend JAX picks (CPU here).
 
 The ``+remat`` rows (``--no-remat`` skips them) use ``VisionTransformer(remat=True)``

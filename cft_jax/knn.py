@@ -1,4 +1,4 @@
-"""k-NN probe of learned representations (DLCFT paper §4.3, Fig. 6; SPEC §3 last line).
+"""k-NN probe of learned representations (DLCFT paper §4.3, Fig. 6; methods.md#knn).
 
 After each task the penultimate features of the (continually fine-tuned) model are extracted for
 a labelled "memory" set and a test set; every test example is classified by a majority vote of

@@ -1,4 +1,5 @@
-"""Linearized networks for DLCFT (SPEC §3; paper eqs. (6), (7), (22) and App. B).
+"""Linearized networks for DLCFT (DLCFT eqs. (6), (7), (22), App. B;
+methods.md#linearization).
 
 First-order Taylor expansion of a network in its parameters around the pretrained point
 ``theta_0`` (eq. 22)::

@@ -1,4 +1,4 @@
-"""Continual-learning metrics on the accuracy matrix (SPEC §2).
+"""Continual-learning metrics on the accuracy matrix (docs/methods.md#metrics).
 
 All functions are pure NumPy. ``R`` is the accuracy matrix ``[T, T]`` in percent (or any unit):
 ``R[t, i]`` is the accuracy on the test data of task ``i`` after training task ``t``. Entries

@@ -1,12 +1,13 @@
-"""Classification objectives and annealing schedules (SPEC §1, §3).
+"""Classification objectives and annealing schedules (docs/methods.md#objectives).
 
 Pure JAX. Every loss has the signature ``f(logits [B, C], labels [B] int, ...) -> [B]`` and
 returns the per-example loss in float32 (inputs of any float dtype are cast to float32 first).
 Reduction over the batch is left to the caller.
 
-Notation (SPEC, top): ``z`` logits ``[B, C]``, ``p = softmax(z)``, ``y`` integer labels ``[B]``,
+Notation (docs/methods.md#notation): ``z`` logits ``[B, C]``,
+``p = softmax(z)``, ``y`` integer labels ``[B]``,
 ``p_y = p[b, y_b]``, ``e_y`` one-hot, ``H(p) = -sum_k p_k log p_k`` (nats), ``u`` uniform over
-the ``C`` classes in play. The *local loss* of the aEPG paper (SPEC §1: only the current task's
+the ``C`` classes in play. The *local loss* of the aEPG paper (only the current task's
 classes, ``z[:, seen_before:seen_now]`` and ``y - seen_before``) is applied by the caller: these
 functions treat all ``C`` columns they are given as the classes in play.
 
@@ -14,7 +15,7 @@ Numerics: everything is computed from ``jax.nn.log_softmax`` (``p_y = exp(log p_
 ``sum p log p`` with finite ``log p``), so values and gradients stay finite for logits of magnitude
 ``1e4`` (no ``0 * inf``). Source of the RL view: aEPG paper, "Policy Gradient with Adaptive
 Entropy Annealing for Continual Fine-Tuning", arXiv 2602.14078 (classification as a one-step MDP,
-Expected Policy Gradient, adaptive entropy annealing); summarised in SPEC §1.
+Expected Policy Gradient, adaptive entropy annealing); summarised in docs/methods.md#objectives.
 
 The trainer uses :func:`make_loss_fn`, which maps a config section
 (``name`` + hyper-parameters) to ``loss_fn(logits, labels, *, step, total_steps, rng)``.
@@ -69,7 +70,7 @@ def entropy(logits) -> Array:
 
 
 def ce(logits, labels) -> Array:
-  """Cross-entropy ``L_CE = -log p_y`` (SPEC §1 table, ``ce``).
+  """Cross-entropy ``L_CE = -log p_y`` (docs/methods.md#entropy-regularisers).
 
   Gradient at the logits: ``dL_CE/dz = p - e_y``.
 
@@ -84,7 +85,7 @@ def ce(logits, labels) -> Array:
 
 
 def epg(logits, labels) -> Array:
-  """Expected Policy Gradient loss ``L_EPG = -p_y`` (SPEC §1; aEPG paper, EPG).
+  """Expected Policy Gradient loss ``L_EPG = -p_y`` (aEPG paper; docs/methods.md#epg).
 
   Classification is a one-step MDP with policy ``pi(a|x) = softmax(z)_a`` and reward
   ``R = 1[a = y]``; the expected reward is ``J = p_y`` and the expected 0-1 loss is ``1 - p_y``.
@@ -103,7 +104,7 @@ def epg(logits, labels) -> Array:
 
 
 def aepg(logits, labels, alpha) -> Array:
-  """Adaptive-entropy-annealing mixture ``L = a L_CE + (1 - a) L_EPG`` (SPEC §1, aEPG).
+  """Adaptive-entropy-annealing mixture ``L = a L_CE + (1 - a) L_EPG`` (docs/methods.md#aepg).
 
   ``a = 1`` is CE (exploration), ``a = 0`` is EPG (exploitation). In training ``a = a_t`` comes
   from a schedule (default :func:`sigmoid_schedule`); see :func:`make_loss_fn`. Per example,
@@ -124,7 +125,7 @@ def aepg(logits, labels, alpha) -> Array:
 
 
 def confidence_penalty(logits, labels, beta: float = 0.1) -> Array:
-  """Confidence penalty ``L = L_CE - beta H(p)`` (SPEC §1 table; raises entropy).
+  """Confidence penalty ``L = L_CE - beta H(p)`` (Pereyra et al. 2017; raises entropy).
 
   Pereyra et al. 2017, as compared in the aEPG paper (grid ``beta`` in {0.1, 0.2}).
 
@@ -141,7 +142,7 @@ def confidence_penalty(logits, labels, beta: float = 0.1) -> Array:
 
 
 def entropy_penalty(logits, labels, beta: float = 1.0) -> Array:
-  """Entropy penalty (EP) ``L = L_CE + beta H(p)`` (SPEC §1 table; lowers entropy).
+  """Entropy penalty (EP) ``L = L_CE + beta H(p)`` (aEPG paper; lowers entropy).
 
   The aEPG paper's entropy-minimising baseline (grid ``beta = 1``).
 
@@ -158,7 +159,7 @@ def entropy_penalty(logits, labels, beta: float = 1.0) -> Array:
 
 
 def label_smoothing(logits, labels, gamma: float = 0.1) -> Array:
-  """Label smoothing ``L = (1 - g) L_CE + g KL(u || p)`` (SPEC §1 table; raises entropy).
+  """Label smoothing ``L = (1 - g) L_CE + g KL(u || p)`` (Szegedy et al. 2016; raises entropy).
 
   ``KL(u || p) = sum_k u_k (log u_k - log p_k) = -log C - (1/C) sum_k log p_k`` with ``u`` uniform
   over the ``C`` columns given. This equals the cross-entropy to the smoothed target
@@ -180,7 +181,7 @@ def label_smoothing(logits, labels, gamma: float = 0.1) -> Array:
 
 
 def focal(logits, labels, gamma: float = 1.0) -> Array:
-  """Focal loss ``L = (1 - p_y)^g L_CE`` (Lin et al. 2017; SPEC §1 table; raises entropy).
+  """Focal loss ``L = (1 - p_y)^g L_CE`` (Lin et al. 2017; raises entropy).
 
   ``(1 - p_y)^g`` is computed as ``exp(g log sum_{k != y} p_k)`` with a log-sum-exp over the other
   classes' ``log p_k``, which stays finite (and has a finite gradient) even when ``p_y`` rounds to
@@ -202,7 +203,7 @@ def focal(logits, labels, gamma: float = 1.0) -> Array:
 
 
 def mse(logits, labels, alpha: float = 15.0) -> Array:
-  """Squared error to a scaled one-hot target ``L = 1/2 ||alpha e_y - z||^2`` (SPEC §3, DLCFT).
+  """Squared error to a scaled one-hot target ``L = 1/2 ||alpha e_y - z||^2`` (DLCFT eq. 5).
 
   DLCFT trains its linearized model with MSE (curvature does not vanish as the fit improves,
   unlike CE's Fisher); target scale ``alpha = 15``. The sum runs over the ``C`` columns given.
@@ -225,7 +226,7 @@ REINFORCE_BASELINES = ("none", "loo", "expected")
 
 def reinforce(logits, labels, rng, num_samples: int = 1,
               baseline: Optional[str] = None) -> Array:
-  """Sampled REINFORCE surrogate of the EPG loss (SPEC §1; aEPG paper, one-step MDP).
+  """Sampled REINFORCE surrogate of the EPG loss (aEPG paper; docs/methods.md#reinforce).
 
   Per example, draw ``S = num_samples`` actions ``a_s ~ pi(.|x) = softmax(z)`` (one independent
   draw per example and sample), reward ``R_s = 1[a_s = y]``, and return
@@ -238,7 +239,7 @@ def reinforce(logits, labels, rng, num_samples: int = 1,
   exactly, so its variance is 0.
 
   Baselines (all keep the estimator unbiased, as ``b_s`` does not depend on ``a_s``):
-    * ``None`` / ``"none"``: ``b = 0`` (default; plain REINFORCE as in SPEC §1).
+    * ``None`` / ``"none"``: ``b = 0`` (default; plain REINFORCE, Williams 1992).
     * ``"loo"``: leave-one-out mean reward of the other ``S - 1`` samples of the same example
       (needs ``num_samples >= 2``).
     * ``"expected"``: the exact expected reward ``stop_gradient(p_y)``.
@@ -295,7 +296,7 @@ def _progress(step, total_steps) -> Array:
 
 
 def sigmoid_schedule(step, total_steps, tau: float = 6.0) -> Array:
-  """aEPG schedule ``a_t = sigmoid(tau (T - 2t) / T)`` (SPEC §1; aEPG paper, tau = 6).
+  """aEPG schedule ``a_t = sigmoid(tau (T - 2t) / T)`` (aEPG paper, tau = 6; methods.md#aepg).
 
   ``a_0 = sigmoid(tau) ~ 0.9975``, ``a_{T/2} = 0.5``, ``a_T = sigmoid(-tau) ~ 0.0025``: starts
   CE-like, ends EPG-like. ``t / T`` is clipped to ``[0, 1]``; ``T = 0`` is treated as 1.
@@ -313,7 +314,7 @@ def sigmoid_schedule(step, total_steps, tau: float = 6.0) -> Array:
 
 
 def linear_schedule(step, total_steps) -> Array:
-  """Linear schedule ``a_t = (T - t) / T`` (aEPG paper ablation; SPEC §1).
+  """Linear schedule ``a_t = (T - t) / T`` (aEPG paper ablation; methods.md#aepg).
 
   Args:
     step: current step ``t``.
@@ -326,7 +327,7 @@ def linear_schedule(step, total_steps) -> Array:
 
 
 def cosine_schedule(step, total_steps) -> Array:
-  """Cosine schedule ``a_t = 1/2 + 1/2 cos(pi t / T)`` (aEPG paper ablation; SPEC §1).
+  """Cosine schedule ``a_t = 1/2 + 1/2 cos(pi t / T)`` (aEPG paper ablation; methods.md#aepg).
 
   Args:
     step: current step ``t``.
@@ -390,7 +391,7 @@ OBJECTIVE_HPARAMS: Dict[str, Tuple[str, ...]] = {
 }
 
 # Keys consumed by the trainer, not by the loss: ``schedule_scope`` in {'task', 'global'} says
-# whether ``step / total_steps`` count within the current task (default, SPEC §1 *(inferred)*)
+# whether ``step / total_steps`` count within the current task (default; our choice)
 # or over the whole run. Accepted and ignored here.
 TRAINER_LOSS_KEYS: Tuple[str, ...] = ("schedule_scope",)
 
@@ -523,6 +524,7 @@ def make_loss_fn(name: str, **hparams: Any) -> LossFn:
     return loss, {"alpha": jax.lax.stop_gradient(alpha), "entropy": aux_entropy}
 
   loss_fn.__name__ = f"{name}_loss_fn"
+  loss_fn.uses_rng = name == "reinforce"  # samples: a pmapped step evaluates it on the global batch
   return loss_fn
 
 

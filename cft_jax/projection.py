@@ -1,6 +1,6 @@
 """Projection-constrained robust fine-tuning (TPGM, FTP) and the L2-SP / WiSE-FT baselines.
 
-Pure JAX + optax (SPEC §4). Notation: ``theta`` the trainable parameters (a pytree, e.g. the
+Pure JAX + optax. Notation: ``theta`` the trainable parameters (a pytree, e.g. the
 nested ``params`` dict of :mod:`cft_jax.train`), ``theta_0`` the frozen pre-trained *anchor*
 (same structure), ``D = theta - theta_0`` the displacement, ``n = ||D||`` its norm and ``gamma``
 the projection *radius*. Every method constrains each tensor to a ball around its anchor::
@@ -31,8 +31,8 @@ Norms (``norm=``):
   the rows first; the reference code sums ``dim=1..``: the same rows.) Because the row axis is the
   last one, ``[out]``-shaped ratios broadcast against the ``[..., out]`` tensor directly.
 
-Radii. As in both reference implementations (and SPEC §4: "one radius gamma per trainable
-tensor"), a radius is one scalar per tensor by default; with ``norm="mars"`` it is compared with
+Radii. As in both reference implementations (and docs/methods.md#projection), a
+radius is one scalar per tensor by default; with ``norm="mars"`` it is compared with
 every row norm (``clip(gamma / n_j, 0, 1)`` row by row). ``per_row=True`` learns one radius per
 output row instead (shape ``[out]``; an extension, not in the papers). Excluded leaves (e.g. the
 new classification head, ``exclude=is_head``) are never projected and have **no** radius: their
@@ -80,7 +80,7 @@ __all__ = [
     "EPS", "NORMS", "norms", "project", "init_radii", "clamp_radii", "exclude_mask", "is_head",
     "match_paths", "TPGMRadiiState", "TPGMState", "tpgm_init_radii_state", "tpgm_projected_params",
     "tpgm_val_loss", "tpgm_radius_grad", "tpgm_project_step", "tpgm", "FTPState", "ftp",
-    "l2sp_penalty", "wise_ft",
+    "l2sp_penalty", "wise_ft", "reset_base_state", "dist_to_init", "decay_toward_anchor",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _broadcast_radii(params: PyTree, gamma) -> PyTree:
 
 
 def project(params: PyTree, anchor: PyTree, gamma: PyTree, norm: str = "l2") -> PyTree:
-  """Projects every tensor onto its ball around the anchor (SPEC §4).
+  """Projects every tensor onto its ball around the anchor (docs/methods.md#projection).
 
   Leaf-wise ``theta <- theta_0 + clip(gamma / n, 0, 1) * (theta - theta_0)`` with ``n`` from
   :func:`norms`: a tensor (l2) or each output row (mars) whose norm exceeds ``gamma`` is shrunk
@@ -382,7 +382,7 @@ def tpgm_project_step(params: PyTree, anchor: PyTree, radii_state: TPGMRadiiStat
       uses slice ``i`` (the reference code draws a fresh batch per iteration).
     norm: ``"l2"`` or ``"mars"``.
     max_iters: Adam steps on the radii per call (``>= 0``).
-    radius_lr: Adam learning rate of the radii (paper/SPEC: 1e-2).
+    radius_lr: Adam learning rate of the radii (TPGM / FTP papers: 1e-2).
     batch_per_iter: see ``val_batch``.
 
   Returns:
@@ -697,3 +697,110 @@ def wise_ft(params_ft: PyTree, params_zs: PyTree, alpha: float) -> PyTree:
       lambda f, z: ((1.0 - alpha) * jnp.asarray(z, jnp.float32)
                     + alpha * jnp.asarray(f, jnp.float32)).astype(jnp.result_type(f)),
       params_ft, params_zs)
+
+
+# --------------------------------------------------------------------------------------------
+# Continual use: task boundaries, monitoring, anchored weight decay.
+# --------------------------------------------------------------------------------------------
+
+
+def _is_projection_state(x) -> bool:
+  return isinstance(x, (TPGMState, FTPState))
+
+
+def reset_base_state(tx: optax.GradientTransformation, opt_state: optax.OptState,
+                     params: PyTree) -> optax.OptState:
+  """A fresh base-optimiser state that keeps every projection sub-state (task boundaries).
+
+  ``optim.reset_per_task`` restarts the optimiser at every task. The projection of TPGM and FTP
+  is a property of the whole fine-tuning run, not of one task: TPGM's radii (and their Adam
+  state, ``initialized`` flag), FTP's radii, their Adam state, the step count and the previous
+  displacement ``c_{t-1}`` must carry over. Re-initialising them would put FTP back at its
+  first step (radius 1e-8: every non-head parameter snaps back onto ``theta_0``, Tian et al.,
+  NeurIPS 2023, Alg. 1 line 1) and restart TPGM's radii at ``min(n) / 2`` (Tian et al., CVPR 2023),
+  undoing the displacement learnt on the earlier tasks.
+
+  Args:
+    tx: the optimiser whose state this is (``ftp(anchor, base=...)``, ``optax.chain(base,
+      tpgm(...))`` or any transformation without a projection).
+    opt_state: its current state.
+    params: the current trainable parameters (the base state is re-initialised from them).
+
+  Returns:
+    ``tx.init(params)`` with every :class:`TPGMState` taken from ``opt_state`` and every
+    :class:`FTPState` taken from ``opt_state`` except its ``base_state`` (fresh). Without a
+    projection this is ``tx.init(params)``.
+
+  Raises:
+    ValueError: ``opt_state`` does not have the structure of ``tx.init(params)``.
+  """
+  fresh = tx.init(params)
+
+  def keep(new, old):
+    if isinstance(new, FTPState):
+      return old._replace(base_state=new.base_state)
+    if isinstance(new, TPGMState):
+      return old
+    return new
+
+  try:
+    return jax.tree.map(keep, fresh, opt_state, is_leaf=_is_projection_state)
+  except ValueError as e:
+    raise ValueError("reset_base_state: opt_state does not match tx.init(params) "
+                     f"(another optimiser?): {e}") from None
+
+
+def dist_to_init(params: PyTree, anchor: PyTree, exclude: Exclude = is_head) -> Array:
+  """``||theta - theta_0||_2`` over the non-excluded leaves (default: all but the head).
+
+  The L2 norm of the displacement from the pretrained anchor, concatenated over every
+  constrained tensor (the quantity TPGM/FTP bound tensor by tensor); float32 scalar. Logged as
+  ``dist_to_init`` by the trainer for projection runs.
+
+  Args:
+    params: trainable pytree ``theta``.
+    anchor: ``theta_0`` with the structure of ``params``.
+    exclude: see :func:`exclude_mask` (default :func:`is_head`).
+  """
+  _check_same_structure(params, anchor)
+  mask = exclude_mask(params, exclude)
+  terms = jax.tree.leaves(jax.tree.map(
+      lambda p, a, m: jnp.zeros((), jnp.float32) if m else jnp.sum(jnp.square(
+          jnp.asarray(p, jnp.float32) - jnp.asarray(a, jnp.float32))), params, anchor, mask))
+  return jnp.sqrt(sum(terms, jnp.zeros((), jnp.float32)))
+
+
+def decay_toward_anchor(weight_decay: float, exclude: Exclude = None
+                        ) -> optax.GradientTransformationExtraArgs:
+  """Decoupled weight decay toward an anchor: ``u <- u + wd * (theta - theta_anchor)``.
+
+  ``optax.add_decayed_weights`` pulls parameters toward 0. For a linearized network
+  ``f(theta_0) + J (theta - theta_0)`` the learnable quantity is the offset ``theta - theta_0``
+  (Shon et al., "DLCFT", ECCV 2022, eq. 6 writes the model in the offset), so weight decay must
+  shrink the offset: decay toward ``theta_0``. Placed where ``add_decayed_weights`` sits in
+  AdamW (Loshchilov & Hutter, ICLR 2019): after the Adam scaling, before the learning rate.
+
+  ``update(updates, state, params, *, decay_anchor, **extra)``: ``decay_anchor`` is a pytree with
+  the structure of ``params`` (passed at every update, so a jitted step does not embed it as a
+  constant). Excluded leaves (see :func:`exclude_mask`) are passed through undecayed.
+
+  Raises:
+    ValueError: ``update`` without ``params`` or ``decay_anchor``.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, decay_anchor=None, **extra_args):
+    del extra_args
+    if params is None or decay_anchor is None:
+      raise ValueError("decay_toward_anchor: update() needs params and decay_anchor "
+                       "(tx.update(grads, state, params, decay_anchor=theta_0))")
+    mask = exclude_mask(params, exclude)
+    new = jax.tree.map(
+        lambda u, p, a, m: u if m else (u + weight_decay * (
+            jnp.asarray(p, jnp.float32) - jnp.asarray(a, jnp.float32))).astype(u.dtype),
+        updates, params, decay_anchor, mask)
+    return new, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -89,7 +89,7 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
 @dataclasses.dataclass(frozen=True)
 class DataIncremental:
   """Data-incremental learning: the training set is split into ``T`` random parts, every task
-  has all ``C`` classes, and every task is evaluated on the whole test set (DLCFT §5, SPEC §3).
+  has all ``C`` classes, and every task is evaluated on the whole test set (DLCFT §4.1).
 
   Attributes:
     num_classes: ``C``.

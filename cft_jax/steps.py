@@ -5,11 +5,21 @@ The train step is a pure function of ``(state, frozen, batch, task_lo, step, tot
 task has the same number of classes ``k``; the local loss slices ``logits[:, task_lo:task_lo + k]``
 with ``lax.dynamic_slice_in_dim``).
 
-Data parallelism: with ``axis_name="batch"`` the step is ``jax.pmap``-ped over local devices;
-each device gets ``B / n`` examples of the global batch, losses are normalised by the global
-number of valid examples (``lax.psum``), gradients are summed across devices (so they equal the
-single-device gradient of the global batch), and state stays replicated. Multi-host runs use the
-same code after ``jax.distributed.initialize`` (the pmapped axis spans all hosts' devices).
+Data parallelism (see :mod:`cft_jax.parallel`), two interchangeable layouts:
+
+- ``sharding`` (``shardings=(replicated, batch)``): the single-device step under ``jax.jit`` with
+  the batch sharded ``P("data")`` over a 1-D mesh and state replicated ``P()``; XLA inserts the
+  gradient all-reduce. The program is the one-device program, so results do not depend on the
+  device count.
+- ``pmap`` (``axis_name="batch"``): the step is ``jax.pmap``-ped; each device gets ``B / n``
+  examples, losses are normalised by the global number of valid examples (``lax.psum``),
+  gradients are summed across devices and state stays replicated.
+
+Device-count invariance: every random draw is the draw of a one-device run on the global batch.
+Under ``pmap`` the augmentation parameters and dropout masks are drawn for the global batch and
+each device keeps its rows ``[i B/n, (i+1) B/n)`` (no key is ever folded with the device index),
+and a loss that samples (``reinforce``) is evaluated on the all-gathered logits. Multi-host runs
+use the same code after ``jax.distributed.initialize``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Tuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,9 +58,15 @@ class TrainState:
   method_state: PyTree = flax.struct.field(default_factory=dict)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   linearized: Any = None) -> optax.GradientTransformation:
   """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
   ``grad_clip``, ``momentum``, ``backbone_lr_scale``).
+
+  With ``linearized`` (``model.linearize`` ``full``/``features``) weight decay shrinks the
+  offset ``theta - theta_0`` of the linearized parameters, not ``theta``
+  (:func:`cft_jax.projection.decay_toward_anchor`; the step passes ``decay_anchor``, see
+  :func:`make_train_step`).
 
   ``backbone_lr_scale`` ``s != 1`` multiplies the updates of every leaf outside the top-level
   ``head`` by ``s`` (``optax.masked(optax.scale(s))`` after the optimiser): the backbone then
@@ -62,7 +79,12 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   name = optim.get("name", "adam")
   lr = optim.learning_rate
   wd = optim.get("weight_decay", 0.0)
-  if name == "adam":
+  if wd and linearized and name in ("adam", "adamw", "sgd"):
+    from cft_jax import projection  # pylint: disable=g-import-not-at-top
+    decay = projection.decay_toward_anchor(wd)
+    tx = (optax.chain(decay, optax.sgd(lr, momentum=optim.get("momentum", 0.9))) if name == "sgd"
+          else optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(lr)))
+  elif name == "adam":
     tx = optax.adam(lr) if not wd else optax.adamw(lr, weight_decay=wd)
   elif name == "adamw":
     tx = optax.adamw(lr, weight_decay=wd)
@@ -94,7 +116,7 @@ def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
   in eval mode; ``"features"`` DLCFT's eqs. 6-7, ``g_lin(x; psi) W + b``: the trainable backbone
   leaves enter through the jvp of the pooled features (``apply_fn(..., return_features=True)``)
   and the top-level ``head`` (``kernel [D, C]``, ``bias [C]``) is an ordinary linear layer
-  (SPEC §3; :mod:`cft_jax.linearize`).
+  (docs/methods.md#linearization; :mod:`cft_jax.linearize`).
 
   Raises:
     ValueError: unknown ``linearized`` mode.
@@ -106,8 +128,11 @@ def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
     def f(p, **kw):
       variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
       if train and mode is None and rng is not None:
-        return apply_fn(variables, x, train=True, rngs={"dropout": rng}, **kw)
-      return apply_fn(variables, x, train=False, **kw)
+        out = apply_fn(variables, x, train=True, rngs={"dropout": rng}, **kw)
+      else:
+        out = apply_fn(variables, x, train=False, **kw)
+      # Losses, softmax and curvature statistics in float32 whatever the compute dtype.
+      return out.astype(jnp.float32) if jnp.issubdtype(out.dtype, jnp.floating) else out
 
     if mode == "full":
       return lin.linearized_apply(f, frozen["params0"], params)
@@ -117,6 +142,35 @@ def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
     return f(params)
 
   return forward
+
+
+def _global_rows_dropout(offset, total: int):
+  """A ``flax.linen.intercept_methods`` interceptor: every ``nn.Dropout`` whose input holds rows
+  ``[offset, offset + B)`` of a global batch of ``total`` draws its mask for the global batch
+  (same key, shape ``[total, ...]``) and keeps those rows, so a pmapped shard is masked exactly
+  as the same examples in a one-device run (Srivastava et al. 2014 dropout, inverted scaling)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if not (isinstance(mod, nn.Dropout) and context.method_name == "__call__"):
+      return next_fun(*args, **kwargs)
+    inputs = args[0]
+    deterministic = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+    rng = kwargs.get("rng", args[2] if len(args) > 2 else None)
+    deterministic = nn.merge_param("deterministic", mod.deterministic, deterministic)
+    bdims = {d % inputs.ndim for d in mod.broadcast_dims}
+    if mod.rate == 0.0 or deterministic or mod.rate == 1.0 or 0 in bdims or inputs.ndim == 0:
+      return next_fun(*args, **kwargs)
+    keep_prob = 1.0 - mod.rate
+    if rng is None:
+      rng = mod.make_rng(mod.rng_collection)
+    shape = [1 if d in bdims else n for d, n in enumerate(inputs.shape)]
+    b = shape[0]
+    mask = jax.random.bernoulli(rng, p=keep_prob, shape=[total] + shape[1:])
+    mask = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(mask, offset, b, axis=0), inputs.shape)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+  return interceptor
 
 
 class _TraceCounter:
@@ -135,7 +189,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
                     tx: optax.GradientTransformation, classes_per_task: int,
                     method: Optional[methods_lib.Method] = None, *, linearized: Any = None,
                     loss_scope: str = "local", l2sp_alpha: float = 0.0,
-                    needs_val_batch: bool = False, axis_name: Optional[str] = None) -> Callable:
+                    needs_val_batch: bool = False, axis_name: Optional[str] = None,
+                    shardings: Optional[Tuple[Any, Any]] = None) -> Callable:
   """Builds the jitted (or, with ``axis_name``, pmapped) train step.
 
   The returned ``train_step(state, frozen, images, labels, mask, task_lo, step_in_task,
@@ -145,15 +200,19 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   ``data_loss``, ``accuracy`` (on the task's classes, %), ``entropy`` (nats), ``alpha`` (aEPG
   weight of CE). Under pmap, ``state``/``frozen`` are replicated (leading device axis), the batch
   arrays are ``[n, B/n, ...]`` and the scalars/``rng`` are shared; metrics come back per device
-  (identical). ``train_step.num_traces`` counts compilations.
+  (identical). ``train_step.num_traces`` counts compilations. With ``shardings = (replicated,
+  batch)`` (two ``jax.sharding.Sharding``s, :mod:`cft_jax.parallel`) the jitted step takes global
+  arrays: state, frozen weights, scalars and ``rng`` replicated, the batch arrays (and
+  ``val_batch``) sharded along their first axis; state and metrics come back replicated. Either
+  way the random draws are those of a one-device run on the global batch (module docstring).
 
   The objective is ``method.data_weight * L_data + method.penalty + method.extra_loss`` where
   ``L_data`` is the masked mean of the per-example loss over the task's ``k`` classes
-  (``loss_scope='local'``, SPEC §1 "Local loss": ``z[:, task_lo:task_lo + k]``, ``y - task_lo``) or
+  (``loss_scope='local'``, aEPG "local loss": ``z[:, task_lo:task_lo + k]``, ``y - task_lo``) or
   over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
   the ``head`` leaves move (LAE's frozen first epochs).
 
-  Robust fine-tuning (SPEC §4): ``l2sp_alpha > 0`` adds L2-SP
+  Robust fine-tuning (docs/methods.md#robust-ft): ``l2sp_alpha > 0`` adds L2-SP
   ``alpha/2 ||theta - theta_0||^2`` toward ``frozen['anchor']`` (head excluded); with
   ``needs_val_batch`` (TPGM) the step takes ``val_batch = (images, labels, mask)`` and passes the
   validation loss inputs to ``tx.update(..., val_batch=...)``.
@@ -166,6 +225,9 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   k = classes_per_task
   method = method or methods_lib.Method()
   forward = make_forward(apply_fn, linearized)
+  from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
+  lin_mode = lin.linearize_mode(linearized)
+  tx_extra = optax.with_extra_args_support(tx)
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -173,28 +235,39 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
                        step_in_task, total_steps, rng):
     rng_aug, rng_drop, rng_loss, rng_method = jax.random.split(rng, 4)
-    if axis_name:  # different augmentation / dropout / sampling on every device
-      dev = jax.lax.axis_index(axis_name)
-      rng_aug, rng_drop, rng_loss = (jax.random.fold_in(r, dev)
-                                     for r in (rng_aug, rng_drop, rng_loss))
     n_dev = psum(1.0)
-    x = preprocess(images, rng_aug, train=True)
-    logits = forward(params, frozen, x, True, rng_drop)
+    rows = None
+    if axis_name:  # this device holds rows [offset, offset + b) of the global batch
+      b = images.shape[0]
+      rows = (jax.lax.axis_index(axis_name) * b, b * jax.lax.axis_size(axis_name))
+    x = preprocess(images, rng_aug, train=True, rows=rows)
+    if rows is None:
+      logits = forward(params, frozen, x, True, rng_drop)
+    else:
+      with nn.intercept_methods(_global_rows_dropout(*rows)):
+        logits = forward(params, frozen, x, True, rng_drop)
     local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
     local_labels = labels - task_lo
-    if loss_scope == "local":
-      per_example, aux = loss_fn(local, local_labels, step=step_in_task, total_steps=total_steps,
+    z, y = (local, local_labels) if loss_scope == "local" else (logits, labels)
+    if rows is not None and getattr(loss_fn, "uses_rng", False):
+      # A sampling loss draws for the global batch: gather, evaluate, keep this device's rows.
+      zg = jax.lax.all_gather(z, axis_name, tiled=True)
+      yg = jax.lax.all_gather(y, axis_name, tiled=True)
+      per_example, aux = loss_fn(zg, yg, step=step_in_task, total_steps=total_steps,
                                  rng=rng_loss)
+      per_example = jax.lax.dynamic_slice_in_dim(per_example, rows[0], z.shape[0], axis=0)
     else:
-      per_example, aux = loss_fn(logits, labels, step=step_in_task, total_steps=total_steps,
-                                 rng=rng_loss)
+      per_example, aux = loss_fn(z, y, step=step_in_task, total_steps=total_steps, rng=rng_loss)
     w = mask.astype(jnp.float32)
     denom = jnp.maximum(psum(w.sum()), 1.0)  # global number of valid examples
     data_loss = jnp.sum(per_example * w) / denom  # this device's share of the global mean
     batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
 
     def logits_fn(p, imgs, r):
-      return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+      if rows is None or imgs is not images:  # a replicated batch (e.g. replay): no slicing
+        return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+      with nn.intercept_methods(_global_rows_dropout(*rows)):
+        return forward(p, frozen, preprocess(imgs, r, train=True, rows=rows), True, r)
 
     # Terms that do not depend on this device's shard are divided by the device count, so the
     # psum of the gradients counts them once.
@@ -216,13 +289,18 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
         state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
         total_steps, rng)
     grads = psum(grads)
+    extra = {}
     if needs_val_batch:
       vx, vy, vm = val_batch
-      vb = {"frozen": frozen, "x": preprocess(vx, train=False), "labels": vy - task_lo,
-            "mask": vm.astype(jnp.float32), "task_lo": task_lo}
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, val_batch=vb)
-    else:
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      extra["val_batch"] = {"frozen": frozen, "x": preprocess(vx, train=False),
+                            "labels": vy - task_lo, "mask": vm.astype(jnp.float32),
+                            "task_lo": task_lo}
+    if lin_mode:  # weight decay of a linearized model pulls toward psi_0 (an ordinary head: 0)
+      a0 = frozen["params0"]
+      if lin_mode == "features" and "head" in a0:
+        a0 = dict(a0, head=jax.tree_util.tree_map(jnp.zeros_like, a0["head"]))
+      extra["decay_anchor"] = a0
+    updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
     keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
     updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
                for key, u in updates.items()}
@@ -237,6 +315,9 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     metrics = dict(loss=psum(m["loss"]), data_loss=psum(m["data_loss"]),
                    accuracy=100.0 * psum(m["correct"]) / m["denom"],
                    entropy=psum(m["entropy_sum"]) / m["denom"], alpha=m["alpha"])
+    if "anchor" in frozen:  # projection / WiSE-FT runs: ||theta - theta_0||, non-head leaves
+      from cft_jax import projection  # pylint: disable=g-import-not-at-top
+      metrics["dist_to_init"] = projection.dist_to_init(params, frozen["anchor"])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          method_state=method_state), metrics
 
@@ -245,6 +326,11 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     compiled = jax.pmap(counted, axis_name=axis_name,
                         in_axes=(0, 0, 0, 0, 0, None, None, None, None, None, 0),
                         donate_argnums=(0,))
+  elif shardings is not None:
+    rep, data = shardings
+    compiled = jax.jit(counted, donate_argnums=(0,),
+                       in_shardings=(rep, rep, data, data, data, rep, rep, rep, rep, rep, data),
+                       out_shardings=(rep, rep))
   else:
     compiled = jax.jit(counted, donate_argnums=(0,))
 
@@ -255,14 +341,16 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
 
   step.num_traces = lambda: counted.num_traces
   step.pmapped = bool(axis_name)
+  step.sharded = shardings is not None
   step.lower = compiled.lower  # ahead-of-time lowering: memory_analysis(), HLO text, cost
   return step
 
 
 def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task: int,
                    num_classes: int, method: Optional[methods_lib.Method] = None, *,
-                   linearized: Any = None, axis_name: Optional[str] = None) -> Callable:
-  """Builds the jitted (or pmapped) evaluation step.
+                   linearized: Any = None, axis_name: Optional[str] = None,
+                   shardings: Optional[Tuple[Any, Any]] = None) -> Callable:
+  """Builds the jitted (or pmapped, or with ``shardings`` sharded-jit) evaluation step.
 
   ``eval_step(state, frozen, images, labels, mask, num_seen, task_lo) -> [2] int32`` returns the
   number of correct class-IL predictions (over the ``num_seen`` classes seen so far) and task-IL
@@ -296,6 +384,10 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
 
   if axis_name:
     return jax.pmap(eval_step, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None, None))
+  if shardings is not None:
+    rep, data = shardings
+    return jax.jit(eval_step, in_shardings=(rep, rep, data, data, data, rep, rep),
+                   out_shardings=rep)
   return jax.jit(eval_step)
 
 
@@ -306,7 +398,7 @@ def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, ancho
                              apply_fn: Callable, classes_per_task: int,
                              linearized: Any = None,
                              axis_name: Optional[str] = None) -> Tuple[Any, bool]:
-  """Wraps ``tx`` with ``method.projection`` (SPEC §4), anchored at the pretrained ``anchor``.
+  """Wraps ``tx`` with ``method.projection`` (TPGM / FTP), anchored at the pretrained ``anchor``.
 
   - ``tpgm``: ``optax.chain(tx, projection.tpgm(...))`` with the local validation CE as
     ``val_loss_fn`` (needs a validation batch each step: ``data.val_fraction > 0``);

@@ -1,4 +1,4 @@
-"""DLCFT comparison, class-incremental with a 500-sample buffer (SPEC §3; paper Table 2).
+"""DLCFT comparison, class-incremental with a 500-sample buffer (DLCFT paper §4.2, Table 2).
 
 Split Fashion-MNIST, 5 tasks x 2 classes. The argument picks the method: ``er``, ``der``,
 ``derpp``, ``dlcft`` (default; TK-FAC, replay ``lambda = 1/2``, eq. 14, head extension eq. 13),

@@ -1,4 +1,4 @@
-"""DLCFT comparison, data-incremental: Split Fashion-MNIST in 10 tasks (SPEC §3; paper Table 1).
+"""DLCFT comparison, data-incremental: Split Fashion-MNIST in 10 tasks (DLCFT paper §4.2, Table 1).
 
 The argument after the colon picks the method: ``none`` (sequential fine-tuning), ``lwf``, ``ewc``,
 ``mas``, ``osla``, ``dlcft_kfac``, ``dlcft_tkfac`` (default) or ``joint``. Command::

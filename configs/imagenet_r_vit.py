@@ -13,7 +13,7 @@ split)::
     python -m cft_jax.main --config configs/imagenet_r_vit.py:prefix,aepg ...
     python -m cft_jax.main --config configs/imagenet_r_vit.py:lora,aepg,lae ...
 
-Paper numbers (SPEC §1, ImageNet-R 10 tasks, final acc A_10 / avg incremental acc, 5 seeds):
+Paper numbers (aEPG paper, ImageNet-R 10 tasks, final acc A_10 / avg incremental acc, 5 seeds):
 
     =================  ============  ============
     PEFT               CE            aEPG

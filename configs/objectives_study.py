@@ -9,7 +9,8 @@ The argument after the colon is the objective (``OBJECTIVE_SETTINGS`` below). Co
 
 Every objective trains on the same class-incremental scenario (``scenario.seed`` 1993 fixes the
 class order); ``seed`` changes the initialisation of the LoRA/head weights, the training subset and
-the data order. Hyper-parameters are the paper's (SPEC §1 table): aEPG sigmoid tau 6 (T counts the
+the data order. Hyper-parameters are the aEPG paper's
+(docs/methods.md#entropy-regularisers): aEPG sigmoid tau 6 (T counts the
 steps of the current task), confidence penalty beta 0.1, label smoothing gamma 0.1, focal gamma 1,
 entropy penalty beta 1; ``reinforce`` is the sampled (one action per image, no baseline)
 estimator of the EPG gradient.

@@ -1,4 +1,4 @@
-"""Robust fine-tuning study (SPEC §4): FT vs L2-SP vs WiSE-FT vs TPGM vs FTP, single task.
+"""Robust fine-tuning study: FT vs L2-SP vs WiSE-FT vs TPGM vs FTP, single task.
 
 Full fine-tuning (``peft.name=full``, the setting of TPGM / FTP) of an ImageNet EfficientNet-Lite0
 on Fashion-MNIST (one task, all 10 classes, cross-entropy, Adam). Out-of-distribution data: the
@@ -44,7 +44,7 @@ Paired by seed vs FT: TPGM OOD +2.7 ± 7.2 (2/3 seeds above) at ID -0.2, drop -2
 (mostly gaussian noise: 56.9 ± 1.9 vs FT 46.8 ± 15.0); FTP OOD +1.7 ± 0.7 (3/3 seeds) but ID
 +1.7 ± 0.8, so its drop is unchanged. The papers' direction reproduces, not beyond the seed std.
 
-The papers (SPEC §4) report, with CLIP ViT-B/16 on ImageNet, the average over
+The TPGM / FTP papers report, with CLIP ViT-B/16 on ImageNet, the average over
 IN / IN-V2 / IN-A / IN-R / IN-Sketch of vanilla FT 63.58 vs TPGM 69.27, and on DomainNet with
 CLIP ResNet-50 an OOD average of FT 33.17 vs TPGM 39.02: TPGM keeps more of the pretrained
 model's robustness at similar in-distribution accuracy.

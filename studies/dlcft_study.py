@@ -1,6 +1,6 @@
 """DLCFT's comparison at this machine's scale: data-IL and class-IL on Split Fashion-MNIST.
 
-Runs, for every seed, in one Python process (SPEC §3; DLCFT paper Tables 1-2):
+Runs, for every seed, in one Python process (DLCFT paper §4.2, Tables 1-2; docs/methods.md#dlcft):
 
 * data-IL, 10 tasks (``configs/dlcft_data_il.py``): None (sequential), EWC, OSLA,
   DLCFT (K-FAC), DLCFT (TK-FAC), Joint;

@@ -1,4 +1,5 @@
-"""Robust fine-tuning study: FT, L2-SP, WiSE-FT, TPGM and FTP under corruption shift (SPEC §4).
+"""Robust fine-tuning study: FT, L2-SP, WiSE-FT, TPGM and FTP under corruption shift
+(docs/methods.md#robust-ft).
 
 Runs ``configs/robust_ft.py:<method>`` (full fine-tuning of an ImageNet EfficientNet-Lite0 on
 Fashion-MNIST, one task, evaluated on the clean test images and on corrupted copies at severities
@@ -60,7 +61,7 @@ LABELS = {
     "ftp": "FTP (MARS, k 1)",
 }
 NOTES = (
-    "Notes. (1) The papers (SPEC §4) report, for CLIP ViT-B/16 fine-tuned on ImageNet, the "
+    "Notes. (1) The TPGM / FTP papers report, for CLIP ViT-B/16 fine-tuned on ImageNet, the "
     "average over IN / IN-V2 / IN-A / IN-R / IN-Sketch: vanilla FT 63.58 vs TPGM 69.27 (+5.7), "
     "and on DomainNet with CLIP ResNet-50 an OOD average of FT 33.17 vs TPGM 39.02 (+5.9): "
     "natural distribution shifts, a strong pretrained model, full-length training. This study is "

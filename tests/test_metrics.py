@@ -1,4 +1,4 @@
-"""Metric definitions pinned on hand-written accuracy matrices (SPEC §2)."""
+"""Metric definitions pinned on hand-written accuracy matrices (docs/methods.md#metrics)."""
 
 import numpy as np
 import pytest

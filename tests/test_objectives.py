@@ -1,4 +1,4 @@
-"""Tests for cft_jax.objectives (SPEC §1, §3)."""
+"""Tests for cft_jax.objectives (docs/methods.md#objectives)."""
 
 import functools
 import math
@@ -136,7 +136,7 @@ def test_epg_grad_is_py_times_ce_grad():
 
 
 def test_epg_param_grad_is_py_times_ce_param_grad():
-  """Per sample, grad_theta L_EPG = p_y grad_theta L_CE for any parameterisation (SPEC §1)."""
+  """Per sample, grad_theta L_EPG = p_y grad_theta L_CE for any parameterisation (aEPG paper)."""
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.standard_normal((1, 3)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, C)), jnp.float32)

@@ -1,4 +1,4 @@
-"""Tests for cft_jax.projection (SPEC §4: TPGM, FTP, L2-SP, WiSE-FT)."""
+"""Tests for cft_jax.projection (TPGM, FTP, L2-SP, WiSE-FT: docs/methods.md#robust-ft)."""
 
 import jax
 import jax.numpy as jnp

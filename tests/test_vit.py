@@ -1,4 +1,5 @@
-"""Tests for cft_jax.models.vit and the LoRA / adapter / prefix PEFT modules (SPEC §1 setup).
+"""Tests for cft_jax.models.vit and the LoRA / adapter / prefix PEFT modules (aEPG paper setup;
+docs/methods.md#peft).
 
 All on the ``tiny`` variant (D=32, 2 blocks, 2 heads, MLP 128, patch 4) at 32 px, a few images.
 """

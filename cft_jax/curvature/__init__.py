@@ -1,4 +1,4 @@
-"""Curvature of old-task losses for quadratic continual-learning penalties (SPEC §3).
+"""Curvature of old-task losses for quadratic continual-learning penalties (methods.md#penalties).
 
 - :mod:`~cft_jax.curvature.fisher`: diagonal Fisher (EWC; empirical, Monte-Carlo, exact), MAS
   importance, the diagonal penalty ``1/2 sum F (theta - theta*)^2``, and the logit-space

@@ -1,4 +1,4 @@
-"""Diagonal Fisher (EWC), MAS importance and the shared output-curvature sampling (SPEC §3).
+"""Diagonal Fisher (EWC), MAS importance and the shared output-curvature sampling (methods.md#ewc).
 
 Notation: a model ``f(x; theta)`` gives logits ``z [B, C]``; ``l(z, y)`` is the per-example loss;
 ``J = dz/dtheta`` the per-example Jacobian. Every curvature here is an average over examples
@@ -17,7 +17,7 @@ and backpropagate them (``J^T q_k`` is one vector-Jacobian product):
 ``"exact"`` (K=C)       ``sqrt(p_c) (p - e_c)``, c = 1..C          ``e_c`` (``H_z = I``)
 ======================  =========================================  ============================
 
-For MSE, ``"mc"`` is the Fisher of ``y ~ N(f(x), I)`` (SPEC §3: sampled targets ``yhat = z +
+For MSE, ``"mc"`` is the Fisher of ``y ~ N(f(x), I)`` (methods.md#ewc: sampled targets ``yhat = z +
 eps``, ``dl/dz = z - yhat = -eps``) and ``"exact"`` is its expectation, the Gauss-Newton matrix
 ``E[J^T J]`` — for a model linear in ``theta`` (DLCFT) the exact Hessian of the MSE loss (eq. 8).
 The empirical Fisher is NOT a Fisher (its scale follows the residuals and vanishes at a perfect

@@ -1,4 +1,4 @@
-"""K-FAC, TK-FAC, the Kronecker quadratic penalty and the class-IL head extension (SPEC §3).
+"""K-FAC, TK-FAC, the Kronecker quadratic penalty and the class-IL head extension (methods.md#kfac).
 
 Per layer ``l`` with pre-activations ``s = W a`` (math layout: ``W [out, in]``, ``a`` the input
 with a trailing 1 when the layer has a bias, so ``[W | b]`` is ``[out, in + 1]``) the per-example
@@ -415,11 +415,11 @@ def kronecker_matrix(f: LayerFactors, trace_correction: bool = False) -> Array:
 
 
 def average_factors(old: Optional[PyTree], new: PyTree, t: int) -> PyTree:
-  """Running mean over tasks: ``((t-1) old + new) / t`` leaf-wise (SPEC §3, eq. 3/11).
+  """Running mean over tasks: ``((t-1) old + new) / t`` leaf-wise (DLCFT eqs. 3, 11).
 
   After task ``t`` (1-based) the curvature represents ``(1/t) sum_{i<=t} L_i`` (eq. 3), so the
   stored factors are the mean of the per-task factors: old and new weighted ``(t-1)/t`` and
-  ``1/t`` *(inferred: SPEC's "weights (t-1) : t" read as the running mean)*. ``A``, ``G`` and
+  ``1/t`` *(our choice, docs/methods.md#quadratic-penalty)*. ``A``, ``G`` and
   ``fisher_trace`` are averaged separately (TK-FAC's ``s`` is recomputed from the means). Works
   for any pytree (diagonal Fisher / MAS too). ``old=None`` or ``t=1`` returns ``new``.
 

@@ -1,7 +1,7 @@
 """Continual-learning methods behind one protocol (see :mod:`cft_jax.methods.base`).
 
 Built-in names: ``sequential`` (plain sequential fine-tuning / sequential PEFT, DLCFT's "None"),
-``lae``, the DLCFT comparison (SPEC §3): ``ewc``, ``mas``, ``osla``, ``dlcft``
+``lae``, the DLCFT comparison (paper §4): ``ewc``, ``mas``, ``osla``, ``dlcft``
 (:mod:`~cft_jax.methods.regularizers`), ``lwf``, ``er``, ``der``, ``derpp``
 (:mod:`~cft_jax.methods.replay`) and ``joint``.
 New learners are added with :func:`register` (a factory from the ``config.method`` section to a
@@ -10,7 +10,8 @@ New learners are added with :func:`register` (a factory from the ``config.method
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import ml_collections
 
@@ -22,56 +23,66 @@ from cft_jax.methods.regularizers import DLCFT, EWC, MAS, KroneckerRegularizer
 from cft_jax.methods.replay import DER, DERPP, ER
 
 
-def _quadratic_kwargs(cfg: ml_collections.ConfigDict) -> dict:
-  """Shared hyper-parameters of the quadratic regularisers (see ``regularizers``)."""
-  keys = ("strength", "weighting", "accumulate", "exclude_head", "fisher_type", "num_samples",
-          "curvature_batches", "mse_alpha", "microbatch", "seed")
-  return {k: cfg[k] for k in keys if k in cfg}
+# Dataclass fields of a method that are not config keys: the protocol's own fields, and the MSE
+# target scale, which is ``loss.alpha`` (one value for the loss, the curvature and the replay terms).
+_NOT_CONFIG = ("name", "cumulative_data", "mse_alpha")
 
 
-def _kronecker_kwargs(cfg: ml_collections.ConfigDict, extra=()) -> dict:
-  keys = ("curvature", "diag_fallback", "extend_head") + tuple(extra)
-  return {**_quadratic_kwargs(cfg), **{k: cfg[k] for k in keys if k in cfg}}
+def _dataclass_fields(cls) -> Dict[str, Any]:
+  """``{field: default}`` of a Method dataclass's hyper-parameters (its config keys)."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in _NOT_CONFIG or not f.init:
+      continue
+    out[f.name] = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else None)
+  return out
 
 
-def _replay_kwargs(cfg: ml_collections.ConfigDict, extra=()) -> dict:
-  keys = ("buffer_size", "replay_batch_size") + tuple(extra)
-  return {k: cfg[k] for k in keys if k in cfg}
+def _from_fields(cls):
+  """Factory building ``cls`` from the ``config.method`` keys that are its fields."""
+
+  def factory(cfg, **extra):
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: cfg[k] for k in _dataclass_fields(cls) if k in cfg}
+    kw.update({k: v for k, v in extra.items() if k in names})
+    return cls(**kw)
+
+  return factory
 
 
-_FACTORIES: Dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
-    "sequential": lambda cfg: Method(),
-    "lae": lambda cfg: LAE(ema_decay=cfg.get("ema_decay", 0.999),
-                           freeze_epochs=cfg.get("freeze_epochs", 0)),
-    "ewc": lambda cfg: EWC(**_quadratic_kwargs(cfg)),
-    "mas": lambda cfg: MAS(**_quadratic_kwargs(cfg)),
-    "osla": lambda cfg: KroneckerRegularizer(**_kronecker_kwargs(cfg)),
-    "dlcft": lambda cfg: DLCFT(**_kronecker_kwargs(
-        cfg, ("buffer_size", "replay_lambda", "replay_batch_size", "require_linear"))),
-    "lwf": lambda cfg: LwF(**{k: cfg[k] for k in ("temperature", "strength", "weighting")
-                              if k in cfg}),
-    "er": lambda cfg: ER(**_replay_kwargs(cfg, ("weight",))),
-    "der": lambda cfg: DER(**_replay_kwargs(cfg, ("alpha",))),
-    "derpp": lambda cfg: DERPP(**_replay_kwargs(cfg, ("alpha", "beta"))),
-    "joint": lambda cfg: Joint(),
+# name -> (factory(config.method, **derived) -> Method, {config key: default} or None = open).
+_FACTORIES: Dict[str, Tuple[Callable[..., Method], Optional[Dict[str, Any]]]] = {
+    name: (_from_fields(cls), _dataclass_fields(cls)) for name, cls in (
+        ("sequential", Method), ("lae", LAE), ("ewc", EWC), ("mas", MAS),
+        ("osla", KroneckerRegularizer), ("dlcft", DLCFT), ("lwf", LwF), ("er", ER), ("der", DER),
+        ("derpp", DERPP), ("joint", Joint))
 }
 
 
 def register(name: str, factory: Callable[[ml_collections.ConfigDict], Method],
-             overwrite: bool = False) -> None:
-  """Registers a method factory under ``name`` (selected by ``config.method.name``).
+             overwrite: bool = False, fields: Optional[Dict[str, Any]] = None) -> None:
+  """Registers a method under ``name`` (selected by ``config.method.name``).
 
   Args:
     name: the method's name.
-    factory: ``factory(config.method) -> Method``.
+    factory: a :class:`Method` dataclass (built from the ``config.method`` keys that are its
+      fields; those fields are then the method's config keys, checked by
+      :func:`cft_jax.config.validate_config`), or any callable ``factory(config.method) ->
+      Method``.
     overwrite: allow replacing an existing name.
+    fields: ``{config key: default}`` a callable factory reads (None: its keys are not checked).
 
   Raises:
     ValueError: ``name`` exists and ``overwrite`` is False.
   """
   if name in _FACTORIES and not overwrite:
     raise ValueError(f"method '{name}' is already registered (pass overwrite=True to replace)")
-  _FACTORIES[name] = factory
+  if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+    _FACTORIES[name] = (_from_fields(factory), _dataclass_fields(factory))
+  else:
+    _FACTORIES[name] = (lambda cfg, **_: factory(cfg), None if fields is None else dict(fields))
 
 
 def method_names():
@@ -79,13 +90,37 @@ def method_names():
   return tuple(sorted(_FACTORIES))
 
 
-def get_method(cfg: ml_collections.ConfigDict) -> Method:
-  """Builds the method named ``config.method.name`` with its hyper-parameters.
+def method_config_fields(name: str) -> Optional[Dict[str, Any]]:
+  """``{config key: default}`` of method ``name``'s own hyper-parameters (the dataclass fields of
+  its class, e.g. ``strength`` for ``ewc``); None when it was registered with a plain factory and
+  no ``fields`` (its keys are then not checked).
 
   Raises:
-    ValueError: unknown method name (lists the known ones).
+    ValueError: unknown method name.
   """
-  name = cfg.get("name", "sequential")
   if name not in _FACTORIES:
     raise ValueError(f"unknown method.name '{name}'; known: {list(method_names())}")
-  return _FACTORIES[name](cfg)
+  fields = _FACTORIES[name][1]
+  return None if fields is None else dict(fields)
+
+
+def get_method(cfg: ml_collections.ConfigDict, mse_alpha: Optional[float] = None) -> Method:
+  """Builds the method named ``config.method.name`` with its hyper-parameters.
+
+  Args:
+    cfg: the ``config.method`` section (``name`` plus the method's own keys, see
+      :func:`method_config_fields`, and the trainer's keys of :func:`cft_jax.config.base_config`).
+    mse_alpha: MSE target scale ``alpha`` (``loss.alpha``) for methods with MSE curvature or
+      replay terms (None: the class default, 15).
+
+  Raises:
+    ConfigError: unknown method name, or a key that is neither the method's nor the trainer's
+      (with a "did you mean").
+  """
+  from cft_jax.config import ConfigError, check_method_keys  # pylint: disable=g-import-not-at-top
+  name = cfg.get("name", "sequential")
+  if name not in _FACTORIES:
+    raise ConfigError(f"unknown method.name '{name}'; known: {list(method_names())}")
+  check_method_keys(name, list(cfg.keys()))
+  extra = {} if mse_alpha is None else {"mse_alpha": float(mse_alpha)}
+  return _FACTORIES[name][0](cfg, **extra)

@@ -72,8 +72,8 @@ class TaskContext:
 class Method:
   """Sequential fine-tuning: one set of trainable (PEFT + head) params updated across tasks.
 
-  This is the "sequential PEFT" learner of the aEPG paper (SPEC §1) and the "None" baseline of
-  DLCFT (SPEC §3): no regulariser, no replay.
+  This is the "sequential PEFT" learner of the aEPG paper and the "None" baseline of DLCFT
+  (docs/methods.md#sequential): no regulariser, no replay.
   """
 
   name: str = "sequential"

@@ -1,4 +1,4 @@
-"""Joint training: the upper bound of DLCFT's tables (SPEC §3, "Joint").
+"""Joint training: the upper bound of DLCFT's tables (docs/methods.md#joint).
 
 Task ``t`` is trained on the union of the training data of tasks ``0..t``
 (``cumulative_data=True``; :func:`cft_jax.train.run` builds the union), with no regulariser, so

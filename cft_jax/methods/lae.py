@@ -1,4 +1,4 @@
-"""LAE: Learning-Accumulation-Ensemble (Gao et al., ICCV 2023), SPEC §1 "Frameworks".
+"""LAE: Learning-Accumulation-Ensemble (Gao et al., ICCV 2023); docs/methods.md#lae.
 
 An online PEFT module (trained with the head) and an offline copy that accumulates it by an
 exponential moving average after every optimiser step,

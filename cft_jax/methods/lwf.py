@@ -1,4 +1,4 @@
-"""Learning without Forgetting (Li & Hoiem, ECCV 2016; a DLCFT baseline, SPEC §3).
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016; a DLCFT baseline; methods.md#lwf).
 
 Before task ``t`` the current parameters are frozen as the "old" model (kept in
 ``method_state["old"]``). On every batch of task ``t`` the new model's outputs on the OLD classes

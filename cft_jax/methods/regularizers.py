@@ -1,4 +1,4 @@
-"""Quadratic parameter regularisers: EWC, MAS, OSLA and DLCFT (SPEC §3; DLCFT paper §3).
+"""Quadratic parameter regularisers: EWC, MAS, OSLA and DLCFT (DLCFT paper §3).
 
 All four penalise the distance to the previous solution ``theta_{t-1}`` under a curvature ``H``
 of the old tasks' loss (paper eq. 10)::
@@ -457,7 +457,7 @@ class KroneckerRegularizer(QuadraticRegularizer):
 
 @dataclasses.dataclass(frozen=True)
 class DLCFT(KroneckerRegularizer):
-  """Deep Linear Continual Fine-Tuning (Shon et al., ECCV 2022; SPEC §3, paper eqs. 5-14).
+  """Deep Linear Continual Fine-Tuning (Shon et al., ECCV 2022, eqs. 5-14; methods.md#dlcft).
 
   The run must be linearized (``model.linearize=True`` / ``"full"``: the whole network around
   ``theta_0``; ``"features"``: eqs. 6-7 ``g_lin(x; psi) W + b``) and trained with the MSE loss

@@ -1,4 +1,4 @@
-"""Rehearsal: a reservoir buffer and ER, DER, DER++ (the replay baselines of DLCFT, SPEC §3).
+"""Rehearsal: a reservoir buffer and ER, DER, DER++ (DLCFT's replay baselines; methods.md#er).
 
 The buffer lives in ``method_state`` as fixed-shape arrays (so it is traced once and saved with
 every checkpoint)::

@@ -1,4 +1,4 @@
-"""ResNet-18 in Flax (He et al. 2016), the backbone of DLCFT (SPEC §3, paper §4.1 "Models").
+"""ResNet-18 in Flax (He et al. 2016), the backbone of DLCFT (paper §4.1 "Models").
 
 BasicBlock ResNet with stages ``[2, 2, 2, 2]`` and widths ``width * (1, 2, 4, 8)``:
 

@@ -21,7 +21,7 @@ flax's (tanh-approximate) GELU as in the code that trained the checkpoints, clas
 ``cls`` token after ``encoder_norm``. Inputs: RGB ``[B, S, S, 3]`` normalised as
 ``(x - MEAN) / STD`` (augreg: pixels to ``[-1, 1]``).
 
-PEFT (SPEC §1 paper setup; applied to the blocks in ``peft_blocks`` only, default 0-4; indices
+PEFT (the aEPG paper's setup; applied to the blocks in ``peft_blocks`` only, default 0-4; indices
 ``>= depth`` are ignored so the paper default also works on the 2-layer ``tiny`` variant):
 
 - ``lora``: on any of ``q, k, v, o`` (default ``k, v``), per projection
@@ -448,7 +448,7 @@ class VisionTransformer(nn.Module):
     prefix_length: prefix tokens ``L`` (paper: 10).
     prefix_gate_init: initial prefix gate (0: exact identity at init; None: LAE without gate).
     prefix_compensatory: LAE's compensated prefix (True) or plain prefix tuning.
-    head_init_std: head kernel ``N(0, head_init_std)``, bias 0 (SPEC: 0.001).
+    head_init_std: head kernel ``N(0, head_init_std)``, bias 0 (aEPG paper: 0.001).
     representation_size: optional ``pre_logits`` Dense + tanh before the head (old i21k ckpts).
     dropout_rate: dropout in the encoder (vit_jax placement); 0 for fine-tuning.
     head_dropout_rate: dropout on the features before the head (training only).

@@ -11,7 +11,7 @@ is exactly zero at initialisation, so the adapted network equals the pretrained 
 
 How it is wired is the caller's choice; the module returns the branch only (``residual=False``):
 
-- parallel to attention (SPEC §1 paper setup): ``x + attn(LN(x)) + adapter(LN(x))``;
+- parallel to attention (the aEPG paper's setup): ``x + attn(LN(x)) + adapter(LN(x))``;
 - parallel to the MLP: ``x + mlp(LN(x)) + adapter(LN(x))``;
 - sequential (``residual=True``): ``x + adapter(x)``.
 
