@@ -38,7 +38,8 @@ class TaskCheckpointer:
         item_names=("state", "meta"))
 
   def latest(self) -> Optional[int]:
-    """Number of finished tasks in the latest checkpoint, or None if there is none."""
+    """Orbax step of the latest checkpoint (``2 * global_step + task_finished``, see
+    :func:`cft_jax.train.checkpoint_id`; not a task count), or None if there is none."""
     return self._manager.latest_step()
 
   def save(self, step: int, state: PyTree, meta: dict, wait: bool = False) -> None:
