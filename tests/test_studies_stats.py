@@ -1,0 +1,78 @@
+"""The paired-comparison statistics of the study protocol (studies/_common.py)."""
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
+import _common  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_paired_t_interval_exact():
+  # d = a - b = [1, 2, 3]: mean 2, std 1, t_{0.975, 2} = 4.302652729749462.
+  r = _common.paired_t_interval([11.0, 12.5, 10.0], [10.0, 10.5, 7.0])
+  half = 4.302652729749462 / math.sqrt(3.0)
+  assert r["n"] == 3
+  assert r["mean"] == pytest.approx(2.0, abs=1e-12)
+  assert r["std"] == pytest.approx(1.0, abs=1e-12)
+  assert r["lo"] == pytest.approx(2.0 - half, abs=1e-9)   # -0.48413771175
+  assert r["hi"] == pytest.approx(2.0 + half, abs=1e-9)   # 4.48413771175
+
+
+def test_paired_t_interval_four_seeds_and_pairing():
+  # d = [0.5, -1, 2, 1.5]: mean 0.75, std sqrt(1.75) = 1.3228756555, t_{0.975, 3} = 3.18244630528.
+  b = [40.0, 20.0, 35.0, 50.0]  # large seed-to-seed spread the pairing removes
+  a = [x + d for x, d in zip(b, [0.5, -1.0, 2.0, 1.5])]
+  r = _common.paired_t_interval(a, b)
+  half = 3.1824463052837078 * math.sqrt(1.75) / 2.0
+  assert r["mean"] == pytest.approx(0.75, abs=1e-12)
+  assert (r["lo"], r["hi"]) == (pytest.approx(0.75 - half, abs=1e-9),
+                                pytest.approx(0.75 + half, abs=1e-9))  # [-1.355, 2.855]
+  r90 = _common.paired_t_interval(a, b, confidence=0.90)
+  assert r["lo"] < r90["lo"] < r90["hi"] < r["hi"]
+
+
+def test_paired_bootstrap_interval_exact():
+  # Two seeds with d = {0, 2}: resampled means are 0, 1, 2 with probabilities 1/4, 1/2, 1/4, so
+  # the 2.5% / 97.5% quantiles are exactly 0 and 2.
+  assert _common.paired_bootstrap_interval([5.0, 9.0], [5.0, 7.0]) == (0.0, 2.0)
+  # Equal differences: a zero-width interval at that difference.
+  assert _common.paired_bootstrap_interval([3.0, 4.0, 5.0], [1.5, 2.5, 3.5]) == (1.5, 1.5)
+  # Reproducible for a fixed seed.
+  a, b = [1.0, 4.0, 2.0, 7.0], [0.0, 1.0, 3.0, 2.0]
+  assert (_common.paired_bootstrap_interval(a, b, seed=3)
+          == _common.paired_bootstrap_interval(a, b, seed=3))
+
+
+@pytest.mark.parametrize("a,b", [([1.0], [0.0]), ([1.0, 2.0], [0.0]),
+                                 ([1.0, float("nan")], [0.0, 0.0])])
+def test_paired_intervals_reject_bad_input(a, b):
+  with pytest.raises(ValueError):
+    _common.paired_t_interval(a, b)
+  with pytest.raises(ValueError):
+    _common.paired_bootstrap_interval(a, b)
+
+
+def test_claim_verdict_rule():
+  assert _common.claim_verdict(0.1, 3.0) == "reproduced"
+  assert _common.claim_verdict(-2.0, 0.9) == "not reproduced"      # excludes a 1-point gain
+  assert _common.claim_verdict(-5.0, -0.5) == "not reproduced"     # a significant loss
+  assert _common.claim_verdict(-0.5, 4.5) == "inconclusive"
+  assert _common.claim_verdict(-0.5, 0.9, margin=0.5) == "inconclusive"
+  # The t interval of test_paired_t_interval_exact decides "inconclusive".
+  r = _common.paired_t_interval([11.0, 12.5, 10.0], [10.0, 10.5, 7.0])
+  assert _common.claim_verdict(r["lo"], r["hi"]) == "inconclusive"
+  with pytest.raises(ValueError):
+    _common.claim_verdict(1.0, 0.0)
+
+
+def test_select_best_mean_over_seeds_first_on_ties():
+  scores = {(1e-4, 6.0): [50.0, 52.0], (1e-3, 6.0): [55.0, 49.0], (1e-3, 3.0): [51.0, 53.0]}
+  assert _common.select_best(scores) == (1e-3, 6.0)          # means 51, 52, 52: first of the tie
+  scores[(1e-4, 6.0)] = [53.0, 53.0]
+  assert _common.select_best(scores) == (1e-4, 6.0)          # 53 beats 52 and 52
+  assert _common.select_best({"a": [float("nan"), 80.0], "b": [45.0, 45.0]}) == "b"  # NaN -> 0
+  with pytest.raises(ValueError):
+    _common.select_best({})
