@@ -376,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
                           augment=config.data.get("augment", "none"),
                           rrc_scale=tuple(config.data.get("rrc_scale", (0.05, 1.0))))
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
-  tx = make_optimizer(config.optim)
+  tx = make_optimizer(config.optim, linearized)  # linearized: decay toward params0
   bs = config.train.batch_size
   wise_alpha = config.eval.get("wise_ft_alpha", 1.0)
   l2sp_alpha = (config.method.get("l2sp_alpha", 0.01)
@@ -536,8 +536,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
       skip_steps = resume_step if t == start_task else 0
       if not skip_steps:  # a fresh task (a resumed one restored its optimiser/method state)
         host = dev.unreplicate(state)
-        if config.optim.get("reset_per_task", True):
-          host = host.replace(opt_state=tx.init(host.params))
+        if config.optim.get("reset_per_task", True):  # TPGM/FTP projection state carries over
+          from cft_jax.projection import reset_base_state  # pylint: disable=g-import-not-at-top
+          host = host.replace(opt_state=reset_base_state(tx, host.opt_state, host.params))
         host = host.replace(method_state=method.begin_task(t, host.params, host.method_state,
                                                            task_context(t)))
         state = dev.replicate(host)
