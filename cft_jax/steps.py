@@ -228,6 +228,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
   lin_mode = lin.linearize_mode(linearized)
   tx_extra = optax.with_extra_args_support(tx)
+  # methods that freeze their PEFT leaves for some epochs (LAE) override ``frozen_peft``
+  can_freeze = type(method).frozen_peft is not methods_lib.Method.frozen_peft
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -289,6 +291,10 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
         state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
         total_steps, rng)
     grads = psum(grads)
+    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
+    if can_freeze:  # frozen PEFT leaves: no gradient (global-norm clipping) and held moments
+      grads = {key: (g if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, g))
+               for key, g in grads.items()}
     extra = {}
     if needs_val_batch:
       vx, vy, vm = val_batch
@@ -301,7 +307,9 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
         a0 = dict(a0, head=jax.tree_util.tree_map(jnp.zeros_like, a0["head"]))
       extra["decay_anchor"] = a0
     updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
-    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
+    if can_freeze:
+      from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
+      opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
     updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
                for key, u in updates.items()}
     params = optax.apply_updates(state.params, updates)

@@ -16,6 +16,7 @@ def test_lae_ema_update_by_hand():
   params = {"enc": {"lora_a": jnp.array([1.0, 2.0])}, "head": {"kernel": jnp.ones(2)}}
   st = lae.init_state(params)
   assert set(st["offline"]) == {"enc"}  # the head is shared, not copied
+  st = lae.begin_task(1, params, st)  # the offline copy is made when task 1 begins
   new = {"enc": {"lora_a": jnp.array([3.0, -2.0])}, "head": {"kernel": jnp.zeros(2)}}
   st = lae.after_step(new, st)
   np.testing.assert_allclose(st["offline"]["enc"]["lora_a"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2])
@@ -39,7 +40,7 @@ def test_max_softmax_ensemble_by_hand():
   offline = {"enc": {"w": jnp.diag(jnp.array([0.0, 0.0, 3.0]))}}
   lae = methods.LAE()
   state = train.TrainState(step=jnp.int32(0), params=online, opt_state=(),
-                           method_state={"offline": offline})
+                           method_state={"offline": offline, "active": jnp.ones(())})
   # identity preprocessing: image value 1 on every pixel (after (x - 0) / 1)
   prep = Preprocess(image_size=2, mean=0.0, std=1.0)
   ev = train.make_eval_step(_Linear.apply, prep, classes_per_task=3, num_classes=3, method=lae)
@@ -70,7 +71,7 @@ def test_frozen_peft_moves_only_the_head():
   params = {"enc": {"w": jnp.eye(3)}, "head": {"kernel": 0.1 * jnp.ones((3, 4))}}
   tx = optax.sgd(0.1)
   state = train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                           method_state=lae.init_state(params))
+                           method_state=lae.begin_task(1, params, lae.init_state(params)))
   step = train.make_train_step(apply, Preprocess(2, 0.0, 255.0), objectives.make_loss_fn("ce"),
                                tx, classes_per_task=2, method=lae)
   rng = np.random.default_rng(0)
