@@ -60,7 +60,8 @@ __all__ = [
     "MEAN", "STD", "VARIANTS", "ViTSpec", "PEFT_NAMES", "PAPER_PEFT_BLOCKS", "AUGREG_FILES",
     "VisionTransformer", "Dense", "LoRADenseGeneral", "MultiHeadDotProductAttention",
     "Encoder1DBlock", "peft_param_count", "resample_posemb", "init_leaves", "load_pretrained",
-    "load_npz", "save_npz", "pretrained_path", "build",
+    "load_npz", "save_npz", "pretrained_path", "build", "detect_checkpoint_format",
+    "I21K_FILES",
 ]
 
 # Input normalisation of the augreg checkpoints: x = (rgb_0_255 - MEAN) / STD, in [-1, 1].
@@ -102,6 +103,11 @@ AUGREG_FILES: Dict[str, str] = {
     "s16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
     "b16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
 }
+# The original ImageNet-21k checkpoints (Dosovitskiy et al. 2021; the upstream of L2P / LAE),
+# with a ``pre_logits`` Dense(768) + tanh between ``encoder_norm`` and the 21,843-way head.
+I21K_URL = "https://storage.googleapis.com/vit_models/imagenet21k/"
+I21K_FILES: Dict[str, str] = {"b16": "ViT-B_16.npz"}
+CHECKPOINT_FORMATS = ("auto", "augreg", "i21k")
 
 
 def _is_peft_key(key: str) -> bool:
@@ -758,42 +764,104 @@ def save_npz(variables: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
   np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
 
 
-def pretrained_path(variant: str, directory: Optional[str] = None) -> str:
-  """Local path of the augreg ImageNet-21k ``.npz`` of ``variant``.
+def detect_checkpoint_format(path: Union[str, os.PathLike]) -> str:
+  """``"i21k"`` for a file with ``pre_logits`` (the original ``ViT-B_16.npz``), else
+  ``"augreg"`` (reads the key names only).
 
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  with np.load(path, allow_pickle=False) as f:
+    return "i21k" if any("pre_logits/" in k for k in f.files) else "augreg"
+
+
+def _candidates(variant: str, fmt: str) -> Dict[str, str]:
+  files = {}
+  if fmt in ("auto", "augreg") and variant in AUGREG_FILES:
+    files[AUGREG_FILES[variant]] = AUGREG_URL + AUGREG_FILES[variant]
+  if fmt in ("auto", "i21k") and variant in I21K_FILES:
+    files[I21K_FILES[variant]] = I21K_URL + I21K_FILES[variant]
+  return files
+
+
+def pretrained_path(variant: str, directory: Optional[str] = None,
+                    checkpoint_format: str = "auto") -> str:
+  """Local path of the ImageNet-21k ``.npz`` of ``variant``.
+
+  ``checkpoint_format`` (``model.checkpoint_format``): ``augreg`` (Steiner et al. 2022,
+  ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz`` from
+  ``gs://vit_models/augreg/``), ``i21k`` (Dosovitskiy et al. 2021, ``ViT-B_16.npz`` with
+  ``pre_logits`` from ``gs://vit_models/imagenet21k/``) or ``auto`` (the first of those present).
   Looked up in ``directory``, else ``$CFT_JAX_VIT_DIR``, else ``~/.cache/cft_jax/vit``.
 
   Raises:
-    ValueError: no public checkpoint for ``variant`` (patch-4 and ``tiny`` variants).
+    ValueError: no public checkpoint for ``variant`` (patch-4 and ``tiny`` variants) or an
+      unknown format.
     FileNotFoundError: the file is absent; the message gives the download command.
   """
-  if variant not in AUGREG_FILES:
-    raise ValueError(f"no public augreg checkpoint for ViT variant {variant!r} (those with one: "
-                     f"{sorted(AUGREG_FILES)}); use pretrained=False")
+  if checkpoint_format not in CHECKPOINT_FORMATS:
+    raise ValueError(f"model.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
+                     f"{checkpoint_format!r}")
+  files = _candidates(variant, checkpoint_format)
+  if not files:
+    raise ValueError(f"no public {checkpoint_format} checkpoint for ViT variant {variant!r} "
+                     f"(augreg: {sorted(AUGREG_FILES)}, i21k: {sorted(I21K_FILES)}); use "
+                     f"pretrained=False")
   directory = (directory or os.environ.get("CFT_JAX_VIT_DIR")
                or os.path.join(os.path.expanduser("~"), ".cache", "cft_jax", "vit"))
-  path = os.path.join(directory, AUGREG_FILES[variant])
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found. Download it with\n  mkdir -p {directory} && wget -P {directory} "
-        f"{AUGREG_URL}{AUGREG_FILES[variant]}\n(or set CFT_JAX_VIT_DIR to the folder holding it)")
-  return path
+  for name in files:
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  cmds = "\n".join(f"  mkdir -p {directory} && wget -P {directory} {url}"
+                   for url in files.values())
+  raise FileNotFoundError(
+      f"none of {list(files)} in {directory}. Download one with\n{cmds}\n(or set "
+      f"CFT_JAX_VIT_DIR / model.checkpoint to the file or the folder holding it)")
 
 
 def build(variant: str, num_classes: int, *, pretrained: bool = True,
           image_size: Union[int, Sequence[int]] = 224, rng: Optional[jax.Array] = None,
-          path: Optional[str] = None, **module_kwargs) -> Tuple[VisionTransformer, Dict[str, Any]]:
-  """``(module, variables)``: augreg weights when ``pretrained`` (``path`` or
-  :func:`pretrained_path`), else a random init at ``image_size``.
+          path: Optional[str] = None, checkpoint_format: str = "auto", pre_logits: str = "drop",
+          **module_kwargs) -> Tuple[VisionTransformer, Dict[str, Any]]:
+  """``(module, variables)``: ImageNet-21k weights when ``pretrained``, else a random init.
+
+  Args:
+    path: ``model.checkpoint``: the ``.npz`` file, or a folder searched by
+      :func:`pretrained_path` (None: ``$CFT_JAX_VIT_DIR`` / ``~/.cache/cft_jax/vit``).
+    checkpoint_format: ``auto`` (detected from the keys: ``pre_logits`` -> ``i21k``),
+      ``augreg`` or ``i21k``; a file of the other layout is an error.
+    pre_logits: for ``i21k`` files, ``drop`` (vit_jax's fine-tuning "drop-head variant": the
+      features are the ``encoder_norm`` cls token) or ``keep`` (``representation_size`` = the
+      file's width: Dense + tanh before the new head, as ``timm``'s ``*_in21k`` models).
 
   Raises:
-    ValueError / FileNotFoundError: see :func:`pretrained_path` and :func:`load_pretrained`.
+    ValueError / FileNotFoundError: see :func:`pretrained_path` and :func:`load_pretrained`;
+      a format mismatch; ``pre_logits`` not in ``drop | keep``.
   """
+  if pre_logits not in ("drop", "keep"):
+    raise ValueError(f"model.pre_logits must be 'drop' or 'keep', got {pre_logits!r}")
+  ignore: Tuple[str, ...] = ()
+  if pretrained:
+    if not path or os.path.isdir(path):
+      path = pretrained_path(variant, path or None, checkpoint_format)
+    fmt = detect_checkpoint_format(path)
+    if checkpoint_format not in ("auto", fmt):
+      raise ValueError(f"model.checkpoint_format={checkpoint_format!r} but {path} is a {fmt} "
+                       f"checkpoint ({'has' if fmt == 'i21k' else 'no'} pre_logits); set "
+                       f"model.checkpoint_format='{fmt}' or 'auto'")
+    if fmt == "i21k":
+      if pre_logits == "keep":
+        with np.load(path, allow_pickle=False) as f:
+          width = [f[k].shape[-1] for k in f.files if k.endswith("pre_logits/bias")][0]
+        module_kwargs["representation_size"] = int(width)
+      else:
+        ignore = ("pre_logits",)
   module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)
   module.validate()
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if pretrained:
-    variables = load_pretrained(module, path or pretrained_path(variant), image_size, rng)
+    variables = load_pretrained(module, path, image_size, rng, ignore_keys=ignore)
   else:
     h, w = _as_size(image_size)
     variables = jax.jit(module.init)(rng, jnp.zeros((1, h, w, 3), jnp.float32))
