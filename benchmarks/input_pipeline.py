@@ -15,7 +15,17 @@ i.e. without overlap) produces batches than the step consumes them (target: >= 5
 Fashion-MNIST (28x28 grey, as the runs use) when installed, else random images of that shape.
 Stages run in turn for ``--repeats`` rounds (alternating); medians.
 
+Streaming pipeline (image folders, :mod:`cft_jax.data.loader`), same JSON line:
+
+- ``host_jpeg_224_img_per_s``: grain host pipeline (decode JPEG + RandomResizedCrop + flip to
+  224 px) over ``--jpeg-images`` generated 400x300 JPEGs, ``data.workers`` = CPU cores, and
+  with read threads only (``workers=0``); steady state: the second half of the batches;
+- ``rss_growth_4x``: peak resident memory (the CLI process plus its grain workers, sampled every
+  50 ms) of a CLI run (tiny_cnn, 1 epoch over every image) on an image folder of
+  ``--rss-images`` N images vs 4N; target <= 1.15 (memory must not grow with the dataset).
+
     python benchmarks/input_pipeline.py [--batch 64] [--repeats 7] [--augment crop_flip]
+    python benchmarks/input_pipeline.py --skip-step --jpeg-images 512 --rss-images 300
 """
 
 from __future__ import annotations
@@ -92,13 +102,108 @@ def make_step(model: str, size: int, augment: str, b: int, images, labels):
   return run, run_pre, step
 
 
+def write_jpegs(root: str, n: int, classes: int = 4, size=(300, 400), split_test: bool = False):
+  """``n`` JPEGs (smooth random content, ~``size``) as ``root/{train,test}/cls{k}/`` (or
+  ``root/cls{k}`` when not ``split_test``); a few unique images, written under many names."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  uniq = []
+  for _ in range(16):
+    small = rng.integers(0, 256, (size[0] // 16, size[1] // 16, 3), dtype=np.uint8)
+    im = Image.fromarray(small).resize((size[1], size[0]), Image.BILINEAR)
+    uniq.append(im)
+  for i in range(n):
+    split = ("test" if i % 5 == 4 else "train") if split_test else ""
+    d = os.path.join(root, split, f"cls{i % classes}")
+    os.makedirs(d, exist_ok=True)
+    uniq[i % len(uniq)].save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
+  return root
+
+
+def host_jpeg_throughput(n: int, batch: int, workers: int) -> float:
+  """Images/s of the grain host pipeline (decode + RRC + flip to 224 px) over the second half of
+  the batches (steady state: worker start-up and the prefetch that fills during it excluded)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from cft_jax.data import HostTransform, TaskBatches  # pylint: disable=g-import-not-at-top
+  from cft_jax.data.datasets import load_image_folder  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as d:
+    write_jpegs(d, n, split_test=True)
+    ds = load_image_folder(d, 224)
+    it = TaskBatches(ds.train, np.arange(len(ds.train)), batch, 1, (0, 0),
+                     HostTransform(224, train=True, augment="rrc_flip"), workers=workers,
+                     process_index=0, process_count=1)
+    stamps = [time.perf_counter() for _ in it]
+    half = len(stamps) // 2  # steady state: prefetched batches are a small part of the window
+    return (len(stamps) - 1 - half) * batch / (stamps[-1] - stamps[half])
+
+
+def peak_rss_of_cli(root: str, workdir: str, workers: int) -> float:
+  """Peak RSS (MiB) of the CLI process tree (sum over the process and its children)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import psutil  # pylint: disable=g-import-not-at-top
+  repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+  cmd = [sys.executable, "-m", "cft_jax.main", "--config",
+         os.path.join(repo, "configs", "default.py"), "--workdir", workdir, "--overwrite",
+         "--config.data.name=image_folder", f"--config.data.root={root}",
+         "--config.data.image_size=64", "--config.model.name=tiny_cnn",
+         "--config.model.pretrained=False", "--config.scenario.num_tasks=2",
+         "--config.data.train_limit=0", "--config.data.test_limit=0", "--config.train.epochs=1",
+         "--config.train.batch_size=32", "--config.eval.batch_size=32",
+         f"--config.data.workers={workers}", "--config.train.progress=False",
+         "--config.train.plots=False", "--config.train.tensorboard=False"]
+  proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  ps, peak = psutil.Process(proc.pid), 0
+  while proc.poll() is None:
+    try:
+      rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+      peak = max(peak, rss)
+    except psutil.Error:
+      pass
+    time.sleep(0.05)
+  out = proc.stdout.read().decode()
+  if proc.returncode:
+    raise RuntimeError(f"CLI run failed:\n{out[-3000:]}")
+  return peak / 2**20
+
+
+def streaming_figures(args) -> dict:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  cores = os.cpu_count() or 1
+  out = {"host_jpeg_workers": cores}
+  out["host_jpeg_224_img_per_s"] = round(host_jpeg_throughput(args.jpeg_images, 32, cores), 1)
+  out["host_jpeg_224_img_per_s_threads"] = round(
+      host_jpeg_throughput(args.jpeg_images, 32, 0), 1)
+  print(f"host pipeline, 224 px RRC+flip from 400x300 JPEG: {out['host_jpeg_224_img_per_s']} "
+        f"img/s with {cores} worker processes, {out['host_jpeg_224_img_per_s_threads']} img/s "
+        f"with read threads only", flush=True)
+  n = args.rss_images
+  with tempfile.TemporaryDirectory() as d:
+    peaks = {}
+    for k in (n, 4 * n):
+      root = write_jpegs(os.path.join(d, f"imgs{k}"), k, split_test=True)
+      peaks[k] = peak_rss_of_cli(root, os.path.join(d, f"run{k}"), cores)
+      print(f"CLI on an image folder of {k} images: peak RSS {peaks[k]:.0f} MiB", flush=True)
+  out.update({"rss_images": n, "rss_peak_mib_n": round(peaks[n], 1),
+              "rss_peak_mib_4n": round(peaks[4 * n], 1),
+              "rss_growth_4x": round(peaks[4 * n] / peaks[n], 3)})
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--augment", default="crop_flip", choices=("none", "crop_flip", "rrc_flip"))
   ap.add_argument("--host-batches", type=int, default=20, help="batches per host sample")
+  ap.add_argument("--jpeg-images", type=int, default=512, help="JPEGs for the host figure")
+  ap.add_argument("--rss-images", type=int, default=300, help="N of the N vs 4N RSS runs")
+  ap.add_argument("--skip-step", action="store_true", help="only the streaming figures")
+  ap.add_argument("--skip-streaming", action="store_true", help="only the step figures")
   args = ap.parse_args()
+  streaming = {} if args.skip_streaming else streaming_figures(args)
+  if args.skip_step:
+    print(json.dumps(streaming))
+    return
   b = args.batch
   images, labels, source = load_images(max(4096, b * args.host_batches))
   idx = np.arange(len(images))
@@ -151,6 +256,7 @@ def main() -> None:
     print(f"pipeline (host + preprocess {size}px) vs step {name}: {b / pipe:.0f} vs "
           f"{ips[f'step_{name}']:.0f} img/s = {ratio:.1f}x (target >= 5); step compiled "
           f"{step.num_traces()}x")
+  summary.update(streaming)
   print(json.dumps(summary))
 
 

@@ -1,10 +1,24 @@
-"""ImageNet-R, 10 class-incremental tasks x 20 classes, ViT-B/16 (augreg IN-21k) + PEFT (aEPG paper).
+"""ImageNet-R, 10 class-incremental tasks x 20 classes, ViT-B/16 (IN-21k) + PEFT (aEPG paper).
 
 The argument after the colon picks ``peft,loss[,method]``: peft in {lora, adapter, prefix},
-loss in {ce, aepg}, method in {sequential (default), lae}. Commands (GPU machine; the augreg
-checkpoint ``ViT-B_16.npz`` in ``$CFT_JAX_VIT_DIR`` or ``--config.model.checkpoint``, and
-ImageNet-R exported as an image folder ``DIR/{train,test}/<wnid>/*.jpg`` with the usual 80/20
-split)::
+loss in {ce, aepg}, method in {sequential (default), lae}.
+
+Checkpoint (``model.checkpoint``: the ``.npz`` or its folder; default ``$CFT_JAX_VIT_DIR`` or
+``~/.cache/cft_jax/vit``), either published ViT-B/16 ImageNet-21k file:
+
+- augreg (Steiner et al. 2022; the aEPG paper's upstream), ``model.checkpoint_format=augreg``:
+  ``wget https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz``
+- the original i21k ViT (Dosovitskiy et al. 2021; the L2P / LAE upstream), with ``pre_logits``,
+  ``model.checkpoint_format=i21k`` (``model.pre_logits=drop`` as vit_jax fine-tunes it, or
+  ``keep``): ``wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz``
+
+``auto`` (default) detects the layout from the file. Data: ``data.name=imagenet_r`` with
+``data.root`` the extracted https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar
+(``imagenet-r/<wnid>/*.jpg``) or a tfds data_dir with ``imagenet_r`` prepared; the 80/20
+train / test split is drawn per class with ``data.split_seed`` (see ``cft_jax/data/datasets.py``;
+``data.train_list`` / ``data.test_list`` replay a published file list). Images are streamed
+(grain, ``data.workers`` processes): RandomResizedCrop + flip of the original image for
+training, resize to 256 + centre crop 224 for testing. Commands (GPU machine)::
 
     python -m cft_jax.main --config configs/imagenet_r_vit.py:lora,ce --workdir runs/inr_lora_ce \\
         --config.data.root=DIR --config.seed=0
@@ -30,8 +44,10 @@ N(0, 0.001), local loss on the current task's classes, Adam lr 5e-4, batch 256, 
 50 epochs per task, RandomResizedCrop(0.05, 1) + flip at 224 px, LAE EMA decay 0.999.
 *(inferred)* the PEFT module LAE wraps is LoRA unless the argument says otherwise; the optimiser is
 re-initialised at every task; aEPG's T counts the steps of the current task.
-Not run on this project's CPU machines (no ImageNet-R or augreg weights offline); a smoke test runs
-every combination with a tiny ViT on a few synthetic images.
+Not trained to convergence on this project's CPU machines (no ImageNet-R or weights offline); a
+smoke test runs every combination with a tiny ViT, and ``tests/test_paper_path.py`` runs this
+config with ViT-B/16 at 224 px (random weights in both published layouts) on a generated
+ImageNet-R folder for 2 tasks x 2 steps.
 """
 
 
