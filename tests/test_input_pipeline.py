@@ -129,6 +129,11 @@ def test_task_batches_process_shards_make_the_global_batch():
             for p in range(2)]
   assert shards[0][0][0].shape == (2, 8, 8, 3)
   _same([tuple(np.concatenate([a, b]) for a, b in zip(s0, s1)) for s0, s1 in zip(*shards)], full)
+  # global_batch: [B] arrays with this process's rows (cft_jax.parallel's layout), zeros elsewhere
+  g1 = _all(data.TaskBatches(src, idx, 4, 1, (3, 0), tr, process_index=1, process_count=2,
+                             global_batch=True))
+  np.testing.assert_array_equal(g1[0][0][2:], full[0][0][2:])
+  assert not g1[0][0][:2].any() and not g1[0][2][:2].any()
   with pytest.raises(ValueError, match="divisible"):
     data.TaskBatches(src, idx, 5, 1, (0,), tr, process_index=0, process_count=2)
 

@@ -45,10 +45,11 @@ class _PlanSource:
 
   def __init__(self, source: Any, indices: np.ndarray, batch_size: int, epochs: int,
                seed: Tuple[int, ...], transform: HostTransform, shuffle: bool,
-               start_step: int, process_count: int, skip_corrupt: bool):
+               start_step: int, process_count: int, skip_corrupt: bool,
+               labels: Optional[np.ndarray] = None):
     self.source, self.transform = source, transform
     self.indices = np.asarray(indices, np.int64)
-    self.labels = np.asarray(source.labels, np.int32)
+    self.labels = np.asarray(source.labels if labels is None else labels, np.int32)
     self.B, self.P = batch_size, process_count
     self.b = batch_size // process_count
     self.n = len(self.indices)
@@ -119,6 +120,11 @@ class TaskBatches:
       ``jax.process_count()``).
     skip_corrupt: a file that cannot be decoded becomes a masked-out slot counted in
       :attr:`skipped_corrupt` instead of raising.
+    labels: ``[len(source)]`` labels to use instead of ``source.labels`` (e.g. relabelled by
+      the scenario's class order).
+    global_batch: yield ``[B, ...]`` arrays holding this process's rows
+      ``[p B/P, (p+1) B/P)`` (the other rows zero, masked out) instead of ``[B/P, ...]``: the
+      layout of :mod:`cft_jax.parallel`, whose ``shard`` takes each process's own rows.
 
   Raises:
     BadDataError: (while iterating) an undecodable file, unless ``skip_corrupt``.
@@ -129,7 +135,8 @@ class TaskBatches:
                seed: Tuple[int, ...], transform: HostTransform, shuffle: bool = True,
                start_step: int = 0, workers: int = 0, read_threads: int = 8,
                process_index: Optional[int] = None, process_count: Optional[int] = None,
-               skip_corrupt: bool = False):
+               skip_corrupt: bool = False, labels: Optional[np.ndarray] = None,
+               global_batch: bool = False):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       process_index, process_count = jax.process_index(), jax.process_count()
@@ -141,7 +148,11 @@ class TaskBatches:
       raise ValueError(f"indices out of range [0, {len(source)}) of {source!r}")
     self._args = dict(source=source, indices=indices, batch_size=batch_size,
                       epochs=epochs, seed=tuple(seed), transform=transform, shuffle=shuffle,
-                      process_count=process_count, skip_corrupt=skip_corrupt)
+                      process_count=process_count, skip_corrupt=skip_corrupt, labels=labels)
+    if labels is not None and len(labels) != len(source):
+      raise ValueError(f"{len(labels)} labels for a source of {len(source)} examples")
+    self.global_batch = global_batch and process_count > 1
+    self.batch_size = batch_size
     self.process_index, self.process_count = process_index, process_count
     self.workers, self.read_threads = resolve_workers(workers), read_threads
     self.skipped_corrupt = 0
@@ -182,8 +193,16 @@ class TaskBatches:
     self.next_step += 1
     bad = np.asarray(batch["bad"])
     self.skipped_corrupt += int(bad.sum())
-    return (np.asarray(batch["image"]), np.asarray(batch["label"], np.int32),
-            np.asarray(batch["mask"], bool) & ~bad)
+    out = (np.asarray(batch["image"]), np.asarray(batch["label"], np.int32),
+           np.asarray(batch["mask"], bool) & ~bad)
+    if self.global_batch:
+      b = self.batch_size // self.process_count
+      rows = slice(self.process_index * b, (self.process_index + 1) * b)
+      full = tuple(np.zeros((self.batch_size,) + x.shape[1:], x.dtype) for x in out)
+      for f, x in zip(full, out):
+        f[rows] = x
+      out = full
+    return out
 
   def get_state(self) -> Dict[str, int]:
     """JSON-serialisable state: the next batch to produce and the corrupt files skipped."""
