@@ -14,7 +14,8 @@ from cft_jax.curvature.fisher import (FISHER_TYPES, LOSSES, diagonal_fisher, ewc
                                       iterate_batches, mas_importance, output_cotangents)
 from cft_jax.curvature.kfac import (LayerFactors, average_factors, default_layer_filter,
                                     extend_head_anchor, extend_head_factors, kfac_factors,
-                                    kfac_factors_linearized_features, kfac_penalty,
+                                    kfac_factors_linearized, kfac_factors_linearized_features,
+                                    kfac_penalty,
                                     kronecker_matrix, layer_matrix, layer_penalty,
                                     tkfac_penalty, tkfac_scale)
 
@@ -22,6 +23,7 @@ __all__ = [
     "FISHER_TYPES", "LOSSES", "diagonal_fisher", "ewc_penalty", "iterate_batches",
     "mas_importance", "output_cotangents", "LayerFactors", "average_factors",
     "default_layer_filter", "extend_head_anchor", "extend_head_factors", "kfac_factors",
-    "kfac_factors_linearized_features", "kfac_penalty", "kronecker_matrix", "layer_matrix",
+    "kfac_factors_linearized", "kfac_factors_linearized_features", "kfac_penalty",
+    "kronecker_matrix", "layer_matrix",
     "layer_penalty", "tkfac_penalty", "tkfac_scale",
 ]

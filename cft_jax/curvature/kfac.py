@@ -43,9 +43,9 @@ e.g. ``('layer1_0', 'conv1')`` or ``('head',)``), which is also where their ``ke
 live in ``params``. A layer called twice (weight sharing) raises.
 
 Linearized models (:mod:`cft_jax.linearize`): the Jacobian of ``linearize(f, theta_0)`` is
-``J f(theta_0)`` for every ``theta`` and the MSE output curvature is ``I``, so its Fisher is
-``kfac_factors(f, theta_0, ..., loss="mse")`` (use ``fisher_type="mc"`` or ``"exact"``). For
-DLCFT's ``g_lin W + b`` (eqs. 6-7) use :func:`kfac_factors_linearized_features`.
+``J f(theta_0)`` for every ``theta``: :func:`kfac_factors_linearized` taps ``f`` at ``theta_0``
+and takes the output cotangents at the linearized logits ``f_lin(x; theta)``. For DLCFT's
+``g_lin W + b`` (eqs. 6-7) use :func:`kfac_factors_linearized_features`.
 
 Not used: ``kfac-jax`` (DeepMind). Version 0.0.8 (the newest on PyPI) imports ``distrax`` ->
 ``tensorflow_probability.substrates.jax`` (0.25.0), which fails to import under jax 0.10.2
@@ -274,6 +274,51 @@ def kfac_factors(apply_fn: Callable[[PyTree, Array], Array], params: PyTree, bat
   batch_fn = cached_batch_fn(jit_cache, ("kfac", loss, fisher_type, num_samples, mse_alpha),
                             build)
   return accumulate(batch_fn, params, batches, rng, what="K-FAC layers")
+
+
+def kfac_factors_linearized(
+    apply_fn: Callable[[PyTree, Array], Array], params0: PyTree, params: PyTree,
+    batches: Iterable, *, loss: str, fisher_type: str = "mc", rng: Optional[Array] = None,
+    num_samples: int = 1, mse_alpha: float = 15.0,
+    layer_filter: Callable[[nn.Module], bool] = default_layer_filter,
+    jit_cache: Optional[dict] = None) -> Dict[Path, LayerFactors]:
+  """K-FAC of the linearized network ``f_lin(x; theta) = f(x; theta_0) + J f(x; theta_0)
+  (theta - theta_0)`` (DLCFT, Shon et al., ECCV 2022, eq. 22) at ``params``.
+
+  The Jacobian of ``f_lin`` is ``J f(theta_0)`` for every ``theta``, so the layer inputs ``a``
+  and the backpropagation of the logit cotangents are those of ``f`` at ``params0``; the
+  cotangents ``q`` themselves (:func:`cft_jax.curvature.fisher.output_cotangents`) are taken at
+  the linearized logits ``f_lin(x; params)``, where the loss is evaluated. (At ``f(theta_0)``
+  they would be right only for MSE with the MC or exact Fisher, whose output curvature does not
+  depend on the logits.)
+
+  Args:
+    apply_fn: ``apply_fn(params, x [B, ...]) -> logits [B, C]`` (the NON-linearized network,
+      eval mode).
+    params0: the expansion point ``theta_0``.
+    params: the current parameters ``theta`` (same tree).
+    Others: as :func:`kfac_factors`.
+
+  Returns:
+    ``{path: LayerFactors}`` averaged over examples.
+  """
+  _check(loss, fisher_type, rng)
+
+  def build():
+    infos: Dict[Path, _LayerInfo] = {}
+
+    @jax.jit
+    def batch_fn(params_and_params0, x, y, w, key):
+      params, params0 = params_and_params0  # params0 as an argument: not baked in
+      z = linearized_apply(apply_fn, params0, params, x)
+      q = output_cotangents(z, y, loss=loss, fisher_type=fisher_type, rng=key,
+                            num_samples=num_samples, mse_alpha=mse_alpha)
+      return _tapped_layer_sums(apply_fn, params0, x, w, layer_filter, infos, lambda _: q)
+    return batch_fn
+
+  batch_fn = cached_batch_fn(jit_cache, ("kfac_linearized", loss, fisher_type, num_samples,
+                                         mse_alpha), build)
+  return accumulate(batch_fn, (params, params0), batches, rng, what="K-FAC layers")
 
 
 def kfac_factors_linearized_features(

@@ -44,7 +44,9 @@ per-task heads do not interfere).
 
 Which network the curvature is taken of, by ``model.linearize`` (see :mod:`cft_jax.train`):
 ``False``: the network at ``theta_{t-1}`` (OSLA, EWC); ``True``/``"full"``: the whole network is
-linearized, so its Jacobian (and MSE Fisher) is that of the network at ``theta_0``;
+linearized, so its Jacobian is that of the network at ``theta_0`` and the output cotangents are
+taken at the linearized logits at ``theta_{t-1}``
+(:func:`~cft_jax.curvature.kfac_factors_linearized`);
 ``"features"``: paper eqs. 6-7 ``g_lin(x; psi) W + b``
 (:func:`~cft_jax.curvature.kfac_factors_linearized_features` at the current ``psi, W``).
 These hooks use ``ctx.apply`` (the non-linearized eval-mode model with the frozen leaves merged),
@@ -333,6 +335,12 @@ class KroneckerRegularizer(QuadraticRegularizer):
   (``weighting="plain"``: ``L_data + lambda L_reg``). Leaves of non-K-FAC modules get the
   diagonal Fisher (``diag_fallback``).
 
+  ``accumulate="sum"``: the K-FAC approximation of ``sum_i F_i`` over the ``n = t - 1`` finished
+  tasks is ``n (mean A) (x) (mean G)`` (Martens & Grosse 2015 factor the expectation, and a sum
+  of ``n`` Fishers is ``n`` times their mean): the factors are stored as running means (as with
+  ``"mean"``) and the Kronecker penalty is multiplied by ``n``. Summing ``A`` and ``G``
+  separately would give ``(sum A) (x) (sum G) ~ n^2 A (x) G``. The diagonal fallback sums.
+
   Attributes:
     curvature: ``"kfac"`` or ``"tkfac"`` (trace-corrected, Gao et al. 2020).
     diag_fallback: diagonal Fisher for trainable leaves outside K-FAC layers.
@@ -373,9 +381,12 @@ class KroneckerRegularizer(QuadraticRegularizer):
       hf = f[("head",)]
       g = jnp.zeros((c, c), hf.G.dtype).at[lo:hi, lo:hi].set(hf.G)
       f[("head",)] = LayerFactors(hf.A, g, hf.fisher_trace)
+    elif mode == "full":  # J f(theta_0) taps, cotangents at the linearized logits at theta
+      f = curvature.kfac_factors_linearized(
+          lambda p, x: apply(p, x)[:, lo:hi], _require(ctx, "params0", self.name), params,
+          batches_fn(), **kw)
     else:
-      at = _require(ctx, "params0", self.name) if mode else params
-      f = curvature.kfac_factors(lambda p, x: apply(p, x)[:, lo:hi], at, batches_fn(), **kw)
+      f = curvature.kfac_factors(lambda p, x: apply(p, x)[:, lo:hi], params, batches_fn(), **kw)
     if self.exclude_head:
       f.pop(("head",), None)
     elif self.extend_head and lo == 0 and hi < c and ("head",) in f:
@@ -434,7 +445,8 @@ class KroneckerRegularizer(QuadraticRegularizer):
     lo, hi = self._outputs(ctx)
     new = self._curvature(params, ctx, lo, hi, self._batches_fn(ctx, lo), self._rng(task_id))
     t = task_id + 1
-    out = {**method_state, "kfac": self._combine(method_state["kfac"], new["kfac"], t)}
+    # factors: always the running mean (accumulate="sum" multiplies the penalty by t-1 instead)
+    out = {**method_state, "kfac": curvature.average_factors(method_state["kfac"], new["kfac"], t)}
     if "diag" in method_state:
       out["diag"] = self._combine(method_state["diag"], new["diag"], t)
     anchor = copy_tree(params)
@@ -444,10 +456,16 @@ class KroneckerRegularizer(QuadraticRegularizer):
     out["anchor"] = anchor
     return out
 
+  def num_accumulated(self, method_state) -> jax.Array:
+    """Finished tasks whose curvature the state holds while task ``t`` trains: ``t - 1``."""
+    return jnp.maximum(method_state["t"] - 1.0, 0.0)
+
   def quadratic(self, params, method_state):
     total = curvature.kfac_penalty(params, method_state["anchor"],
                                    unnest_factors(method_state["kfac"]),
                                    trace_correction=self.curvature == "tkfac")
+    if self.accumulate == "sum":  # n (mean A) (x) (mean G), see the class docstring
+      total = self.num_accumulated(method_state) * total
     if "diag" in method_state:
       d = method_state["diag"]
       total = total + curvature.ewc_penalty(_select(params, d),
@@ -459,11 +477,15 @@ class KroneckerRegularizer(QuadraticRegularizer):
 class DLCFT(KroneckerRegularizer):
   """Deep Linear Continual Fine-Tuning (Shon et al., ECCV 2022, eqs. 5-14; methods.md#dlcft).
 
-  The run must be linearized (``model.linearize=True`` / ``"full"``: the whole network around
+  The run must be linearized (``model.linearize="full"``: the whole network around
   ``theta_0``; ``"features"``: eqs. 6-7 ``g_lin(x; psi) W + b``) and trained with the MSE loss
-  ``1/2 ||alpha e_y - f(x)||^2`` (``loss.name=mse``, eq. 5) over all outputs (``loss.scope=all``);
-  then each old task's loss is exactly quadratic in ``theta`` (eq. 8) and ``H`` is its Fisher =
-  Gauss-Newton = Hessian, approximated per layer by K-FAC or TK-FAC (``curvature``), factors
+  ``1/2 ||alpha e_y - f(x)||^2`` (``loss.name=mse``, eq. 5) over all outputs (``loss.scope=all``).
+  With ``"full"`` each old task's loss is then exactly quadratic in ``theta`` (eq. 8) and ``H`` is
+  its Fisher = Gauss-Newton = Hessian. With ``"features"`` the model is bilinear in
+  ``(W, psi)`` (``W . J (psi - psi_0)``): the old-task loss is quadratic in ``psi`` for a fixed
+  head and in ``(W, b)`` for a fixed ``psi``, but not jointly, and the K-FAC blocks below drop the
+  ``W``/``psi`` cross-curvature, so the penalty is a Gauss-Newton approximation there
+  (docs/deviations.md). ``H`` is approximated per layer by K-FAC or TK-FAC (``curvature``), factors
   averaged over tasks with weights ``(t-1) : 1`` (eq. 3). Objective (eq. 11, ``weighting="dlcft"``)::
 
     L = (1/t) L_data + ((t-1)/t) L_reg,
@@ -508,7 +530,8 @@ class DLCFT(KroneckerRegularizer):
     if self.require_linear:
       problems = []
       if not getattr(ctx, "linearize", None):
-        problems.append("model.linearize=True (or 'features')")
+        problems.append("model.linearize='full' or 'features' (valid values: "
+                        "none | full | features)")
       if getattr(ctx, "loss_name", None) != "mse":
         problems.append("loss.name='mse'")
       if getattr(ctx, "loss_scope", None) != "all":
