@@ -68,14 +68,74 @@ def bwt(R, num_trained: Optional[int] = None) -> float:
   return float(np.mean([R[T - 1, i] - R[i, i] for i in range(T - 1)]))
 
 
-def summarize(R, num_trained: Optional[int] = None) -> dict:
-  """All scalar metrics of one accuracy matrix as a dict (keys as in ``metrics.json``)."""
-  return {
+def _sizes(test_sizes, T: int) -> np.ndarray:
+  n = np.asarray(test_sizes, dtype=np.float64)
+  if n.ndim != 1 or len(n) < T or np.any(n[:T] < 0) or not np.all(np.isfinite(n[:T])):
+    raise ValueError(f"test_sizes must list a non-negative test-set size for each of the {T} "
+                     f"tasks, got {test_sizes!r}")
+  return n[:T]
+
+
+def sample_weighted_accuracies(R, test_sizes, num_trained: Optional[int] = None) -> np.ndarray:
+  """Accuracy over the union of the seen tasks' test samples after every task ``[T]``.
+
+  ``a_t = sum_{i<=t} n_i R[t, i] / sum_{i<=t} n_i``: each task weighted by its test-set size
+  ``n_i`` (the accuracy over all seen test images, as LAE, Gao et al. ICCV 2023, and the
+  continual PEFT literature report it). Equals the per-task mean when all ``n_i`` are equal; on
+  unequal tasks (ImageNet-R) the two differ.
+
+  Args:
+    R: accuracy matrix ``[T, T]``.
+    test_sizes: number of test samples of each task (``[T]``, or longer: the first ``T`` used).
+    num_trained: number of trained tasks (rows used); default all.
+
+  Raises:
+    ValueError: sizes missing / negative, or a row whose seen tasks have no test sample.
+  """
+  R = _rows(R, num_trained)
+  T = R.shape[0]
+  n = _sizes(test_sizes, T)
+  out = []
+  for t in range(T):
+    w = n[:t + 1]
+    if w.sum() <= 0:
+      raise ValueError(f"no test samples among the first {t + 1} tasks")
+    out.append(float(np.sum(w * R[t, :t + 1]) / w.sum()))
+  return np.asarray(out)
+
+
+def final_accuracy_sample_weighted(R, test_sizes, num_trained: Optional[int] = None) -> float:
+  """Final accuracy over the union of all seen test samples (see
+  :func:`sample_weighted_accuracies`)."""
+  return float(sample_weighted_accuracies(R, test_sizes, num_trained)[-1])
+
+
+def avg_incremental_accuracy_sample_weighted(R, test_sizes,
+                                             num_trained: Optional[int] = None) -> float:
+  """Mean over tasks ``t`` of the sample-weighted accuracy after task ``t`` (the average
+  incremental accuracy of Rebuffi et al., iCaRL, with each row sample-weighted)."""
+  return float(np.mean(sample_weighted_accuracies(R, test_sizes, num_trained)))
+
+
+def summarize(R, num_trained: Optional[int] = None, test_sizes=None) -> dict:
+  """All scalar metrics of one accuracy matrix as a dict (keys as in ``metrics.json``).
+
+  With ``test_sizes`` (test samples per task) it also holds
+  ``final_accuracy_sample_weighted`` and ``avg_incremental_accuracy_sample_weighted``
+  (:func:`sample_weighted_accuracies`); the other values do not depend on it.
+  """
+  out = {
       "final_accuracy": final_accuracy(R, num_trained),
       "avg_incremental_accuracy": avg_incremental_accuracy(R, num_trained),
       "forgetting": forgetting(R, num_trained),
       "bwt": bwt(R, num_trained),
   }
+  if test_sizes is not None:
+    out["final_accuracy_sample_weighted"] = final_accuracy_sample_weighted(R, test_sizes,
+                                                                           num_trained)
+    out["avg_incremental_accuracy_sample_weighted"] = avg_incremental_accuracy_sample_weighted(
+        R, test_sizes, num_trained)
+  return out
 
 
 def format_matrix(R, num_trained: Optional[int] = None, title: str = "accuracy (%)") -> str:
