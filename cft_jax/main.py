@@ -9,6 +9,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cft_jax import parallel
 from cft_jax import train
 from cft_jax.config import ConfigError
 from cft_jax.data import DatasetNotFoundError
@@ -25,6 +26,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+  try:  # multi-host: before any other JAX call (config.distributed, or SLURM / TPU-pod env)
+    parallel.init_distributed(_CONFIG.value.get("distributed"))
+  except ValueError as e:
+    raise SystemExit(f"cft_jax: error: {e}") from None
   try:
     train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except (ConfigError, ConfigMismatchError, DatasetNotFoundError) as e:

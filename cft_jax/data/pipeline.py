@@ -12,7 +12,7 @@ bilinear resize to ``image_size`` -> optional random translation + horizontal fl
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +49,14 @@ class Preprocess:
                        f"'{self.augment}'")
 
   def __call__(self, images: jax.Array, rng: Optional[jax.Array] = None,
-               train: bool = False) -> jax.Array:
+               train: bool = False, rows: Optional[Tuple[Any, int]] = None) -> jax.Array:
     """Maps ``uint8 [B, h, w, 1|3]`` to normalised ``float32 [B, S, S, 3]``.
 
-    Augmentation runs only when ``train`` is True and needs ``rng``.
+    Augmentation runs only when ``train`` is True and needs ``rng``. ``rows = (offset, total)``
+    says that ``images`` are rows ``[offset, offset + B)`` of a global batch of ``total``
+    examples (one device's shard under ``pmap``; ``offset`` may be traced): the random crop /
+    flip parameters are then drawn for the whole global batch and sliced, so every example is
+    augmented exactly as in a one-device run, whatever the device count.
     """
     x = images.astype(jnp.float32)
     if x.shape[-1] == 1:
@@ -62,21 +66,31 @@ class Preprocess:
     if train and self.augment != "none" and rng is None:
       raise ValueError("augmentation needs an rng")
     if train and self.augment == "rrc_flip":
-      x = _random_resized_crop_flip(x, rng, S, self.rrc_scale)
+      x = _random_resized_crop_flip(x, rng, S, self.rrc_scale, rows)
       return (x - self.mean) / self.std
     if (h, w) != (S, S):
       x = jax.image.resize(x, (B, S, S, 3), method="bilinear", antialias=(h > S or w > S))
     if train and self.augment == "crop_flip":
-      x = _crop_flip(x, rng, self.crop_padding)
+      x = _crop_flip(x, rng, self.crop_padding, rows)
     return (x - self.mean) / self.std
 
 
-def _crop_flip(x: jax.Array, rng: jax.Array, pad: int) -> jax.Array:
+def _rows(draw, B: int, rows: Optional[Tuple[Any, int]]) -> jax.Array:
+  """``draw(n)`` (leading axis ``n``) for this batch: ``n = B``, or rows ``[offset, offset + B)``
+  of the draw for the global batch when ``rows = (offset, total)``."""
+  if rows is None:
+    return draw(B)
+  offset, total = rows
+  return jax.lax.dynamic_slice_in_dim(draw(total), offset, B, axis=0)
+
+
+def _crop_flip(x: jax.Array, rng: jax.Array, pad: int,
+               rows: Optional[Tuple[Any, int]] = None) -> jax.Array:
   """Random translation (zero padding, up to ``pad`` px) and horizontal flip, per example."""
   B, S, _, C = x.shape
   k_shift, k_flip = jax.random.split(rng)
-  shifts = jax.random.randint(k_shift, (B, 2), 0, 2 * pad + 1)
-  flips = jax.random.bernoulli(k_flip, 0.5, (B,))
+  shifts = _rows(lambda n: jax.random.randint(k_shift, (n, 2), 0, 2 * pad + 1), B, rows)
+  flips = _rows(lambda n: jax.random.bernoulli(k_flip, 0.5, (n,)), B, rows)
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def one(img, shift, flip):
@@ -87,7 +101,8 @@ def _crop_flip(x: jax.Array, rng: jax.Array, pad: int) -> jax.Array:
 
 
 def _random_resized_crop_flip(x: jax.Array, rng: jax.Array, size: int,
-                              scale: Tuple[float, float]) -> jax.Array:
+                              scale: Tuple[float, float],
+                              rows: Optional[Tuple[Any, int]] = None) -> jax.Array:
   """RandomResizedCrop (area fraction ~ U(scale), log-ratio ~ U(log 3/4, log 4/3)) + flip.
 
   ``x [B, h, w, 3]`` float -> ``[B, size, size, 3]``; crops are clipped to the image (the
@@ -95,14 +110,16 @@ def _random_resized_crop_flip(x: jax.Array, rng: jax.Array, size: int,
   """
   B, h, w, _ = x.shape
   k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(rng, 5)
-  area = jax.random.uniform(k_area, (B,), minval=scale[0], maxval=scale[1]) * h * w
-  log_r = jax.random.uniform(k_ratio, (B,), minval=np.log(3 / 4), maxval=np.log(4 / 3))
+  area = _rows(lambda n: jax.random.uniform(k_area, (n,), minval=scale[0], maxval=scale[1]),
+               B, rows) * h * w
+  log_r = _rows(lambda n: jax.random.uniform(k_ratio, (n,), minval=np.log(3 / 4),
+                                             maxval=np.log(4 / 3)), B, rows)
   ratio = jnp.exp(log_r)
   cw = jnp.clip(jnp.sqrt(area * ratio), 1.0, w)
   ch = jnp.clip(jnp.sqrt(area / ratio), 1.0, h)
-  y0 = jax.random.uniform(k_y, (B,)) * (h - ch)
-  x0 = jax.random.uniform(k_x, (B,)) * (w - cw)
-  flips = jax.random.bernoulli(k_flip, 0.5, (B,))
+  y0 = _rows(lambda n: jax.random.uniform(k_y, (n,)), B, rows) * (h - ch)
+  x0 = _rows(lambda n: jax.random.uniform(k_x, (n,)), B, rows) * (w - cw)
+  flips = _rows(lambda n: jax.random.bernoulli(k_flip, 0.5, (n,)), B, rows)
 
   def one(img, y0, x0, ch, cw, flip):
     sy, sx = size / ch, size / cw

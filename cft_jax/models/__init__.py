@@ -45,7 +45,7 @@ class BuiltModel:
 
 def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
                 pretrained: bool = True, image_size: int = 224, rng=None,
-                dropout_rate: float = 0.0, **model_kwargs) -> BuiltModel:
+                dropout_rate: float = 0.0, dtype: Any = None, **model_kwargs) -> BuiltModel:
   """Builds ``model.name`` with a fresh ``num_classes``-way head and (optional) LoRA.
 
   Args:
@@ -57,6 +57,9 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     image_size: input side, used for shape inference at init.
     rng: PRNG key for the head and LoRA ``A`` matrices.
     dropout_rate: dropout before the head during training.
+    dtype: computation dtype of the activations and matmuls (``train.compute_dtype``, e.g.
+      ``jnp.bfloat16``); parameters are initialised and kept in float32 either way (None:
+      float32).
     **model_kwargs: extra ViT fields (``peft`` = lora | adapter | prefix, ``peft_blocks``,
       ``lora_targets``, ``adapter_hidden``, ``prefix_length``, ...; see
       :class:`cft_jax.models.vit.VisionTransformer`). ``lora_rank > 0`` implies ``peft='lora'``;
@@ -65,6 +68,17 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
   Raises:
     ValueError: unknown name; ImportError/FileNotFoundError from weight loaders with install hints.
   """
+  built = _build(name, num_classes, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                 pretrained=pretrained, image_size=image_size, rng=rng,
+                 dropout_rate=dropout_rate, **model_kwargs)
+  if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    built.module = built.module.clone(dtype=jnp.dtype(dtype))
+  return built
+
+
+def _build(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
+           pretrained: bool = True, image_size: int = 224, rng=None,
+           dropout_rate: float = 0.0, **model_kwargs) -> BuiltModel:
   rng = jax.random.PRNGKey(0) if rng is None else rng
   if name.startswith("efficientnet_lite"):
     adapter_hidden = int(model_kwargs.pop("adapter_hidden", 0) or 0)

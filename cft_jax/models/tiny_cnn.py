@@ -6,6 +6,8 @@ layer and a ``head``. Not a backbone for real experiments.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -19,22 +21,25 @@ class TinyCNN(nn.Module):
     num_classes: output units of ``head``.
     width: channels of the first conv (the second has ``2 * width``).
     lora_rank: LoRA rank on the hidden dense layer and the second conv's 1x1 projection (0: none).
+    dtype: computation dtype (parameters stay float32; logits are returned in ``dtype``).
   """
 
   num_classes: int = 10
   width: int = 8
   lora_rank: int = 0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     del train
-    x = nn.relu(nn.Conv(self.width, (3, 3), name="conv1")(x))
+    x = jnp.asarray(x, self.dtype)
+    x = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv1")(x))
     x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(2 * self.width, (3, 3), name="conv2")(x))
-    x = LoRADense(2 * self.width, rank=self.lora_rank, name="pointwise")(x)
+    x = nn.relu(nn.Conv(2 * self.width, (3, 3), dtype=self.dtype, name="conv2")(x))
+    x = LoRADense(2 * self.width, rank=self.lora_rank, dtype=self.dtype, name="pointwise")(x)
     x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.relu(LoRADense(4 * self.width, rank=self.lora_rank, name="fc")(x))
+    x = nn.relu(LoRADense(4 * self.width, rank=self.lora_rank, dtype=self.dtype, name="fc")(x))
     if return_features:
       return x
-    return nn.Dense(self.num_classes, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
