@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 1
   c.train.batch_size = 32         # global batch, split over train.num_devices
-  c.train.num_devices = 1         # local devices to pmap over (0: all)
+  c.train.num_devices = 1         # local devices per process the batch is split over (0: all)
+  c.train.parallelism = "auto"    # auto (sharding if > 1 device) | sharding (jit + Mesh) | pmap
+  c.train.compute_dtype = "float32"  # float32 | bfloat16 activations (params, losses: float32)
   c.train.log_every = 5          # steps between log.jsonl records
   c.train.stop_after_task = 0    # >0: stop after this many tasks (resume later); 0: run all
   c.train.progress = True        # a progress bar per task
@@ -135,6 +137,8 @@ _CHOICES = {
     "method.projection_norm": ("", "l2", "mars"),
     "peft.adapter_position": ("attn", "mlp"),
     "model.linearize": ("none", "full", "features"),
+    "train.parallelism": ("auto", "sharding", "pmap"),
+    "train.compute_dtype": ("float32", "bfloat16"),
 }
 _POSITIVE = ("scenario.num_tasks", "data.image_size", "train.epochs", "train.batch_size",
              "eval.batch_size", "optim.learning_rate", "train.log_every")

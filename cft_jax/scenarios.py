@@ -9,9 +9,11 @@ task; the order of the original classes is a permutation drawn from ``scenario.s
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Any, List, Tuple, Union
 
 import numpy as np
+
+from cft_jax.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +28,21 @@ class ClassIncremental:
 
   class_order: Tuple[int, ...]
   num_tasks: int
+  shares_test_set = False  # every task has its own test set (its classes)
 
   @property
   def num_classes(self) -> int:
     return len(self.class_order)
+
+  def num_seen(self, task_id: int) -> int:
+    """Classes seen after task ``task_id``: ``(task_id + 1) k`` (class-IL predicts among them)."""
+    return self.task_range(task_id)[1]
+
+  def task_indices(self, task_id: int, labels: np.ndarray) -> np.ndarray:
+    """Indices of the examples (incremental ``labels [N]``) of task ``task_id``'s classes."""
+    lo, hi = self.task_range(task_id)
+    labels = np.asarray(labels)
+    return np.flatnonzero((labels >= lo) & (labels < hi))
 
   @property
   def classes_per_task(self) -> int:
@@ -72,12 +85,12 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
     shuffle_classes: if False the natural order ``0..C-1`` is used.
 
   Raises:
-    ValueError: if ``T`` does not divide ``C`` or is not positive.
+    ConfigError (a ValueError): if ``T`` does not divide ``C`` or is not positive.
   """
   if num_tasks < 1:
-    raise ValueError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
+    raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
   if num_classes % num_tasks:
-    raise ValueError(
+    raise ConfigError(
         f"scenario.num_tasks={num_tasks} does not divide the {num_classes} classes of the dataset; "
         f"choose one of {[d for d in range(1, num_classes + 1) if num_classes % d == 0]}")
   order = np.arange(num_classes)
@@ -100,10 +113,20 @@ class DataIncremental:
   num_classes: int
   num_tasks: int
   seed: int = 0
+  shares_test_set = True  # every task is evaluated on the whole test set
 
   @property
   def class_order(self) -> Tuple[int, ...]:
     return tuple(range(self.num_classes))
+
+  def num_seen(self, task_id: int) -> int:
+    """All ``C`` classes are seen from the first task on."""
+    del task_id
+    return self.num_classes
+
+  def task_indices(self, task_id: int, labels: np.ndarray) -> np.ndarray:
+    """Training part ``task_id`` of :meth:`split` over ``len(labels)`` examples."""
+    return self.split(len(labels))[task_id]
 
   @property
   def classes_per_task(self) -> int:
@@ -138,12 +161,132 @@ def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
   ``data_il``.
 
   Raises:
-    ValueError: unknown type, or classes not divisible into tasks.
+    ConfigError (a ValueError): unknown type, or classes not divisible into tasks.
   """
   if kind in ("class_il", "task_il"):
     return class_incremental(num_classes, num_tasks, seed, shuffle_classes)
   if kind == "data_il":
     if num_tasks < 1:
-      raise ValueError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
+      raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
     return DataIncremental(num_classes, num_tasks, seed)
-  raise ValueError(f"unknown scenario.type '{kind}'; known: {list(SCENARIO_TYPES)}")
+  raise ConfigError(f"unknown scenario.type '{kind}'; known: {list(SCENARIO_TYPES)}")
+
+
+@dataclasses.dataclass
+class Scenario:
+  """A scenario applied to a dataset: what each task trains on and is tested on.
+
+  The trainer asks this object, never the scenario type: the task splits, the test set of each
+  task, how many classes a class-IL prediction ranges over (:meth:`num_seen`), and whether the
+  tasks share one test set (data-IL: evaluated once, copied to every seen task).
+
+  Attributes:
+    spec: the task sequence (:class:`ClassIncremental` or :class:`DataIncremental`).
+    train_labels: ``[N_train]`` incremental labels of the whole training set.
+    test_labels: ``[N_test]`` incremental labels of the whole test set.
+    train_idx: per task, indices into the training set (after ``data.train_limit``, without the
+      validation part; tasks ``0..t`` for a method with ``cumulative_data``).
+    val_idx: per task, held-out training indices (``data.val_fraction``; empty when 0).
+    test_idx: per task, indices into the test set (after ``data.test_limit``).
+  """
+
+  spec: Union[ClassIncremental, DataIncremental]
+  train_labels: np.ndarray
+  test_labels: np.ndarray
+  train_idx: List[np.ndarray]
+  val_idx: List[np.ndarray]
+  test_idx: List[np.ndarray]
+
+  @property
+  def num_tasks(self) -> int:
+    return self.spec.num_tasks
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.spec.class_order)
+
+  @property
+  def classes_per_task(self) -> int:
+    return self.spec.classes_per_task
+
+  @property
+  def class_order(self) -> Tuple[int, ...]:
+    return tuple(self.spec.class_order)
+
+  @property
+  def shares_test_set(self) -> bool:
+    return self.spec.shares_test_set
+
+  def task_range(self, task_id: int) -> Tuple[int, int]:
+    return self.spec.task_range(task_id)
+
+  def num_seen(self, task_id: int) -> int:
+    """Head columns a class-IL prediction after task ``task_id`` ranges over."""
+    return self.spec.num_seen(task_id)
+
+  def relabel(self, labels: np.ndarray) -> np.ndarray:
+    return self.spec.relabel(labels)
+
+  def knn_memory(self, task_id: int) -> np.ndarray:
+    """Training indices a k-NN probe after ``task_id`` may use: the data seen so far (data-IL:
+    the whole training set, every part has every class)."""
+    parts = self.train_idx if self.shares_test_set else self.train_idx[:task_id + 1]
+    return np.unique(np.concatenate(parts))
+
+  def seen_test(self, task_id: int) -> np.ndarray:
+    """Test indices of tasks ``0..task_id`` (sorted, unique)."""
+    return np.unique(np.concatenate(self.test_idx[:task_id + 1]))
+
+  def all_test(self) -> np.ndarray:
+    """Every task's test indices once (the in-distribution set of the OOD evaluation)."""
+    return self.test_idx[0] if self.shares_test_set else np.concatenate(self.test_idx)
+
+
+def _subsample(idx: np.ndarray, limit: Any, seed: int) -> np.ndarray:
+  from cft_jax.data import subsample  # pylint: disable=g-import-not-at-top
+  return subsample(idx, limit, seed=seed)
+
+
+def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarray,
+                   num_classes: int, cumulative_data: bool = False) -> Scenario:
+  """The :class:`Scenario` of a resolved config on a dataset's original labels.
+
+  Task ``t``'s training indices are subsampled to ``data.train_limit`` (seed
+  ``1000 seed + t``) and split into a validation part of ``data.val_fraction`` (seed
+  ``(seed, t, 99)``) and the rest; its test indices to ``data.test_limit`` (seed
+  ``1000 seed + 7 + t``, with ``t = 0`` for a shared test set).
+
+  Args:
+    config: resolved config (``scenario.*``, ``data.train_limit/test_limit/val_fraction``, ``seed``).
+    train_labels, test_labels: original labels ``[N]`` of the dataset's splits.
+    num_classes: ``C``.
+    cumulative_data: task ``t`` trains on the data of tasks ``0..t`` (joint training).
+
+  Raises:
+    ConfigError: tasks that do not divide the classes, or a task without training images.
+  """
+  spec = make_scenario(config.scenario.type, num_classes, config.scenario.num_tasks,
+                       seed=config.scenario.seed, shuffle_classes=config.scenario.shuffle_classes)
+  tr_labels, te_labels = spec.relabel(train_labels), spec.relabel(test_labels)
+  train_idx, val_idx, test_idx = [], [], []
+  seed = config.seed
+  for t in range(spec.num_tasks):
+    tr = _subsample(spec.task_indices(t, tr_labels), config.data.train_limit, seed * 1000 + t)
+    n_val = int(round(config.data.val_fraction * len(tr)))
+    if n_val:  # held out from the task's training data (never the test data)
+      perm = np.random.default_rng((seed, t, 99)).permutation(len(tr))
+      val_idx.append(np.sort(tr[perm[:n_val]]))
+      tr = np.sort(tr[perm[n_val:]])
+    else:
+      val_idx.append(np.zeros(0, np.int64))
+    train_idx.append(tr)
+    test_task = 0 if spec.shares_test_set else t
+    test_idx.append(_subsample(spec.task_indices(test_task, te_labels) if not spec.shares_test_set
+                               else np.arange(len(te_labels)), config.data.test_limit,
+                               seed * 1000 + test_task + 7))
+    if len(tr) == 0:
+      raise ConfigError(f"task {t} has no training images (data.train_limit="
+                        f"{config.data.train_limit}, data.val_fraction={config.data.val_fraction})")
+  if cumulative_data:  # joint training: task t sees the data of tasks 0..t
+    train_idx = [np.concatenate(train_idx[:t + 1]) for t in range(spec.num_tasks)]
+  return Scenario(spec, tr_labels, te_labels, train_idx, val_idx, test_idx)

@@ -11,6 +11,7 @@ whole run (every task has the same number of classes ``k``; the local loss slice
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,10 +33,12 @@ from cft_jax import objectives
 from cft_jax import peft
 from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
-from cft_jax.config import ConfigError, validate_config
+from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_diffs, mse_alpha,
+                            same_run, validate_config)
 from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
+from cft_jax.writers import MetricWriter
 from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
                            make_optimizer, make_projected_optimizer, make_train_step,
                            wise_ft_params)
@@ -48,35 +51,24 @@ class ConfigMismatchError(ValueError):
   """Resuming a workdir with a configuration that changes what was trained."""
 
 
-RESUME_KEYS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "optim", "train")
-# Keys that may change between a run and its resumption (they do not change what is computed).
-RESUME_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task",
-                  "train.plots", "train.tensorboard")
+RESUME_KEYS = RUN_SECTIONS  # compared on resume (cft_jax.config.same_run)
+RESUME_IGNORED = RUN_IGNORED  # may change between a run and its resumption
 
 
 def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None:
-  now = json.loads(config.to_json())
-  diffs = []
-  for section in RESUME_KEYS:
-    a, b = saved.get(section), now.get(section)
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in sorted(set(a) | set(b)):
-        if f"{section}.{key}" in RESUME_IGNORED:
-          continue
-        if a.get(key) != b.get(key):
-          diffs.append(f"{section}.{key}: saved {a.get(key)!r}, now {b.get(key)!r}")
-    elif a != b:
-      diffs.append(f"{section}: saved {a!r}, now {b!r}")
+  """Raises ConfigMismatchError when ``config`` is not the saved run (:func:`same_run`)."""
+  diffs = same_run(saved, config)
   if diffs:
     raise ConfigMismatchError(
-        "the workdir holds a run with a different configuration:\n  " + "\n  ".join(diffs) +
-        "\nUse a new --workdir, or the saved values to resume.")
+        "the workdir holds a run with a different configuration:\n  "
+        + describe_diffs(saved, config, diffs).replace("\n", "\n  ")
+        + "\nUse a new --workdir, or the saved values to resume.")
 
 
 def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """Extra backbone arguments from ``config.peft``/``config.model`` (ViT PEFT placement)."""
   if config.model.name.startswith("efficientnet_lite") and config.peft.name == "adapter":
-    return {"adapter_hidden": config.peft.get("adapter_hidden", 5)}
+    return {"adapter_hidden": config.peft.adapter_hidden}
   if not config.model.name.startswith("vit_"):
     if config.peft.name in ("adapter", "prefix"):
       raise ValueError(f"peft.name='{config.peft.name}' is implemented for the ViT backbones "
@@ -85,14 +77,11 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
     return {}
   p = config.peft
   kw = {"peft": p.name if p.name in ("lora", "adapter", "prefix") else "none",
-        "peft_blocks": tuple(p.get("blocks", (0, 1, 2, 3, 4))),
-        "lora_targets": tuple(p.get("lora_targets", ("k", "v"))),
-        "adapter_hidden": p.get("adapter_hidden", 5),
-        "adapter_position": p.get("adapter_position", "attn"),
-        "prefix_length": p.get("prefix_length", 10),
-        "head_init_std": config.model.get("head_init_std", 1e-3),
-        "remat": bool(config.model.get("remat", False))}
-  if config.model.get("checkpoint"):
+        "peft_blocks": tuple(p.blocks), "lora_targets": tuple(p.lora_targets),
+        "adapter_hidden": p.adapter_hidden, "adapter_position": p.adapter_position,
+        "prefix_length": p.prefix_length, "head_init_std": config.model.head_init_std,
+        "remat": bool(config.model.remat)}
+  if config.model.checkpoint:
     kw["path"] = config.model.checkpoint
   return kw
 
@@ -114,20 +103,9 @@ def _init_distributed(cfg: ml_collections.ConfigDict) -> None:
   clusters these may be left empty and are auto-detected). Idempotent."""
   if jax.process_count() > 1:
     return
-  kwargs = {k: cfg.get(k) for k in ("coordinator_address", "num_processes", "process_id")
-            if cfg.get(k) not in (None, "", -1)}
+  kwargs = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
+            if cfg[k] not in (None, "", -1)}
   jax.distributed.initialize(**kwargs)
-
-
-def _tensorboard_writer(workdir: str):
-  """A TensorBoard event-file writer on ``workdir/tensorboard`` (tensorboardX: no TensorFlow);
-  None with a note if tensorboardX is not installed."""
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("[cft_jax] tensorboardX not installed: no TensorBoard events (pip install tensorboardX)")
-    return None
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
 def checkpoint_id(global_step: int, task_finished: bool) -> int:
@@ -266,44 +244,494 @@ def _check_cache_features(config: ml_collections.ConfigDict) -> None:
   problems = []
   if config.peft.name != "linear_probe":
     problems.append(f"peft.name='linear_probe' (got '{config.peft.name}': the backbone trains)")
-  if config.data.get("augment", "none") != "none":
+  if config.data.augment != "none":
     problems.append(f"data.augment='none' (got '{config.data.augment}': features change "
                     "every epoch)")
-  if linearize_mode(config.model.get("linearize", "none")):
+  if linearize_mode(config.model.linearize):
     problems.append("model.linearize='none'")
-  if config.model.get("dropout_rate", 0.0):
+  if config.model.dropout_rate:
     problems.append("model.dropout_rate=0 (dropout acts on the features before the head)")
   if config.method.name not in ("sequential", "joint"):
     problems.append(f"method.name in ('sequential', 'joint') (got '{config.method.name}': it "
                     "needs images or the backbone)")
-  if config.method.get("projection", "") not in ("", "none"):
+  if config.method.projection not in ("", "none"):
     problems.append("method.projection=''")
   if problems:
     raise ConfigError("train.cache_features=True needs " + "; ".join(problems)
                       + ". Change those settings or set train.cache_features=False.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
-        ) -> Dict[str, Any]:
-  """Runs (or resumes) a class-incremental fine-tuning job and writes ``workdir/metrics.json``.
+@dataclasses.dataclass
+class Experiment:
+  """What :func:`build_experiment` makes from a resolved config, before any training: data and
+  scenario, model and frozen weights, method, optimiser, jitted steps, device layout.
 
-  Args:
-    config: the experiment config (see ``configs/default.py``).
-    workdir: output folder: ``config.json``, ``checkpoints/``, ``log.jsonl``, ``metrics.json``.
-    overwrite: delete what the workdir holds and train from scratch (otherwise a finished run is
-      only re-reported and an unfinished one resumes).
+  Attributes:
+    config: the resolved config (:func:`cft_jax.config.validate_config`).
+    ds: the dataset (uint8 images, original labels, class names).
+    scenario: task splits, per-task test sets, ``num_seen`` (:class:`cft_jax.scenarios.Scenario`).
+    method: the continual method (:mod:`cft_jax.methods`).
+    module: the flax model (``module.apply(variables, x, train=...)``).
+    preprocess: uint8 -> normalised float images (augmentation in training).
+    params0: trainable leaves at initialisation (``theta_0`` of the trainable part).
+    frozen: host copy of the non-trained inputs of the steps: ``{"params", "collections"}``, plus
+      ``"params0"`` (linearized runs) and ``"anchor"`` (projection / WiSE-FT runs).
+    frozen_dev: ``frozen`` placed on the devices.
+    tx: the optimiser (projection included).
+    train_step, eval_step: jitted steps (``eval_step`` on images, used for OOD sets);
+      ``id_eval_step`` evaluates the in-distribution test data (cached features when
+      ``train.cache_features``).
+    train_data, test_data: ``(x, y, row_of_image)``: what the loops index (images, or cached
+      features with the map from an image index to its row).
+    dev: the device layout.
+    forward: jitted ``forward(params, frozen, x) -> logits`` (eval mode).
+    linearized: ``None``, ``"full"`` or ``"features"``.
+    needs_val: the optimiser takes a validation batch each step (TPGM).
+    rng: the run's PRNG key (task ``t`` uses ``fold_in(rng, t)``).
+    n_train, n_total: trainable / all parameter counts.
+    feature_fn: jitted feature extractor of the k-NN probe (None when ``eval.knn_k == 0``).
+    jit_cache: compiled functions the method hooks reuse across tasks.
+  """
+
+  config: ml_collections.ConfigDict
+  ds: Any
+  scenario: scenarios.Scenario
+  method: methods_lib.Method
+  module: Any
+  preprocess: Preprocess
+  params0: PyTree
+  frozen: Dict[str, Any]
+  frozen_dev: Any
+  tx: Any
+  train_step: Any
+  eval_step: Any
+  id_eval_step: Any
+  train_data: Tuple[Any, np.ndarray, np.ndarray]
+  test_data: Tuple[Any, np.ndarray, np.ndarray]
+  dev: "DeviceLayout"
+  forward: Any
+  linearized: Optional[str]
+  needs_val: bool
+  rng: jax.Array
+  n_train: int
+  n_total: int
+  feature_fn: Any = None
+  jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def steps_per_task(self) -> List[int]:
+    bs = self.config.train.batch_size
+    return [self.config.train.epochs * num_batches(len(ix), bs) for ix in self.scenario.train_idx]
+
+  @property
+  def config_json(self) -> Dict[str, Any]:
+    return json.loads(self.config.to_json())
+
+  @property
+  def global_schedule(self) -> bool:
+    return self.config.loss.schedule_scope == "global"
+
+  def apply_eval(self, p, x, **kw):
+    """The NON-linearized model in eval mode (K-FAC layer taps, features)."""
+    variables = dict(self.frozen["collections"],
+                     params=peft.merge_params(p, self.frozen["params"]))
+    return self.module.apply(variables, x, train=False, **kw)
+
+  def task_context(self, t: Optional[int]) -> methods_lib.TaskContext:
+    """What the method's host hooks see for task ``t`` (None: ``init_state``)."""
+    sc, frozen = self.scenario, self.frozen
+    return methods_lib.TaskContext(
+        task_id=t, task_range=None if t is None else sc.task_range(t),
+        num_classes=sc.num_classes, classes_per_task=sc.classes_per_task,
+        image_shape=self.ds.train_images.shape[1:],
+        forward=lambda p, x: self.forward(p, frozen, x), preprocess=self.preprocess,
+        batches=None if t is None else functools.partial(
+            batches, self.ds.train_images, sc.train_labels, sc.train_idx[t],
+            self.config.train.batch_size),
+        loss_name=self.config.loss.name, apply=self.apply_eval, params0=frozen.get("params0"),
+        linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache)
+
+  def eval_state(self, host_state: TrainState) -> TrainState:
+    """The state evaluated: WiSE-FT's ``(1 - a) theta_0 + a theta`` when ``eval.wise_ft_alpha``
+    is not 1, else ``host_state``."""
+    alpha = self.config.eval.wise_ft_alpha
+    if alpha == 1.0:
+      return host_state
+    return host_state.replace(params=wise_ft_params(host_state.params, self.frozen["anchor"],
+                                                    alpha))
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands: the device-placed train state and the results so far (what a
+  checkpoint's metadata holds).
+
+  Attributes:
+    state: the :class:`TrainState` (replicated when pmapped).
+    R, R_task: ``[T, T]`` class-IL / task-IL accuracy matrices (%; NaN: not yet evaluated).
+    entropy_end: mean prediction entropy at the last logged step of each finished task.
+    knn_acc: k-NN probe accuracy after each finished task (``eval.knn_k > 0``).
+    start_task: the first task this invocation trains.
+    resume_step: steps of ``start_task`` already done (a mid-task checkpoint).
+  """
+
+  state: Any
+  R: np.ndarray
+  R_task: np.ndarray
+  entropy_end: List[float]
+  knn_acc: List[float]
+  start_task: int = 0
+  resume_step: int = 0
+
+
+def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: jax.Array):
+  """The model, its trainable/frozen split and the preprocessing of a resolved config.
 
   Returns:
-    The metrics dict written to ``metrics.json``.
+    ``(built, params0, frozen, linearized, preprocess)`` (see :class:`Experiment`).
+  """
+  built = build_model(config.model.name, num_classes,
+                      lora_rank=config.peft.rank if config.peft.name == "lora" else 0,
+                      lora_alpha=config.peft.alpha or None, pretrained=config.model.pretrained,
+                      image_size=config.data.image_size, rng=rng,
+                      dropout_rate=config.model.dropout_rate, **_model_kwargs(config))
+  variables = dict(built.variables)
+  params0, frozen_params = peft.split_params(variables.pop("params"), config.peft.name)
+  frozen = {"params": frozen_params, "collections": variables}
+  linearized = linearize_mode(config.model.linearize)  # None | full | features
+  if linearized:
+    frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
+  if config.method.projection or config.eval.wise_ft_alpha != 1.0:
+    frozen["anchor"] = jax.tree_util.tree_map(jnp.array, params0)  # pretrained theta_0
+  preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
+                          augment=config.data.augment, rrc_scale=tuple(config.data.rrc_scale))
+  return built, params0, frozen, linearized, preprocess
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Stage 1 of :func:`run`: data, scenario, model, method, optimiser and steps.
+
+  Args:
+    config: a resolved config (:func:`cft_jax.config.validate_config`).
 
   Raises:
-    ConfigMismatchError: the workdir holds a run with another configuration.
-    ValueError / DatasetNotFoundError: bad config values or missing data, with the fix.
+    ConfigError: settings that do not fit the data (e.g. tasks that do not divide the classes).
+    DatasetNotFoundError: the data is not installed (the message says how to get it).
   """
-  t_start = time.time()
-  validate_config(config)
-  if config.get("distributed") and config.distributed.get("coordinator_address"):
-    _init_distributed(config.distributed)
+  ds = load_dataset(config.data.name, root=config.data.root or None,
+                    image_size=config.data.image_size)
+  method = methods_lib.get_method(config.method, mse_alpha=mse_alpha(config))
+  sc = scenarios.build_scenario(config, ds.train_labels, ds.test_labels, ds.num_classes,
+                                cumulative_data=method.cumulative_data)
+  k, C = sc.classes_per_task, sc.num_classes
+  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
+  loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
+  dev = DeviceLayout.from_config(config)
+  tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
+      make_optimizer(config.optim, linearized,  # linearized: decay toward params0
+                     split_head=method.freezes_peft),  # LAE: own Adam state for the backbone
+      config.method, jax.tree_util.tree_map(jnp.array, params0), built.module.apply, k,
+      linearized, axis_name=dev.axis_name)
+  if needs_val and not any(len(v) for v in sc.val_idx):
+    raise ConfigError("method.projection=tpgm learns its radii on held-out training data: set "
+                      "data.val_fraction > 0 (e.g. 0.1)")
+  l2sp_alpha = config.method.l2sp_alpha if config.method.projection == "l2sp" else 0.0
+  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
+                               axis_name=dev.axis_name, linearized=linearized,
+                               loss_scope=config.loss.scope, l2sp_alpha=l2sp_alpha,
+                               needs_val_batch=needs_val)
+  eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
+                                           linearized=linearized, axis_name=dev.axis_name))
+  n_train = peft.count_params(params0)
+  exp = Experiment(
+      config=config, ds=ds, scenario=sc, method=method, module=built.module,
+      preprocess=preprocess, params0=params0, frozen=frozen, frozen_dev=dev.replicate(frozen),
+      tx=tx, train_step=train_step, eval_step=eval_step, id_eval_step=eval_step,
+      train_data=(ds.train_images, sc.train_labels, np.arange(len(sc.train_labels))),
+      test_data=(ds.test_images, sc.test_labels, np.arange(len(sc.test_labels))), dev=dev,
+      forward=jax.jit(make_forward(built.module.apply, linearized)), linearized=linearized,
+      needs_val=needs_val, rng=rng, n_train=n_train,
+      n_total=n_train + peft.count_params(frozen["params"]),
+      feature_fn=(jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
+                  if config.eval.knn_k else None))
+  if config.train.cache_features:
+    _use_cached_features(exp, loss_fn)
+  if config.train.verbose:
+    print(f"[cft_jax] {config.data.name}: {sc.num_tasks} tasks x {k} classes, class order "
+          f"{list(sc.class_order)}; train/test images per task "
+          f"{[len(i) for i in sc.train_idx]} / {[len(i) for i in sc.test_idx]}")
+    print(f"[cft_jax] {config.model.name} + {config.peft.name}: {exp.n_train:,} trainable of "
+          f"{exp.n_total:,} parameters ({100.0 * exp.n_train / exp.n_total:.2f}%); loss "
+          f"{config.loss.name}")
+  return exp
+
+
+def _use_cached_features(exp: Experiment, loss_fn) -> None:
+  """``train.cache_features``: the backbone features of every used image computed once; the
+  head's train / in-distribution eval steps run on them (OOD sets still go through images)."""
+  config, dev, sc = exp.config, exp.dev, exp.scenario
+  _check_cache_features(config)
+  from cft_jax import feature_cache as fc  # pylint: disable=g-import-not-at-top
+  t_cache = time.time()
+  full_vars = dict(exp.frozen["collections"],
+                   params=peft.merge_params(exp.params0, exp.frozen["params"]))
+  feat_fn = fc.make_feature_fn(exp.module.apply, exp.preprocess)
+
+  def cache(images, labels, index_lists):
+    used = np.unique(np.concatenate([np.asarray(i, np.int64) for i in index_lists]))
+    feats = fc.extract_features(exp.module.apply, full_vars, images, exp.preprocess,
+                                indices=used, batch_size=config.eval.batch_size,
+                                feature_fn=feat_fn)
+    row = np.full(len(images), -1, np.int64)
+    row[used] = np.arange(len(used))
+    return feats, labels[used], row
+
+  exp.train_data = cache(exp.ds.train_images, sc.train_labels, sc.train_idx)
+  exp.test_data = cache(exp.ds.test_images, sc.test_labels, sc.test_idx)
+  k, C = sc.classes_per_task, sc.num_classes
+  exp.train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, exp.tx, k,
+                                   exp.method, axis_name=dev.axis_name,
+                                   loss_scope=config.loss.scope)
+  exp.id_eval_step = dev.wrap_eval(make_eval_step(fc.head_apply, fc.identity_preprocess, k, C,
+                                                  exp.method, axis_name=dev.axis_name))
+  if config.train.verbose:
+    print(f"[cft_jax] train.cache_features: {len(exp.train_data[0])} train + "
+          f"{len(exp.test_data[0])} test features [{exp.train_data[0].shape[-1]}] computed once "
+          f"in {time.time() - t_cache:.1f} s; the head trains on them")
+
+
+def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
+                    ) -> Tuple[Progress, Optional[Dict[str, Any]]]:
+  """Stage 2 of :func:`run`: the newest readable checkpoint, or a fresh state.
+
+  Returns:
+    ``(progress, None)`` to train on, or ``(progress, result)`` when the workdir holds a
+    finished run (its saved ``metrics.json``; ``ckpt`` is then closed).
+
+  Raises:
+    ConfigMismatchError: the checkpoint is of a run with another configuration.
+  """
+  T, verbose = exp.scenario.num_tasks, exp.config.train.verbose
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=exp.params0,
+                     opt_state=exp.tx.init(exp.params0),
+                     method_state=exp.method.init_state(exp.params0, exp.task_context(None)))
+  prog = Progress(state, np.full((T, T), np.nan), np.full((T, T), np.nan), [], [])
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state_np, meta = restored
+    _check_resume_config(meta["config"], exp.config)
+    if list(meta["class_order"]) != list(exp.scenario.class_order):
+      raise ConfigMismatchError("saved class order differs from this run's; use a new --workdir")
+    prog = Progress(
+        jax.tree_util.tree_map(jnp.asarray, state_np),
+        np.array(meta["accuracy_matrix"], dtype=float),
+        np.array(meta["task_il_accuracy_matrix"], dtype=float),
+        list(meta.get("entropy_end_of_task", [])), list(meta.get("knn_accuracy", [])),
+        start_task=meta["num_finished_tasks"],
+        resume_step=meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0)
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if prog.start_task >= T and os.path.exists(metrics_path):
+      with open(metrics_path) as f:
+        result = json.load(f)
+      ckpt.close()
+      if verbose:
+        print(f"[cft_jax] {workdir} holds a finished run; its saved results (pass --overwrite to "
+              f"train again):")
+        print(report(result))
+      return prog, result
+    if verbose:
+      where = f", task {prog.start_task + 1} step {prog.resume_step}" if prog.resume_step else ""
+      print(f"[cft_jax] resuming from {ckpt.directory}: {prog.start_task}/{T} tasks done{where}")
+  prog.state = exp.dev.replicate(prog.state)
+  return prog, None
+
+
+def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_in_task: int,
+          finished: bool, epoch: int = 0) -> None:
+  """Checkpoint ``checkpoint_id(global_step, finished)`` with the progress as metadata."""
+  meta = {"accuracy_matrix": _nan_to_none(prog.R),
+          "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
+          "class_order": list(exp.scenario.class_order), "config": exp.config_json,
+          "entropy_end_of_task": prog.entropy_end,
+          "num_finished_tasks": t + 1 if finished else t, "task_finished": finished,
+          "step_in_task": step_in_task, "epoch": epoch}
+  if exp.config.eval.knn_k:
+    meta["knn_accuracy"] = prog.knn_acc
+  host = exp.dev.unreplicate(prog.state)
+  ckpt.save(checkpoint_id(int(host.step), finished), host, meta)
+
+
+def _begin_task(exp: Experiment, prog: Progress, t: int) -> None:
+  """Fresh optimiser state (``optim.reset_per_task``; TPGM/FTP projection state carries over)
+  and the method's ``begin_task`` hook."""
+  host = exp.dev.unreplicate(prog.state)
+  if exp.config.optim.reset_per_task:
+    from cft_jax.projection import reset_base_state  # pylint: disable=g-import-not-at-top
+    host = host.replace(opt_state=reset_base_state(exp.tx, host.opt_state, host.params))
+  host = host.replace(method_state=exp.method.begin_task(t, host.params, host.method_state,
+                                                         exp.task_context(t)))
+  prog.state = exp.dev.replicate(host)
+
+
+def _log_step(exp: Experiment, prog: Progress, writer: MetricWriter, bar, t: int, epoch: int,
+              step_in_task: int, m: Dict[str, Any]) -> Optional[Dict[str, float]]:
+  """Every ``train.log_every`` steps (and at the task's end) writes a
+  ``log.jsonl`` record and returns the logged metrics (None otherwise)."""
+  dev = exp.dev
+  if hasattr(bar, "update"):
+    bar.update(1)
+  if step_in_task % max(1, exp.config.train.log_every) and step_in_task != exp.steps_per_task[t]:
+    return None
+  last = {key: float(dev.first(v)) for key, v in jax.device_get(m).items()}
+  gstep = int(dev.first(prog.state.step))
+  writer.train_record({"task": t, "step": step_in_task, "epoch": epoch, "global_step": gstep,
+                       **last}, gstep, last)
+  if hasattr(bar, "set_postfix"):
+    bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
+                    H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
+  return last
+
+
+def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
+               writer: MetricWriter, stop_signal: "_GracefulExit") -> None:
+  """Stage 3 of :func:`run`: trains task ``t`` (from ``prog.resume_step`` when resuming it),
+  then runs the method's ``end_task`` hook.
+
+  Checkpoints mid-task every ``checkpoint.every_steps`` steps and when a signal arrives (then
+  raises ``KeyboardInterrupt``).
+
+  Raises:
+    FloatingPointError: a non-finite loss (the last good checkpoint is kept).
+    KeyboardInterrupt: SIGINT/SIGTERM received (a checkpoint was saved first).
+  """
+  config, dev, sc = exp.config, exp.dev, exp.scenario
+  bs, steps = config.train.batch_size, exp.steps_per_task
+  lo, _ = sc.task_range(t)
+  nb = num_batches(len(sc.train_idx[t]), bs)
+  skip_steps = prog.resume_step if t == prog.start_task else 0
+  if not skip_steps:  # a fresh task (a resumed one restored its optimiser/method state)
+    _begin_task(exp, prog, t)
+  task_rng = jax.random.fold_in(exp.rng, t)
+  total = steps[t] if not exp.global_schedule else sum(steps)
+  offset = 0 if not exp.global_schedule else sum(steps[:t])
+  every_steps = config.checkpoint.every_steps
+  show_bar = config.train.verbose and config.train.progress
+  bar = _progress(range(steps[t]), steps[t], f"task {t + 1}/{sc.num_tasks}", show_bar,
+                  initial=skip_steps)
+  train_x, train_y, train_map = exp.train_data
+  step_in_task, last = skip_steps, {}
+  for epoch in range(skip_steps // nb, config.train.epochs):
+    val_iter = (_cycle(exp.ds.train_images, sc.train_labels, sc.val_idx[t], bs,
+                       (config.seed, t, epoch)) if exp.needs_val else None)
+    for b, (xb, yb, mb) in enumerate(batches(train_x, train_y, train_map[sc.train_idx[t]], bs,
+                                             shuffle_seed=(config.seed, t, epoch))):
+      extra = {"val_batch": dev.shard(next(val_iter))} if exp.needs_val else {}
+      if epoch * nb + b < skip_steps:
+        continue  # replayed data order of a resumed task
+      step_rng = jax.random.fold_in(task_rng, step_in_task)
+      prog.state, m = exp.train_step(prog.state, exp.frozen_dev, *dev.shard((xb, yb, mb)), lo,
+                                     offset + step_in_task, total, step_rng,
+                                     exp.method.frozen_peft(t, epoch), **extra)
+      step_in_task += 1
+      loss = float(dev.first(m["loss"]))
+      if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
+            f"The last good checkpoint in {ckpt.directory} is kept: lower "
+            f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
+      last = _log_step(exp, prog, writer, bar, t, epoch, step_in_task, m) or last
+      if step_in_task < steps[t] and (
+          stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
+        _save(exp, prog, ckpt, t, step_in_task, finished=False, epoch=epoch)
+        if stop_signal.requested:
+          raise KeyboardInterrupt(
+              f"stopped by signal {stop_signal.requested} at task {t}, step "
+              f"{step_in_task}; saved. Re-run the same command to resume.")
+  if hasattr(bar, "close"):
+    bar.close()
+  writer.end_task()
+  prog.entropy_end.append(last.get("entropy", float("nan")))
+  host = dev.unreplicate(prog.state)
+  host = host.replace(method_state=exp.method.end_task(t, host.params, host.method_state,
+                                                       exp.task_context(t)))
+  prog.state = dev.replicate(host)
+
+
+def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter) -> None:
+  """Stage 4 of :func:`run`: after task ``t``, fills row ``t`` of the class-IL / task-IL
+  accuracy matrices (every seen task's test set; a shared test set is evaluated once) and the
+  k-NN probe, prints them (``train.verbose``) and writes the TensorBoard scalars."""
+  config, dev, sc = exp.config, exp.dev, exp.scenario
+  R, R_task = prog.R, prog.R_task
+  host = dev.unreplicate(prog.state)
+  eval_state = dev.replicate(exp.eval_state(host))
+  test_x, test_y, test_map = exp.test_data
+  for i in range(t + 1):
+    if sc.shares_test_set and i > 0:  # one test set for every task: evaluated once
+      R[t, i], R_task[t, i] = R[t, 0], R_task[t, 0]
+      continue
+    ilo, _ = sc.task_range(i)
+    R[t, i], R_task[t, i] = evaluate(exp.id_eval_step, eval_state, exp.frozen_dev, test_x,
+                                     test_y, test_map[sc.test_idx[i]], config.eval.batch_size,
+                                     sc.num_seen(t), ilo)
+  knn_k = config.eval.knn_k
+  if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
+    prog.knn_acc.append(knn_lib.knn_probe(
+        exp.feature_fn, host.params, exp.frozen, exp.ds.train_images, sc.train_labels,
+        sc.knn_memory(t), exp.ds.test_images, sc.test_labels, sc.seen_test(t), exp.preprocess,
+        k=knn_k, batch_size=config.eval.batch_size))
+  if config.train.verbose:
+    print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
+    print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
+          f"{np.mean(R_task[t, :t + 1]):.2f}%"
+          + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else ""))
+  writer.eval_scalars({"eval/class_il_avg_accuracy": float(np.mean(R[t, :t + 1])),
+                       "eval/task_il_avg_accuracy": float(np.mean(R_task[t, :t + 1])),
+                       **{f"eval/class_il_accuracy_task{i}": float(R[t, i])
+                          for i in range(t + 1)}}, int(dev.first(prog.state.step)))
+
+
+def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start: float,
+                  workdir: str) -> Dict[str, Any]:
+  """Stage 5 of :func:`run`: OOD evaluation, ``metrics.json``, plots and the report."""
+  config, sc, dev = exp.config, exp.scenario, exp.dev
+  state = dev.unreplicate(prog.state)
+  ood = {}
+  if config.eval.ood_corruptions or config.eval.ood_dataset:
+    ood = evaluate_ood(config, exp.eval_step, dev.replicate(exp.eval_state(state)),
+                       exp.frozen_dev, exp.ds, sc.test_labels, sc.all_test(), sc.spec,
+                       sc.num_classes, config.train.verbose)
+  result = {
+      "accuracy_matrix": _nan_to_none(prog.R),
+      "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
+      # per-task means, plus *_sample_weighted: accuracy over the union of seen test samples
+      **metrics_lib.summarize(prog.R, test_sizes=[len(i) for i in sc.test_idx]),
+      "task_il": metrics_lib.summarize(prog.R_task, test_sizes=[len(i) for i in sc.test_idx]),
+      "entropy_end_of_task": prog.entropy_end,
+      "class_order": list(sc.class_order),
+      "class_names": [exp.ds.class_names[c] for c in sc.class_order],
+      "trainable_params": exp.n_train,
+      "total_params": exp.n_total,
+      "wall_time_s": time.time() - t_start,
+      "train_step_compilations": exp.train_step.num_traces(),
+      "num_devices": dev.n * dev.process_count,
+  }
+  if ood:
+    result["ood"] = ood
+  if config.eval.knn_k:
+    result["knn_accuracy"] = prog.knn_acc
+  writer.write_metrics(result)
+  pngs = writer.plots() if config.train.plots else []
+  if config.train.verbose:
+    print(report(result))
+    print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}"
+          + (f" and {len(pngs)} plots" if pngs else ""))
+  return result
+
+
+def _prepare_workdir(workdir: str, overwrite: bool) -> None:
+  """Creates ``workdir``; with ``overwrite`` first deletes its checkpoints, records and plots."""
   if overwrite and os.path.isdir(workdir):
     for name in ("checkpoints", "metrics.json", "log.jsonl", "config.json", "tensorboard"):
       path = os.path.join(workdir, name)
@@ -314,375 +742,69 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     for fn in os.listdir(workdir):
       if fn.endswith(".png"):
         os.remove(os.path.join(workdir, fn))
-  verbose = config.train.get("verbose", True)
-  show_bar = verbose and config.train.get("progress", True)
   os.makedirs(workdir, exist_ok=True)
 
-  # Data and scenario.
-  ds = load_dataset(config.data.name, root=config.data.get("root") or None,
-                    image_size=config.data.image_size)
-  kind = config.scenario.get("type", "class_il")
-  scenario = scenarios.make_scenario(kind, ds.num_classes, config.scenario.num_tasks,
-                                     seed=config.scenario.seed,
-                                     shuffle_classes=config.scenario.get("shuffle_classes", True))
-  k, T, C = scenario.classes_per_task, scenario.num_tasks, len(scenario.class_order)
-  train_labels = scenario.relabel(ds.train_labels)
-  test_labels = scenario.relabel(ds.test_labels)
-  method = methods_lib.get_method(config.method)
-  train_limit, test_limit = config.data.get("train_limit"), config.data.get("test_limit")
-  train_idx, val_idx, test_idx = [], [], []
-  parts = scenario.split(len(train_labels)) if kind == "data_il" else None
-  for t in range(T):
-    lo, hi = scenario.task_range(t)
-    if kind == "data_il":
-      tr, te = parts[t], np.arange(len(test_labels))
-    else:
-      tr = np.flatnonzero((train_labels >= lo) & (train_labels < hi))
-      te = np.flatnonzero((test_labels >= lo) & (test_labels < hi))
-    tr = subsample(tr, train_limit, seed=config.seed * 1000 + t)
-    n_val = int(round(config.data.get("val_fraction", 0.0) * len(tr)))
-    if n_val:  # held out from the task's training data (never the test data)
-      perm = np.random.default_rng((config.seed, t, 99)).permutation(len(tr))
-      val_idx.append(np.sort(tr[perm[:n_val]]))
-      tr = np.sort(tr[perm[n_val:]])
-    else:
-      val_idx.append(np.zeros(0, np.int64))
-    train_idx.append(tr)
-    test_idx.append(subsample(te, test_limit, seed=config.seed * 1000 + (7 if kind == "data_il"
-                                                                         else t + 7)))
-    if len(train_idx[-1]) == 0:
-      raise ValueError(f"task {t} has no training images")
-  if method.cumulative_data:  # joint training: task t sees the data of tasks 0..t
-    train_idx = [np.concatenate(train_idx[:t + 1]) for t in range(T)]
 
-  # Model, PEFT split, optimiser, steps.
-  rng = jax.random.PRNGKey(config.seed)
-  rng, init_rng = jax.random.split(rng)
-  peft_name = config.peft.name
-  built = build_model(config.model.name, C,
-                      lora_rank=config.peft.rank if peft_name == "lora" else 0,
-                      lora_alpha=config.peft.get("alpha") or None,
-                      pretrained=config.model.get("pretrained", True),
-                      image_size=config.data.image_size, rng=init_rng,
-                      dropout_rate=config.model.get("dropout_rate", 0.0),
-                      **_model_kwargs(config))
-  variables = dict(built.variables)
-  params0, frozen_params = peft.split_params(variables.pop("params"), peft_name)
-  frozen = {"params": frozen_params, "collections": variables}
-  linearized = linearize_mode(config.model.get("linearize", "none"))  # None | full | features
-  if linearized:
-    frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
-  preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
-                          augment=config.data.get("augment", "none"),
-                          rrc_scale=tuple(config.data.get("rrc_scale", (0.05, 1.0))))
-  loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
-  tx = make_optimizer(config.optim, linearized)  # linearized: decay toward params0
-  bs = config.train.batch_size
-  wise_alpha = config.eval.get("wise_ft_alpha", 1.0)
-  l2sp_alpha = (config.method.get("l2sp_alpha", 0.01)
-                if config.method.get("projection", "") == "l2sp" else 0.0)
-  if config.method.get("projection", "") or wise_alpha != 1.0:
-    frozen["anchor"] = jax.tree_util.tree_map(jnp.array, params0)  # pretrained theta_0
-  dev = DeviceLayout.from_config(config)
-  tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
-      tx, config.method, jax.tree_util.tree_map(jnp.array, params0), built.module.apply, k,
-      linearized, axis_name=dev.axis_name)
-  if needs_val and not any(len(v) for v in val_idx):
-    raise ValueError("method.projection=tpgm learns its radii on held-out training data: set "
-                     "data.val_fraction > 0 (e.g. 0.1)")
-  train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
-                               axis_name=dev.axis_name,
-                               linearized=linearized,
-                               loss_scope=config.loss.get("scope", "local"),
-                               l2sp_alpha=l2sp_alpha, needs_val_batch=needs_val)
-  eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
-                                           linearized=linearized, axis_name=dev.axis_name))
-  forward = jax.jit(make_forward(built.module.apply, linearized))
-  # Data the train / eval loops index: the images, or (train.cache_features) the backbone
-  # features computed once, with `*_map` taking an image index to its row.
-  train_x, train_y, train_map = ds.train_images, train_labels, np.arange(len(train_labels))
-  test_x, test_y, test_map = ds.test_images, test_labels, np.arange(len(test_labels))
-  id_eval_step = eval_step  # in-distribution evaluation (OOD sets always go through images)
-  if config.train.get("cache_features", False):
-    _check_cache_features(config)
-    from cft_jax import feature_cache as fc  # pylint: disable=g-import-not-at-top
-    t_cache = time.time()
-    full_vars = dict(frozen["collections"], params=peft.merge_params(params0, frozen["params"]))
-    feat_fn = fc.make_feature_fn(built.module.apply, preprocess)
+def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
+        ) -> Dict[str, Any]:
+  """Runs (or resumes) a continual fine-tuning job and writes ``workdir/metrics.json``.
 
-    def cache(images, labels, index_lists):
-      used = np.unique(np.concatenate([np.asarray(i, np.int64) for i in index_lists]))
-      feats = fc.extract_features(built.module.apply, full_vars, images, preprocess,
-                                  indices=used, batch_size=config.eval.batch_size,
-                                  feature_fn=feat_fn)
-      row = np.full(len(images), -1, np.int64)
-      row[used] = np.arange(len(used))
-      return feats, labels[used], row
+  Stages: :func:`build_experiment` (data, scenario, model, method, steps) ->
+  :func:`restore_or_init` -> per task :func:`train_task` -> :func:`evaluate_seen` -> checkpoint
+  -> the final report (OOD evaluation, ``metrics.json``, plots).
 
-    train_x, train_y, train_map = cache(ds.train_images, train_labels, train_idx)
-    test_x, test_y, test_map = cache(ds.test_images, test_labels, test_idx)
-    train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, tx, k, method,
-                                 axis_name=dev.axis_name,
-                                 loss_scope=config.loss.get("scope", "local"))
-    id_eval_step = dev.wrap_eval(make_eval_step(fc.head_apply, fc.identity_preprocess, k, C,
-                                                method, axis_name=dev.axis_name))
-    if verbose:
-      print(f"[cft_jax] train.cache_features: {len(train_x)} train + {len(test_x)} test "
-            f"features [{train_x.shape[-1]}] computed once in {time.time() - t_cache:.1f} s; "
-            f"the head trains on them")
+  Args:
+    config: the experiment config (see ``configs/default.py``); resolved and checked by
+      :func:`cft_jax.config.validate_config` first.
+    workdir: output folder: ``config.json``, ``checkpoints/``, ``log.jsonl``, ``metrics.json``
+      (see :mod:`cft_jax.writers`). Checkpoints are numbered ``2 * global_step + finished``
+      (:func:`checkpoint_id`).
+    overwrite: delete what the workdir holds and train from scratch (otherwise a finished run is
+      only re-reported and an unfinished one resumes).
 
-  def apply_eval(p, x, **kw):  # the NON-linearized model, eval mode (K-FAC layer taps, features)
-    variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
-    return built.module.apply(variables, x, train=False, **kw)
+  Returns:
+    The metrics dict written to ``metrics.json``.
 
-  jit_cache: Dict[Any, Any] = {}  # compiled curvature functions, reused across tasks
-
-  def task_context(t: Optional[int]) -> methods_lib.TaskContext:
-    ctx = methods_lib.TaskContext(
-        task_id=t, task_range=None if t is None else scenario.task_range(t), num_classes=C,
-        classes_per_task=k, image_shape=ds.train_images.shape[1:],
-        forward=lambda p, x: forward(p, frozen, x), preprocess=preprocess,
-        batches=None if t is None else functools.partial(
-            batches, ds.train_images, train_labels, train_idx[t], bs),
-        loss_name=config.loss.name, apply=apply_eval, params0=frozen.get("params0"),
-        linearize=linearized, loss_scope=config.loss.get("scope", "local"),
-        jit_cache=jit_cache)
-    return ctx
-  knn_k = int(config.eval.get("knn_k", 0) or 0)
-  feature_fn = (jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
-                if knn_k else None)
-  knn_acc: List[float] = []
-  steps_per_task = [config.train.epochs * num_batches(len(ix), bs) for ix in train_idx]
-  if config.loss.get("schedule_scope", "task") not in ("task", "global"):
-    raise ValueError("loss.schedule_scope must be 'task' or 'global', got "
-                     f"'{config.loss.schedule_scope}'")
-  global_schedule = config.loss.get("schedule_scope", "task") == "global"
-
-  n_train = peft.count_params(params0)
-  n_total = n_train + peft.count_params(frozen_params)
-  if verbose:
-    print(f"[cft_jax] {config.data.name}: {T} tasks x {k} classes, class order "
-          f"{list(scenario.class_order)}; train/test images per task "
-          f"{[len(i) for i in train_idx]} / {[len(i) for i in test_idx]}")
-    print(f"[cft_jax] {config.model.name} + {peft_name}: {n_train:,} trainable of {n_total:,} "
-          f"parameters ({100.0 * n_train / n_total:.2f}%); loss {config.loss.name}")
-
-  # Resume (from the newest readable checkpoint; a finished run is only re-reported).
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params0, opt_state=tx.init(params0),
-                     method_state=method.init_state(params0, task_context(None)))
-  R = np.full((T, T), np.nan)
-  R_task = np.full((T, T), np.nan)
-  entropy_end: List[float] = []
+  Raises:
+    ConfigError: an invalid configuration (one line naming the key and the fix).
+    ConfigMismatchError: the workdir holds a run with another configuration.
+    DatasetNotFoundError: missing data, with the fix.
+  """
+  t_start = time.time()
+  config = validate_config(config)
+  if config.distributed.coordinator_address:
+    _init_distributed(config.distributed)
+  _prepare_workdir(workdir, overwrite)
+  exp = build_experiment(config)
   ckpt = TaskCheckpointer(os.path.join(workdir, "checkpoints"),
-                          max_to_keep=config.checkpoint.get("max_to_keep", 0) or None)
-  start_task, resume_step = 0, 0
-  config_json = json.loads(config.to_json())
-  restored = ckpt.restore_latest(state)
-  if restored is not None:
-    state_np, meta = restored
-    _check_resume_config(meta["config"], config)
-    if list(meta["class_order"]) != list(scenario.class_order):
-      raise ConfigMismatchError("saved class order differs from this run's; use a new --workdir")
-    state = jax.tree_util.tree_map(jnp.asarray, state_np)
-    R = np.array(meta["accuracy_matrix"], dtype=float)
-    R_task = np.array(meta["task_il_accuracy_matrix"], dtype=float)
-    entropy_end = list(meta.get("entropy_end_of_task", []))
-    knn_acc = list(meta.get("knn_accuracy", []))
-    start_task = meta["num_finished_tasks"]
-    resume_step = meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if start_task >= T and os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        result = json.load(f)
-      ckpt.close()
-      if verbose:
-        print(f"[cft_jax] {workdir} holds a finished run; its saved results (pass --overwrite to "
-              f"train again):")
-        print(report(result))
-      return result
-    if verbose:
-      where = f", task {start_task + 1} step {resume_step}" if resume_step else ""
-      print(f"[cft_jax] resuming from {ckpt.directory}: {start_task}/{T} tasks done{where}")
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_json, f, indent=2)
-
-  log_path = os.path.join(workdir, "log.jsonl")
-  if os.path.exists(log_path):  # drop records written after the checkpoint we resume from
-    with open(log_path) as f:
-      keep = [l for l in f if l.strip() and _before(json.loads(l), start_task, resume_step)]
-    with open(log_path, "w") as f:
-      f.writelines(keep)
-  log_every = max(1, config.train.get("log_every", 10))
-  tb = _tensorboard_writer(workdir) if config.train.get("tensorboard", True) else None
-  every_steps = int(config.checkpoint.get("every_steps", 0) or 0)
-  frozen_dev = dev.replicate(frozen)
-  state = dev.replicate(state)
-
-  def save(t, step_in_task, finished, epoch=0):
-    meta = {"accuracy_matrix": _nan_to_none(R), "task_il_accuracy_matrix": _nan_to_none(R_task),
-            "class_order": list(scenario.class_order), "config": config_json,
-            "entropy_end_of_task": entropy_end, "num_finished_tasks": t + 1 if finished else t,
-            "task_finished": finished, "step_in_task": step_in_task, "epoch": epoch}
-    if knn_k:
-      meta["knn_accuracy"] = knn_acc
-    ckpt.save(checkpoint_id(int(dev.unreplicate(state).step), finished), dev.unreplicate(state),
-              meta)
-
-  stop_after = config.train.get("stop_after_task", 0) or T
-  with _GracefulExit() as stop_signal:
-    for t in range(start_task, min(T, stop_after)):
-      lo, hi = scenario.task_range(t)
-      nb = num_batches(len(train_idx[t]), bs)
-      skip_steps = resume_step if t == start_task else 0
-      if not skip_steps:  # a fresh task (a resumed one restored its optimiser/method state)
-        host = dev.unreplicate(state)
-        if config.optim.get("reset_per_task", True):  # TPGM/FTP projection state carries over
-          from cft_jax.projection import reset_base_state  # pylint: disable=g-import-not-at-top
-          host = host.replace(opt_state=reset_base_state(tx, host.opt_state, host.params))
-        host = host.replace(method_state=method.begin_task(t, host.params, host.method_state,
-                                                           task_context(t)))
-        state = dev.replicate(host)
-      task_rng = jax.random.fold_in(rng, t)
-      total = steps_per_task[t] if not global_schedule else sum(steps_per_task)
-      offset = 0 if not global_schedule else sum(steps_per_task[:t])
-      step_in_task = skip_steps
-      bar = _progress(range(steps_per_task[t]), steps_per_task[t], f"task {t + 1}/{T}", show_bar,
-                      initial=skip_steps)
-      last = {}
-      with open(log_path, "a") as log_f:
-        for epoch in range(skip_steps // nb, config.train.epochs):
-          val_iter = (_cycle(ds.train_images, train_labels, val_idx[t], bs,
-                             (config.seed, t, epoch)) if needs_val else None)
-          for b, (xb, yb, mb) in enumerate(batches(train_x, train_y, train_map[train_idx[t]],
-                                                   bs, shuffle_seed=(config.seed, t, epoch))):
-            extra = {"val_batch": dev.shard(next(val_iter))} if needs_val else {}
-            if epoch * nb + b < skip_steps:
-              continue  # replayed data order of a resumed task
-            step_rng = jax.random.fold_in(task_rng, step_in_task)
-            state, m = train_step(state, frozen_dev, *dev.shard((xb, yb, mb)), lo,
-                                  offset + step_in_task, total, step_rng,
-                                  method.frozen_peft(t, epoch), **extra)
-            step_in_task += 1
-            loss = float(dev.first(m["loss"]))
-            if not np.isfinite(loss):
-              raise FloatingPointError(
-                  f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
-                  f"The last good checkpoint in {ckpt.directory} is kept: lower "
-                  f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
-            if hasattr(bar, "update"):
-              bar.update(1)
-            if step_in_task % log_every == 0 or step_in_task == steps_per_task[t]:
-              last = {key: float(dev.first(v)) for key, v in jax.device_get(m).items()}
-              log_f.write(json.dumps({"task": t, "step": step_in_task, "epoch": epoch,
-                                      "global_step": int(dev.first(state.step)), **last}) + "\n")
-              log_f.flush()
-              if tb is not None:
-                gstep = int(dev.first(state.step))
-                for key, v in last.items():
-                  tb.add_scalar(f"train/{key}", v, gstep)
-              if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.1f}",
-                                H=f"{last['entropy']:.3f}", alpha=f"{last['alpha']:.3f}")
-            if step_in_task < steps_per_task[t] and (
-                stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
-              save(t, step_in_task, finished=False, epoch=epoch)
-              if stop_signal.requested:
-                ckpt.close()
-                raise KeyboardInterrupt(
-                    f"stopped by signal {stop_signal.requested} at task {t}, step "
-                    f"{step_in_task}; saved. Re-run the same command to resume.")
-      if hasattr(bar, "close"):
-        bar.close()
-      entropy_end.append(last.get("entropy", float("nan")))
-      host = dev.unreplicate(state)
-      host = host.replace(method_state=method.end_task(t, host.params, host.method_state,
-                                                       task_context(t)))
-      state = dev.replicate(host)
-
-      eval_state = host
-      if wise_alpha != 1.0:
-        eval_state = host.replace(params=wise_ft_params(host.params, frozen["anchor"],
-                                                        wise_alpha))
-      eval_state = dev.replicate(eval_state)
-      for i in range(t + 1):
-        if kind == "data_il" and i > 0:  # data-IL tasks share one test set: evaluate it once
-          R[t, i], R_task[t, i] = R[t, 0], R_task[t, 0]
-          continue
-        ilo, _ = scenario.task_range(i)
-        num_seen = hi if kind != "data_il" else C
-        R[t, i], R_task[t, i] = evaluate(id_eval_step, eval_state, frozen_dev, test_x, test_y,
-                                         test_map[test_idx[i]], config.eval.batch_size,
-                                         num_seen, ilo)
-      if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
-        mem = np.unique(np.concatenate(train_idx if kind == "data_il" else train_idx[:t + 1]))
-        qry = np.unique(np.concatenate(test_idx[:t + 1]))
-        knn_acc.append(knn_lib.knn_probe(feature_fn, host.params, frozen, ds.train_images,
-                                         train_labels, mem, ds.test_images, test_labels, qry,
-                                         preprocess, k=knn_k, batch_size=config.eval.batch_size))
-      if verbose:
-        print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
-        print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
-              f"{np.mean(R_task[t, :t + 1]):.2f}%"
-              + (f", {knn_k}-NN probe {knn_acc[-1]:.2f}%" if knn_k else ""))
-      if tb is not None:
-        gstep = int(dev.first(state.step))
-        tb.add_scalar("eval/class_il_avg_accuracy", float(np.mean(R[t, :t + 1])), gstep)
-        tb.add_scalar("eval/task_il_avg_accuracy", float(np.mean(R_task[t, :t + 1])), gstep)
-        for i in range(t + 1):
-          tb.add_scalar(f"eval/class_il_accuracy_task{i}", float(R[t, i]), gstep)
-        tb.flush()
-      save(t, steps_per_task[t], finished=True)
-      if stop_signal.requested:
-        ckpt.close()
-        raise KeyboardInterrupt(f"stopped by signal {stop_signal.requested} after task {t}; "
-                                f"saved. Re-run the same command to resume.")
-
-  ckpt.close()
-  if tb is not None:
-    tb.close()
-  state = dev.unreplicate(state)
-  if stop_after < T and start_task < stop_after:
-    if verbose:
+                          max_to_keep=config.checkpoint.max_to_keep or None)
+  prog, finished = restore_or_init(exp, ckpt, workdir)
+  if finished is not None:
+    return finished
+  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+  writer.write_config(exp.config_json)
+  writer.truncate_log(lambda r: _before(r, prog.start_task, prog.resume_step))
+  writer.open()
+  T = exp.scenario.num_tasks
+  stop_after = config.train.stop_after_task or T
+  try:
+    with _GracefulExit() as stop_signal:
+      for t in range(prog.start_task, min(T, stop_after)):
+        train_task(exp, prog, t, ckpt, writer, stop_signal)
+        evaluate_seen(exp, prog, t, writer)
+        _save(exp, prog, ckpt, t, exp.steps_per_task[t], finished=True)
+        if stop_signal.requested:
+          raise KeyboardInterrupt(f"stopped by signal {stop_signal.requested} after task {t}; "
+                                  f"saved. Re-run the same command to resume.")
+  finally:
+    ckpt.close()
+    writer.close()
+  if stop_after < T and prog.start_task < stop_after:
+    if config.train.verbose:
       print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
             f"command without it to continue")
-    return {"accuracy_matrix": _nan_to_none(R), "num_finished_tasks": stop_after}
-  ood = {}
-  if config.eval.get("ood_corruptions") or config.eval.get("ood_dataset"):
-    eval_state = state
-    if wise_alpha != 1.0:
-      eval_state = state.replace(params=wise_ft_params(state.params, frozen["anchor"], wise_alpha))
-    all_test = np.concatenate(test_idx[:T]) if kind != "data_il" else test_idx[0]
-    ood = evaluate_ood(config, eval_step, dev.replicate(eval_state), frozen_dev, ds, test_labels,
-                       all_test, scenario, C, verbose)
-  result = {
-      "accuracy_matrix": _nan_to_none(R),
-      "task_il_accuracy_matrix": _nan_to_none(R_task),
-      **metrics_lib.summarize(R),
-      "task_il": metrics_lib.summarize(R_task),
-      "entropy_end_of_task": entropy_end,
-      "class_order": list(scenario.class_order),
-      "class_names": [ds.class_names[c] for c in scenario.class_order],
-      "trainable_params": n_train,
-      "total_params": n_total,
-      "wall_time_s": time.time() - t_start,
-      "train_step_compilations": train_step.num_traces(),
-      "num_devices": dev.n * dev.process_count,
-  }
-  if ood:
-    result["ood"] = ood
-  if knn_k:
-    result["knn_accuracy"] = knn_acc
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  pngs = []
-  if config.train.get("plots", True):
-    from cft_jax import plots  # pylint: disable=g-import-not-at-top
-    pngs = plots.plot_run(workdir)
-  if verbose:
-    print(report(result))
-    print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}"
-          + (f" and {len(pngs)} plots" if pngs else ""))
-  return result
+    return {"accuracy_matrix": _nan_to_none(prog.R), "num_finished_tasks": stop_after}
+  return _final_result(exp, prog, writer, t_start, workdir)
 
 
 def _cycle(images, labels, indices, batch_size, seed):
@@ -712,9 +834,9 @@ def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, sc
     return evaluate(eval_step, state, frozen, images, labels, idx, bs, num_classes, 0)[0]
 
   out = {"id": acc(ds.test_images, test_labels, test_idx)}
-  names = list(config.eval.get("ood_corruptions") or ())
+  names = list(config.eval.ood_corruptions)
   if names:
-    sevs = list(config.eval.get("ood_severities") or (1, 2, 3, 4, 5))
+    sevs = list(config.eval.ood_severities)
     clean = ds.test_images[test_idx]
     labels = test_labels[test_idx]
     table = {}
@@ -725,8 +847,8 @@ def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, sc
         table[name][str(sev)] = acc(imgs, labels, np.arange(len(labels)))
     out["corruptions"] = table
     out["corruption_mean"] = float(np.mean([v for d in table.values() for v in d.values()]))
-  if config.eval.get("ood_dataset"):
-    other = load_dataset(config.eval.ood_dataset, root=config.eval.get("ood_root") or None,
+  if config.eval.ood_dataset:
+    other = load_dataset(config.eval.ood_dataset, root=config.eval.ood_root or None,
                          image_size=config.data.image_size)
     if other.num_classes != num_classes:
       raise ValueError(f"eval.ood_dataset '{config.eval.ood_dataset}' has {other.num_classes} "
