@@ -58,8 +58,8 @@ class TrainState:
   method_state: PyTree = flax.struct.field(default_factory=dict)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   linearized: Any = None) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
+                   split_head: bool = False) -> optax.GradientTransformation:
   """Adam / AdamW / SGD from ``config.optim`` (``name``, ``learning_rate``, ``weight_decay``,
   ``grad_clip``, ``momentum``, ``backbone_lr_scale``).
 
@@ -72,6 +72,14 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   ``head`` by ``s`` (``optax.masked(optax.scale(s))`` after the optimiser): the backbone then
   learns at ``s * learning_rate`` while a fresh head keeps ``learning_rate``, the usual recipe
   for fully fine-tuning a pretrained network.
+
+  ``split_head``: one optimiser instance for the top-level ``head`` and one for the other leaves
+  (``optax.multi_transform`` with labels ``"head"`` / ``"backbone"``), each with its own state and
+  Adam step count (the same updates as one optimiser otherwise). Methods that freeze the
+  backbone for some epochs (LAE, :attr:`cft_jax.methods.Method.freezes_peft`) need it so that
+  the backbone's Adam state, count included, stays untouched while frozen and its bias
+  correction restarts when it is unfrozen, as with PyTorch's per-parameter Adam state
+  (:func:`cft_jax.methods.lae.hold_frozen_leaves`).
 
   Raises:
     ValueError: for an unknown optimiser name.
@@ -93,6 +101,12 @@ def make_optimizer(optim: ml_collections.ConfigDict,
                      optax.sgd(lr, momentum=optim.get("momentum", 0.9)))
   else:
     raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
+  if split_head:
+    def labels(params):
+      return {k: jax.tree_util.tree_map(lambda _, lab=("head" if k == "head" else "backbone"):
+                                        lab, v) for k, v in params.items()}
+    tx = optax.multi_transform({"head": tx, "backbone": tx}, labels,
+                               mask_compatible_extra_args=True)
   clip = optim.get("grad_clip", 0.0)
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)

@@ -83,3 +83,48 @@ def test_frozen_peft_step_leaves_adam_moments_untouched():
     same = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: bool(np.array_equal(np.asarray(a), b)), state.params[k], before.params[k]))
     assert all(same) if k != "head" else not all(same), k
+
+
+def test_split_head_optimizer_restarts_backbone_adam_after_frozen_epochs():
+  """With ``split_head`` (LAE with frozen epochs) the backbone's Adam count is held too: the
+  first unfrozen PEFT step is a bias-corrected first Adam step, ``|delta| = lr`` per entry (a
+  shared count would give ~3.2 lr: ``(1 - b1) / sqrt(1 - b2)``)."""
+  lr = 1e-2
+  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  variables = dict(built.variables)
+  trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if "lora_b" in str(p) else x, trainable)
+  frozen = {"params": frozen_params, "collections": variables}
+  method = methods.get_method(ml_collections.ConfigDict(dict(name="lae", freeze_epochs=1)))
+  assert method.freezes_peft and not methods.Method().freezes_peft
+  tx = make_optimizer(ml_collections.ConfigDict(dict(name="adam", learning_rate=lr)),
+                      split_head=method.freezes_peft)
+  step = train.make_train_step(built.module.apply, Preprocess(16), objectives.make_loss_fn("ce"),
+                               tx, 2, method)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+  labels = np.array([2, 3] * 4, np.int32)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                           opt_state=tx.init(trainable),
+                           method_state=method.init_state(trainable))
+  count = lambda s, lab: int(s.opt_state.inner_states[lab].inner_state[0].count)
+  for i in range(2):  # two frozen steps: only the head's Adam advances
+    state, _ = step(state, frozen, images, labels, np.ones(8, bool), 2, i, 10,
+                    jax.random.PRNGKey(i), True)
+  assert count(state, "head") == 2 and count(state, "backbone") == 0
+  before = jax.tree_util.tree_map(np.array, state.params)
+  state, _ = step(state, frozen, images, labels, np.ones(8, bool), 2, 2, 10,
+                  jax.random.PRNGKey(2), False)
+  assert count(state, "head") == 3 and count(state, "backbone") == 1
+  for k in state.params:
+    if k == "head":
+      continue
+    for new, old in zip(jax.tree_util.tree_leaves(state.params[k]),
+                        jax.tree_util.tree_leaves(before[k])):
+      d = np.abs(np.asarray(new, np.float64) - old)
+      moved = d > 1e-9
+      assert moved.any()
+      # |g| / (|g| + eps) <= 1: at most lr, about lr for all but tiny gradients
+      assert d.max() <= lr * 1.001
+      np.testing.assert_allclose(np.median(d[moved]), lr, rtol=1e-2)

@@ -97,6 +97,12 @@ class Method:
     del task_id, epoch
     return False
 
+  @property
+  def freezes_peft(self) -> bool:
+    """Whether :meth:`frozen_peft` can be True in this run (the trainer then gives the head and
+    the other leaves separate optimiser states, :func:`cft_jax.steps.make_optimizer`)."""
+    return False
+
   cumulative_data: bool = False
   """If True the trainer trains task ``t`` on the union of tasks ``0..t`` (joint upper bound)."""
 

@@ -71,6 +71,10 @@ class LAE(Method):
   def frozen_peft(self, task_id: int, epoch: int) -> bool:
     return task_id > 0 and epoch < self.freeze_epochs
 
+  @property
+  def freezes_peft(self) -> bool:
+    return self.freeze_epochs > 0
+
   def after_step(self, params: PyTree, method_state: PyTree, batch=None, rng=None) -> PyTree:
     """EMA ``theta_off <- d theta_off + (1 - d) theta_on`` on the PEFT leaves (from task 1 on)."""
     d = self.ema_decay
