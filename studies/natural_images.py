@@ -37,6 +37,7 @@ CPU cost: see ``docs/results/cifar10_pilot.md`` (per-run wall time on the 2-core
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import os
@@ -180,6 +181,13 @@ def natural_config(arm: Arm, seed: int, args, lr: Optional[float] = None, value:
   c = apply_overrides(c, args, seed)
   if args.data_root:
     c.data.root = args.data_root
+  for item in args.set or ():  # --set section.key=value (e.g. model.name=tiny_cnn for a smoke run)
+    path, _, text = item.partition("=")
+    section, key = path.split(".")
+    try:
+      c[section][key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      c[section][key] = text
   if lr is not None:
     c.optim.learning_rate = float(lr)
   if arm.key is not None and value is not None:
@@ -385,6 +393,9 @@ def main(argv=None) -> int:
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "natural_images"))
   p.add_argument("--jax-cache", default=os.path.join(ROOT, "runs", "natural_images", "jax_cache"))
   p.add_argument("--dry-run", action="store_true", help="print the run counts and exit")
+  p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                 help="any other config value for every run (repeatable; e.g. a smoke test with "
+                 "--set model.name=tiny_cnn --set model.pretrained=False)")
   add_override_args(p, "per task")
   args = p.parse_args(argv)
   spec = STUDIES[args.study]

@@ -76,3 +76,20 @@ def test_select_best_mean_over_seeds_first_on_ties():
   assert _common.select_best({"a": [float("nan"), 80.0], "b": [45.0, 45.0]}) == "b"  # NaN -> 0
   with pytest.raises(ValueError):
     _common.select_best({})
+
+
+def test_natural_images_compare_pairs_by_seed():
+  import natural_images  # pylint: disable=g-import-not-at-top
+  runs = [{"arm": arm, "seed": s, "metrics": {"final_accuracy": v, "ood": {"id": v}}}
+          for arm, vals in (("a", [11.0, 12.5, 10.0, 99.0]), ("b", [10.0, 10.5, 7.0]))
+          for s, v in enumerate(vals)]                   # seed 3 of "a" has no pair: ignored
+  r = natural_images.compare(runs, natural_images.Claim("a beats b", "a", "b"))
+  assert r["seeds"] == [0, 1, 2] and r["mean"] == pytest.approx(2.0)
+  assert r["lo"] == pytest.approx(2.0 - 4.302652729749462 / math.sqrt(3.0))
+  assert r["verdict"] == "inconclusive"
+  # "keeps in-distribution accuracy": A - B + 1 point.
+  r = natural_images.compare(runs, natural_images.Claim("b keeps a", "b", "a", ("ood", "id")))
+  assert r["mean"] == pytest.approx(-1.0)                # d + 1 = [0, -1, -2]
+  assert r["hi"] == pytest.approx(-1.0 + 4.302652729749462 / math.sqrt(3.0))
+  assert r["verdict"] == "inconclusive"
+  assert natural_images.compare(runs[:1] + runs[4:5], natural_images.Claim("x", "a", "b")) is None
