@@ -39,7 +39,13 @@ def _config(root, projection_name):
 
 @pytest.mark.parametrize("name", ["tpgm", "ftp"])
 def test_projection_state_survives_task_boundary(name, image_root, tmp_path):
-  train.run(_config(image_root, name), str(tmp_path))
+  m = train.run(_config(image_root, name), str(tmp_path))
+  # metrics.json: per-task and sample-weighted accuracies (equal test sets here: equal values)
+  R = np.array(m["accuracy_matrix"], float)
+  assert m["final_accuracy"] == pytest.approx(np.mean(R[1]))
+  assert m["final_accuracy_sample_weighted"] == pytest.approx(np.mean(R[1]))
+  assert m["task_il"]["avg_incremental_accuracy_sample_weighted"] == pytest.approx(
+      m["task_il"]["avg_incremental_accuracy"])
   with open(tmp_path / "log.jsonl") as f:
     recs = [json.loads(l) for l in f if l.strip()]
   assert all("dist_to_init" in r for r in recs)  # every record of a projection run
