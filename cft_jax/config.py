@@ -43,13 +43,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = "crop_flip"    # none | crop_flip | rrc_flip
   c.data.rrc_scale = (0.05, 1.0)  # rrc_flip: area-fraction range of RandomResizedCrop
   c.data.val_fraction = 0.0       # held-out share of each task's training data (TPGM radii)
+  c.data.pipeline = "auto"        # auto (grain for streamed datasets) | device | grain
+  c.data.workers = 0              # grain worker processes (-1: one per core; 0: read threads)
+  c.data.read_threads = 8         # grain read threads per process
+  c.data.skip_corrupt = False     # skip (and count) undecodable image files instead of stopping
+  c.data.test_crop_fraction = 0.875  # test: shorter side to image_size / f, centre crop
+  c.data.rrc_ratio = (0.75, 4.0 / 3.0)  # rrc_flip: aspect-ratio range of RandomResizedCrop
+  c.data.resample = "bilinear"    # host resizing filter: bilinear | bicubic | nearest
+  c.data.train_list = ""          # split lists "relative/path [label]" (image_folder, imagenet_r)
+  c.data.test_list = ""
+  c.data.split_seed = 0           # seed of the per-class 80/20 split of one-split datasets
+  c.data.test_fraction = 0.2      # test share of that split (ImageNet-R: 0.2)
+  c.data.domains = ()             # domainnet: domains pooled (() -> all six)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "efficientnet_lite0"
   c.model.pretrained = True
   c.model.dropout_rate = 0.0
-  c.model.checkpoint = ""         # ViT: path of an augreg .npz ("" -> $CFT_JAX_VIT_DIR lookup)
+  c.model.checkpoint = ""         # ViT: .npz file or its folder ("" -> $CFT_JAX_VIT_DIR lookup)
   c.model.head_init_std = 1e-3    # ViT: incremental head N(0, 0.001)
+  c.model.checkpoint_format = "auto"  # ViT: auto | augreg | i21k (ViT-B_16.npz, pre_logits)
+  c.model.pre_logits = "drop"     # ViT i21k file: drop (vit_jax fine-tuning) | keep (Dense+tanh)
 
   c.peft = ml_collections.ConfigDict()
   c.peft.name = "lora"            # lora | adapter | prefix (ViT) | linear_probe | full
@@ -128,6 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "scenario.type": ("class_il", "task_il", "data_il"),
     "data.augment": ("none", "crop_flip", "rrc_flip"),
+    "data.pipeline": ("auto", "device", "grain"),
+    "data.resample": ("bilinear", "bicubic", "nearest"),
+    "model.checkpoint_format": ("auto", "augreg", "i21k"),
+    "model.pre_logits": ("drop", "keep"),
     "peft.name": ("lora", "adapter", "prefix", "linear_probe", "full"),
     "loss.schedule": ("sigmoid", "linear", "cosine", "constant"),
     "loss.schedule_scope": ("task", "global"),
@@ -146,19 +164,23 @@ _NON_NEGATIVE = ("distributed.num_processes", "data.train_limit", "data.test_lim
                  "checkpoint.every_steps", "checkpoint.max_to_keep", "train.stop_after_task",
                  "eval.knn_k", "method.freeze_epochs", "optim.weight_decay", "optim.grad_clip", "optim.backbone_lr_scale",
                  "model.dropout_rate")
-_UNIT = {"data.val_fraction": (0.0, 1.0, False), "eval.wise_ft_alpha": (0.0, 1.0, True),
+_UNIT = {"data.test_fraction": (0.0, 1.0, False), "data.test_crop_fraction": (1e-6, 1.0, True),
+         "data.val_fraction": (0.0, 1.0, False), "eval.wise_ft_alpha": (0.0, 1.0, True),
          "method.ema_decay": (0.0, 1.0, False), "model.dropout_rate": (0.0, 1.0, False)}
 
 
 # Keys that may differ between a run and its resumption / reuse: they do not change what is
 # computed (see :func:`same_run`).
 RUN_SECTIONS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "optim", "train")
+# Sections that decide a finished run's metrics (a study reuses a finished workdir when equal).
+RESULT_SECTIONS = RUN_SECTIONS + ("eval",)
 RUN_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task",
                "train.plots", "train.tensorboard")
 # One-line meanings of keys whose base_config line carries no comment (see :func:`config_schema`).
 _DOC = {
     "seed": "seed of the model init, data subsets, batch order and augmentation",
-    "data.name": "dataset (data registry name, e.g. fashion_mnist, cifar10, image_folder)",
+    "data.name": "dataset (fashion_mnist, mnist, image_folder, cifar100, imagenet_r, domainnet, "
+                 "tfds:<name>)",
     "model.name": "backbone (efficientnet_lite0, vit_*, resnet*, tiny_cnn)",
     "model.pretrained": "load the pretrained backbone weights (False: random init)",
     "model.dropout_rate": "dropout before the head",
@@ -168,13 +190,19 @@ _DOC = {
     "optim.learning_rate": "learning rate",
     "optim.weight_decay": "weight decay (adamw: decoupled; adam / sgd: added to the gradient)",
     "optim.grad_clip": "global gradient-norm clip (0: off)",
-    "optim.reset_per_task": "fresh optimiser state at the start of every task",
+    "optim.reset_per_task": "fresh optimiser state at every task (TPGM/FTP radii kept)",
     "train.epochs": "epochs per task",
     "eval.batch_size": "evaluation batch size",
     "eval.ood_severities": "corruption severities of eval.ood_corruptions",
     "eval.ood_root": "data root of eval.ood_dataset (\"\": the loader's default)",
     "distributed.num_processes": "multi-host: number of processes (0: auto-detect)",
     "distributed.process_id": "multi-host: this process's id (-1: auto-detect)",
+    "scenario.type": "class_il | task_il (evaluated with the task id) | data_il (all classes "
+                     "in every task, one shared test set)",
+    "scenario.num_tasks": "number of tasks T (class-/task-IL: must divide the classes)",
+    "scenario.shuffle_classes": "permute the class order with scenario.seed (False: natural)",
+    "peft.rank": "LoRA rank r (lora; 0: no LoRA)",
+    "data.test_list": "split list of the test images (see data.train_list)",
 }
 
 
@@ -389,7 +417,31 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.train.batch_size % max(c.train.num_devices, 1):
     raise ConfigError(f"train.batch_size={c.train.batch_size} must be divisible by "
                       f"train.num_devices={c.train.num_devices}")
+  _check_builders(c)
   return c
+
+
+def _check_builders(c: ml_collections.ConfigDict) -> None:
+  """Builds what is cheap to build (data registry lookup, loss, method) so that their own
+  value checks end as ConfigError before any data is loaded.
+
+  Raises:
+    ConfigError: an unknown dataset, or a loss / method hyper-parameter the builder rejects.
+  """
+  from cft_jax import methods, objectives  # pylint: disable=g-import-not-at-top
+  from cft_jax.data.datasets import REGISTRY  # pylint: disable=g-import-not-at-top
+  if c.data.name not in REGISTRY and not c.data.name.startswith("tfds:"):
+    raise ConfigError(f"config.data.name={c.data.name!r}" + _did_you_mean(c.data.name, REGISTRY)
+                      + f" Known: {sorted(REGISTRY)} or 'tfds:<name>'")
+  loss_kw = {k: v for k, v in c.loss.items() if k not in ("name", "schedule_scope", "scope")}
+  for what, build in (("loss", lambda: objectives.make_loss_fn(c.loss.name, **loss_kw)),
+                      ("method", lambda: methods.get_method(c.method, mse_alpha=mse_alpha(c)))):
+    try:
+      build()
+    except ConfigError:
+      raise
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"config.{what} ({c[what].name}): {e}") from None
 
 
 def parse_config_arg(arg, fields, example: str):
@@ -467,13 +519,34 @@ def same_run(saved: Union[ml_collections.ConfigDict, Dict[str, Any]],
                 if f"{section}.{k}" not in ignore and x[k] != y[k]]
     elif x is not None and y is not None and x != y and section not in ignore:
       diffs.append(section)
-  return diffs
+  return sorted(diffs)
 
 
 def describe_diffs(saved, now, keys: Sequence[str]) -> str:
   """``"key: saved X, now Y"`` lines of :func:`same_run`'s keys."""
   a, b = _plain(saved), _plain(now)
   return "\n".join(f"{k}: saved {_lookup(a, k)!r}, now {_lookup(b, k)!r}" for k in keys)
+
+
+def load_config_module(path_or_name: str, name: Optional[str] = None):
+  """Imports a config file by path (``configs/dlcft_data_il.py``) or module name
+  (``configs.dlcft_data_il``); the module has ``get_config(arg)``.
+
+  Raises:
+    ConfigError: no such file or module.
+  """
+  if path_or_name.endswith(".py") or os.path.sep in path_or_name:
+    if not os.path.isfile(path_or_name):
+      raise ConfigError(f"config file {path_or_name!r} not found")
+    name = name or "cft_jax_config_" + os.path.splitext(os.path.basename(path_or_name))[0]
+    spec = importlib.util.spec_from_file_location(name, path_or_name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  try:
+    return importlib.import_module(path_or_name)
+  except ImportError as e:
+    raise ConfigError(f"config module {path_or_name!r} cannot be imported: {e}") from None
 
 
 def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
@@ -485,6 +558,9 @@ def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
       command line), a module name (``configs.dlcft_class_il``) or an imported module.
     arg: the argument of ``get_config`` (None: its default; overrides a ``:arg`` suffix).
 
+  Returns:
+    The (unresolved) config; :func:`validate_config` resolves it.
+
   Raises:
     ConfigError: the file or module does not exist or has no ``get_config``.
   """
@@ -494,18 +570,7 @@ def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
     if ":" in path and path.rsplit(":", 1)[0].endswith(".py"):
       path, suffix = path.rsplit(":", 1)
       arg = suffix if arg is None else arg
-    if path.endswith(".py") or os.path.sep in path:
-      if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
-      name = "cft_jax_config_" + os.path.splitext(os.path.basename(path))[0]
-      spec = importlib.util.spec_from_file_location(name, path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-    else:
-      try:
-        module = importlib.import_module(path)
-      except ImportError as e:
-        raise ConfigError(f"config module {path!r} cannot be imported: {e}") from None
+    module = load_config_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path_or_module!r} has no get_config(arg) function")
   return module.get_config() if arg is None else module.get_config(arg)
@@ -572,7 +637,7 @@ def config_schema(method: Optional[str] = None) -> List[Dict[str, Any]]:
   for obj, keys in objectives.OBJECTIVE_HPARAMS.items():
     for k in keys:
       used_by.setdefault(k, []).append(obj)
-  for k in sorted(used_by):
+  for k in sorted(set(used_by) - set(base_config().loss)):
     rows.append({"key": f"loss.{k}", "default": None, "allowed": "see the objective",
                  "meaning": f"hyper-parameter of loss {', '.join(used_by[k])}"
                  + (" (mse: target scale alpha, also used by the curvature / replay terms)"
@@ -593,13 +658,31 @@ def config_schema(method: Optional[str] = None) -> List[Dict[str, Any]]:
   return rows
 
 
-def describe(method: Optional[str] = None) -> str:
-  """Text table of :func:`config_schema` (``python -m cft_jax.main --describe``)."""
+def describe(config: Union[ml_collections.ConfigDict, str, None] = None) -> str:
+  """Text table of :func:`config_schema` (``python -m cft_jax.main --config ... --describe``).
+
+  Args:
+    config: a config (it is resolved: its method's keys and its values are shown), a method
+      name, or None (the keys of every method, no values).
+
+  Raises:
+    ConfigError: ``config`` is invalid.
+  """
+  values, method = None, config if isinstance(config, str) else None
+  if isinstance(config, ml_collections.ConfigDict):
+    values = _plain(validate_config(config))
+    method = values["method"]["name"]
   rows = config_schema(method)
   width = max(len(r["key"]) for r in rows) + 2
-  lines = [f"{'key':<{width}}{'default':<22}{'allowed':<34}meaning"]
+
+  def show(v):
+    return "-" if v is None else repr(tuple(v) if isinstance(v, list) else v)
+
+  head = f"{'key':<{width}}" + (f"{'value':<24}" if values else "")
+  lines = [head + f"{'default':<24}meaning  [allowed values]"]
   for r in rows:
-    default = "-" if r["default"] is None and r["key"].startswith("loss.") else repr(r["default"])
-    allowed = r["allowed"]
-    lines.append(f"{r['key']:<{width}}{default:<22}{allowed:<34}{r['meaning']}")
+    line = f"{r['key']:<{width}}"
+    if values is not None:
+      line += f"{show(_lookup(values, r['key'])):<23} "
+    lines.append(line + f"{show(r['default']):<23} {r['meaning'] or '-'}  [{r['allowed']}]")
   return "\n".join(lines)

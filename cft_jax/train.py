@@ -35,7 +35,8 @@ from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_diffs, mse_alpha,
                             same_run, validate_config)
-from cft_jax.data import Preprocess, batches, load_dataset, num_batches, subsample
+from cft_jax.data import Preprocess, batches, data_options, load_dataset, num_batches, subsample
+from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
 from cft_jax.writers import MetricWriter
@@ -83,6 +84,9 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
         "remat": bool(config.model.remat)}
   if config.model.checkpoint:
     kw["path"] = config.model.checkpoint
+  if config.model.pretrained:
+    kw["checkpoint_format"] = config.model.checkpoint_format
+    kw["pre_logits"] = config.model.pre_logits
   return kw
 
 
@@ -316,6 +320,7 @@ class Experiment:
   n_train: int
   n_total: int
   feature_fn: Any = None
+  stream: Optional[StreamInput] = None  # data.pipeline grain: streamed batches (host augments)
   jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -382,6 +387,7 @@ class Progress:
   knn_acc: List[float]
   start_task: int = 0
   resume_step: int = 0
+  input_state: Optional[Dict[str, int]] = None  # grain iterator state of a mid-task checkpoint
 
 
 def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: jax.Array):
@@ -419,13 +425,19 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     DatasetNotFoundError: the data is not installed (the message says how to get it).
   """
   ds = load_dataset(config.data.name, root=config.data.root or None,
-                    image_size=config.data.image_size)
+                    image_size=config.data.image_size, **data_options(config.data))
   method = methods_lib.get_method(config.method, mse_alpha=mse_alpha(config))
   sc = scenarios.build_scenario(config, ds.train_labels, ds.test_labels, ds.num_classes,
                                 cumulative_data=method.cumulative_data)
   k, C = sc.classes_per_task, sc.num_classes
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
+  stream = None
+  if uses_grain(ds, config.data.pipeline):  # decode + augment on the host (grain workers)
+    stream = StreamInput(ds, sc.train_labels, sc.test_labels, config.data,
+                         config.train.batch_size, config.eval.batch_size, config.train.epochs,
+                         config.seed)
+    preprocess = dataclasses.replace(preprocess, augment="none")
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
   dev = DeviceLayout.from_config(config)
   tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
@@ -454,7 +466,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       needs_val=needs_val, rng=rng, n_train=n_train,
       n_total=n_train + peft.count_params(frozen["params"]),
       feature_fn=(jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
-                  if config.eval.knn_k else None))
+                  if config.eval.knn_k else None), stream=stream)
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
@@ -529,7 +541,8 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
         np.array(meta["task_il_accuracy_matrix"], dtype=float),
         list(meta.get("entropy_end_of_task", [])), list(meta.get("knn_accuracy", [])),
         start_task=meta["num_finished_tasks"],
-        resume_step=meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0)
+        resume_step=meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0,
+        input_state=meta.get("input_state") if not meta.get("task_finished", True) else None)
     metrics_path = os.path.join(workdir, "metrics.json")
     if prog.start_task >= T and os.path.exists(metrics_path):
       with open(metrics_path) as f:
@@ -556,6 +569,8 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
           "entropy_end_of_task": prog.entropy_end,
           "num_finished_tasks": t + 1 if finished else t, "task_finished": finished,
           "step_in_task": step_in_task, "epoch": epoch}
+  if exp.stream is not None and not finished and prog.input_state is not None:
+    meta["input_state"] = prog.input_state  # the grain iterator: resume at the next batch
   if exp.config.eval.knn_k:
     meta["knn_accuracy"] = prog.knn_acc
   host = exp.dev.unreplicate(prog.state)
@@ -593,6 +608,52 @@ def _log_step(exp: Experiment, prog: Progress, writer: MetricWriter, bar, t: int
   return last
 
 
+def _task_batches(exp: Experiment, prog: Progress, t: int, skip_steps: int):
+  """``(epoch, (images, labels, mask), extra)`` for the steps of task ``t`` from ``skip_steps``.
+
+  Device path: the in-memory batches of :func:`cft_jax.data.batches` (epoch ``e`` shuffled with
+  ``(seed, t, e)``; a resumed task replays the order and skips the done steps). Grain path
+  (``exp.stream``): a :class:`cft_jax.data.TaskBatches` started from the checkpoint's iterator
+  state (nothing replayed); ``prog.input_state`` follows it for mid-task checkpoints.
+  ``extra`` holds TPGM's validation batch (``exp.needs_val``).
+  """
+  config, dev, sc = exp.config, exp.dev, exp.scenario
+  bs = config.train.batch_size
+  nb = num_batches(len(sc.train_idx[t]), bs)
+
+  def val_iter(epoch, skip):
+    it = _cycle(exp.ds.train_images, sc.train_labels, sc.val_idx[t], bs, (config.seed, t, epoch))
+    for _ in range(skip):
+      next(it)
+    return it
+
+  if exp.stream is not None:
+    state = prog.input_state if (skip_steps and prog.input_state
+                                 and prog.input_state.get("next_step") == skip_steps) else None
+    it = exp.stream.train(t, sc.train_idx[t], state=state, start_step=skip_steps)
+    vals, val_epoch = None, -1
+    for step, batch in enumerate(it, skip_steps):
+      epoch = step // nb
+      if exp.needs_val and epoch != val_epoch:
+        vals, val_epoch = val_iter(epoch, step - epoch * nb), epoch
+      prog.input_state = it.get_state()
+      yield epoch, batch, ({"val_batch": dev.shard(next(vals))} if exp.needs_val else {})
+    if it.skipped_corrupt and config.train.verbose:
+      print(f"[cft_jax] task {t + 1}: skipped {it.skipped_corrupt} corrupt image(s) "
+            f"(data.skip_corrupt=True)")
+    prog.input_state = None
+    return
+  train_x, train_y, train_map = exp.train_data
+  for epoch in range(skip_steps // nb, config.train.epochs):
+    vals = val_iter(epoch, 0) if exp.needs_val else None
+    for b, batch in enumerate(batches(train_x, train_y, train_map[sc.train_idx[t]], bs,
+                                      shuffle_seed=(config.seed, t, epoch))):
+      extra = {"val_batch": dev.shard(next(vals))} if exp.needs_val else {}
+      if epoch * nb + b < skip_steps:
+        continue  # replayed data order of a resumed task
+      yield epoch, batch, extra
+
+
 def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
                writer: MetricWriter, stop_signal: "_GracefulExit") -> None:
   """Stage 3 of :func:`run`: trains task ``t`` (from ``prog.resume_step`` when resuming it),
@@ -608,7 +669,6 @@ def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
   config, dev, sc = exp.config, exp.dev, exp.scenario
   bs, steps = config.train.batch_size, exp.steps_per_task
   lo, _ = sc.task_range(t)
-  nb = num_batches(len(sc.train_idx[t]), bs)
   skip_steps = prog.resume_step if t == prog.start_task else 0
   if not skip_steps:  # a fresh task (a resumed one restored its optimiser/method state)
     _begin_task(exp, prog, t)
@@ -619,35 +679,27 @@ def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
   show_bar = config.train.verbose and config.train.progress
   bar = _progress(range(steps[t]), steps[t], f"task {t + 1}/{sc.num_tasks}", show_bar,
                   initial=skip_steps)
-  train_x, train_y, train_map = exp.train_data
   step_in_task, last = skip_steps, {}
-  for epoch in range(skip_steps // nb, config.train.epochs):
-    val_iter = (_cycle(exp.ds.train_images, sc.train_labels, sc.val_idx[t], bs,
-                       (config.seed, t, epoch)) if exp.needs_val else None)
-    for b, (xb, yb, mb) in enumerate(batches(train_x, train_y, train_map[sc.train_idx[t]], bs,
-                                             shuffle_seed=(config.seed, t, epoch))):
-      extra = {"val_batch": dev.shard(next(val_iter))} if exp.needs_val else {}
-      if epoch * nb + b < skip_steps:
-        continue  # replayed data order of a resumed task
-      step_rng = jax.random.fold_in(task_rng, step_in_task)
-      prog.state, m = exp.train_step(prog.state, exp.frozen_dev, *dev.shard((xb, yb, mb)), lo,
-                                     offset + step_in_task, total, step_rng,
-                                     exp.method.frozen_peft(t, epoch), **extra)
-      step_in_task += 1
-      loss = float(dev.first(m["loss"]))
-      if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
-            f"The last good checkpoint in {ckpt.directory} is kept: lower "
-            f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
-      last = _log_step(exp, prog, writer, bar, t, epoch, step_in_task, m) or last
-      if step_in_task < steps[t] and (
-          stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
-        _save(exp, prog, ckpt, t, step_in_task, finished=False, epoch=epoch)
-        if stop_signal.requested:
-          raise KeyboardInterrupt(
-              f"stopped by signal {stop_signal.requested} at task {t}, step "
-              f"{step_in_task}; saved. Re-run the same command to resume.")
+  for epoch, (xb, yb, mb), extra in _task_batches(exp, prog, t, skip_steps):
+    step_rng = jax.random.fold_in(task_rng, step_in_task)
+    prog.state, m = exp.train_step(prog.state, exp.frozen_dev, *dev.shard((xb, yb, mb)), lo,
+                                   offset + step_in_task, total, step_rng,
+                                   exp.method.frozen_peft(t, epoch), **extra)
+    step_in_task += 1
+    loss = float(dev.first(m["loss"]))
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+          f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
+          f"The last good checkpoint in {ckpt.directory} is kept: lower "
+          f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
+    last = _log_step(exp, prog, writer, bar, t, epoch, step_in_task, m) or last
+    if step_in_task < steps[t] and (
+        stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
+      _save(exp, prog, ckpt, t, step_in_task, finished=False, epoch=epoch)
+      if stop_signal.requested:
+        raise KeyboardInterrupt(
+            f"stopped by signal {stop_signal.requested} at task {t}, step "
+            f"{step_in_task}; saved. Re-run the same command to resume.")
   if hasattr(bar, "close"):
     bar.close()
   writer.end_task()
@@ -672,6 +724,10 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
       R[t, i], R_task[t, i] = R[t, 0], R_task[t, 0]
       continue
     ilo, _ = sc.task_range(i)
+    if exp.stream is not None and not config.train.cache_features:  # streamed test images
+      R[t, i], R_task[t, i] = exp.stream.evaluate(exp.id_eval_step, eval_state, exp.frozen_dev,
+                                                  sc.test_idx[i], sc.num_seen(t), ilo)
+      continue
     R[t, i], R_task[t, i] = evaluate(exp.id_eval_step, eval_state, exp.frozen_dev, test_x,
                                      test_y, test_map[sc.test_idx[i]], config.eval.batch_size,
                                      sc.num_seen(t), ilo)
@@ -851,7 +907,7 @@ def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, sc
     other = load_dataset(config.eval.ood_dataset, root=config.eval.ood_root or None,
                          image_size=config.data.image_size)
     if other.num_classes != num_classes:
-      raise ValueError(f"eval.ood_dataset '{config.eval.ood_dataset}' has {other.num_classes} "
+      raise ConfigError(f"eval.ood_dataset '{config.eval.ood_dataset}' has {other.num_classes} "
                        f"classes, the training data {num_classes}: it must share the classes")
     olabels = scenario.relabel(other.test_labels)
     out["dataset"] = acc(other.test_images, olabels, np.arange(len(olabels)))

@@ -331,3 +331,61 @@ def test_named_tfds_datasets_under_mock_data(tmp_path, name, num_classes):
   np.testing.assert_array_equal(y[:3], ds.test_labels[:3])
   record = getattr(ds.test, "indices", np.arange(3))[:3]  # record i is a PNG filled with i
   np.testing.assert_array_equal(x[:3], np.broadcast_to(record[:, None, None, None], (3, 16, 16, 3)))
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _stream_config(root, **overrides):
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config(**{"data.name": "image_folder", "scenario.num_tasks": 2, "train.epochs": 2,
+                     "train.batch_size": 4, "eval.batch_size": 5, "data.augment": "rrc_flip",
+                     "data.train_limit": 0, "data.test_limit": 0, "train.log_every": 1})
+  c.data.root = root
+  for k, v in overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  return c
+
+
+class _StopAtAccess:
+  """Stands in for train._GracefulExit: ``requested`` turns to SIGTERM at its n-th read."""
+  n = 0
+
+  def __init__(self):
+    self.reads = 0
+
+  @property
+  def requested(self):
+    self.reads += 1
+    return "SIGTERM" if self.reads >= self.n else None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def test_streamed_run_resumes_mid_task_bit_exact(tmp_path, monkeypatch):
+  from cft_jax import train  # pylint: disable=g-import-not-at-top
+  root = _folder(str(tmp_path / "f"), classes=("a", "b", "c", "d"), n=(6, 2), size=(30, 40))
+  full = train.run(_stream_config(root), str(tmp_path / "full"))
+  monkeypatch.setattr(train, "_GracefulExit", _StopAtAccess)
+  _StopAtAccess.n = 8  # 6 reads per task (after steps 1-5 of 6, after the task): task 1, step 2
+  with pytest.raises(KeyboardInterrupt, match="task 1, step 2"):
+    train.run(_stream_config(root), str(tmp_path / "part"))
+  monkeypatch.undo()
+  metas = [open(os.path.join(d, f)).read() for d, _, fs in os.walk(tmp_path / "part")
+           for f in fs if "meta" in d and not f.startswith("_")]
+  assert any('"input_state": {"next_step": 2, "skipped_corrupt": 0}' in m for m in metas)
+  resumed = train.run(_stream_config(root), str(tmp_path / "part"))
+  np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], float),
+                                np.array(full["accuracy_matrix"], float))
+
+  def losses(d):
+    import json  # pylint: disable=g-import-not-at-top
+    return [(r["task"], r["step"], r["loss"]) for r in map(json.loads, open(d / "log.jsonl"))]
+
+  assert losses(tmp_path / "part") == losses(tmp_path / "full")
+  assert len(losses(tmp_path / "full")) == 12
