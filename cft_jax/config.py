@@ -175,7 +175,9 @@ RUN_SECTIONS = ("seed", "scenario", "data", "model", "peft", "method", "loss", "
 # Sections that decide a finished run's metrics (a study reuses a finished workdir when equal).
 RESULT_SECTIONS = RUN_SECTIONS + ("eval",)
 RUN_IGNORED = ("train.progress", "train.verbose", "train.log_every", "train.stop_after_task",
-               "train.plots", "train.tensorboard")
+               "train.plots", "train.tensorboard",
+               # the device layout: results are device-count invariant (cft_jax.parallel)
+               "train.num_devices", "train.parallelism")
 # One-line meanings of keys whose base_config line carries no comment (see :func:`config_schema`).
 _DOC = {
     "seed": "seed of the model init, data subsets, batch order and augmentation",

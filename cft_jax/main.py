@@ -1,7 +1,8 @@
 """Command line: ``python -m cft_jax.main --config configs/default.py --workdir DIR``.
 
-Any config value can be overridden with ``--config.section.key=value``. Re-running the same
-command on the same workdir resumes after the last finished task.
+Any config value can be overridden with ``--config.section.key=value``; ``--describe`` lists
+every key with its default, allowed values and meaning (and this config's value). Re-running the
+same command on the same workdir resumes after the last finished task.
 """
 
 from absl import app
@@ -11,6 +12,7 @@ from ml_collections import config_flags
 
 from cft_jax import parallel
 from cft_jax import train
+from cft_jax import config as config_lib
 from cft_jax.config import ConfigError
 from cft_jax.data import DatasetNotFoundError
 from cft_jax.train import ConfigMismatchError
@@ -20,12 +22,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics.json).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete the workdir's checkpoints and results and train again.")
+_DESCRIBE = flags.DEFINE_bool("describe", False,
+                              "Print every config key (value, default, allowed values, meaning) "
+                              "for this config and its method, then exit.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+  if _DESCRIBE.value:
+    try:
+      print(config_lib.describe(_CONFIG.value))
+    except ConfigError as e:
+      raise SystemExit(f"cft_jax: error: {e}") from None
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (the output folder)")
   try:  # multi-host: before any other JAX call (config.distributed, or SLURM / TPU-pod env)
     parallel.init_distributed(_CONFIG.value.get("distributed"))
   except ValueError as e:
@@ -40,5 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -23,21 +23,17 @@ with ``L_reg = 1/2 q(theta) + 1/2 E_M[MSE]`` (eq. 14) and the head extension (eq
 Measured: ``docs/results/dlcft_class_il.md`` (``studies/dlcft_study.py``, 3 seeds).
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from cft_jax.config import load_config_module
 
 METHODS = ("er", "der", "derpp", "dlcft", "dlcft_kfac", "none", "joint")
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(
-      f"cft_jax_{name}_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def get_config(arg: str = "dlcft") -> ml_collections.ConfigDict:

@@ -3,16 +3,23 @@ cache, mean ± std. Each study keeps its own run/reuse policy and report."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 
 def load_config_module(path: str, name: str = "study_config"):
-  """Imports a ``configs/*.py`` file by path (a module with ``get_config(arg)``)."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """Imports a ``configs/*.py`` file by path (a module with ``get_config(arg)``);
+  :func:`cft_jax.config.load_config_module`."""
+  from cft_jax.config import load_config_module as load  # pylint: disable=g-import-not-at-top
+  return load(path, name)
+
+
+def same_settings(saved: Dict[str, Any], config) -> bool:
+  """Whether a finished run's saved ``config.json`` computes the same numbers as ``config``:
+  :func:`cft_jax.config.same_run` over the sections that decide the metrics (``eval``
+  included), against the resolved ``config``; keys present on one side only are skipped."""
+  from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return not config_lib.same_run(saved, config_lib.validate_config(config),
+                                 sections=config_lib.RESULT_SECTIONS)
 
 
 def add_override_args(p, what: str = "per task") -> None:

@@ -42,7 +42,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std)
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std, same_settings)
 
 DATA_IL = ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
 CLASS_IL = ("er", "der", "derpp", "dlcft")
@@ -70,23 +70,10 @@ def run_one(config, workdir: str) -> Dict[str, Any]:
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(metrics_path) and os.path.exists(cfg_path):
     with open(cfg_path) as f:
-      if _same_settings(json.load(f), json.loads(config.to_json())):
+      if same_settings(json.load(f), config):
         with open(metrics_path) as g:
           return json.load(g)
   return train.run(config, workdir)
-
-
-def _same_settings(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
-  """Equal configs, ignoring keys present on one side only (keys added to the library since
-  the run was made keep, at their defaults, the behaviour the run had)."""
-  for section in set(saved) & set(now):
-    a, b = saved[section], now[section]
-    if isinstance(a, dict) and isinstance(b, dict):
-      if any(a[k] != b[k] for k in set(a) & set(b)):
-        return False
-    elif a != b:
-      return False
-  return True
 
 
 _ms = mean_std

@@ -48,7 +48,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    add_override_args, apply_overrides, load_config_module, mean_std)
+    add_override_args, apply_overrides, load_config_module, mean_std, same_settings)
 
 OBJECTIVES = ("ce", "epg", "aepg", "entropy_penalty", "confidence_penalty", "label_smoothing",
               "focal", "reinforce")
@@ -64,13 +64,6 @@ LABELS = {
 }
 LOWERING = ("epg", "entropy_penalty", "aepg")       # paper: above CE
 RAISING = ("label_smoothing", "confidence_penalty", "focal")  # paper: below CE, LS worst
-# Settings that decide whether a finished workdir can be reused.
-REUSE_KEYS = (("seed",), ("scenario",), ("data", "name"), ("data", "image_size"),
-              ("data", "train_limit"), ("data", "test_limit"), ("data", "augment"),
-              ("model", "name"), ("model", "pretrained"), ("peft", "name"), ("peft", "rank"),
-              ("peft", "alpha"), ("method", "name"), ("loss",), ("optim", "name"),
-              ("optim", "learning_rate"), ("optim", "weight_decay"), ("train", "epochs"),
-              ("train", "batch_size"))
 
 
 def make_config(module, objective: str, seed: int, args):
@@ -79,28 +72,15 @@ def make_config(module, objective: str, seed: int, args):
   return c
 
 
-def _get(d: Dict[str, Any], path) -> Any:
-  for key in path:
-    if not isinstance(d, dict):
-      return None
-    d = d.get(key)
-  return d
-
-
-def _same_settings(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
-  return all(_get(saved, p) == _get(now, p) for p in REUSE_KEYS)
-
-
 def run_one(config, workdir: str) -> Dict[str, Any]:
   """Trains (or resumes / reads back) one run; returns its ``metrics.json`` dict."""
   from cft_jax import train  # pylint: disable=g-import-not-at-top
-  now = json.loads(config.to_json())
   metrics_path = os.path.join(workdir, "metrics.json")
   config_path = os.path.join(workdir, "config.json")
   if os.path.exists(metrics_path) and os.path.exists(config_path):
     with open(config_path) as f:
       saved = json.load(f)
-    if _same_settings(saved, now):
+    if same_settings(saved, config):
       with open(metrics_path) as f:
         return json.load(f)
     raise train.ConfigMismatchError(f"{workdir} holds a finished run with other settings; use "

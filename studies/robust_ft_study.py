@@ -50,7 +50,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std)
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std, same_settings)
 
 METHODS = ("ft", "l2sp", "wise_ft", "tpgm", "ftp")
 LABELS = {
@@ -71,9 +71,6 @@ NOTES = (
     "model), unlike the CLIP zero-shot head of the WiSE-FT paper, so the interpolation costs ID "
     "accuracy here. (3) L2-SP at alpha 0.01 barely constrains one epoch of Adam at lr 1e-4 "
     "(the displacement is still tiny), hence its near-identity with FT.")
-# Config keys that may differ between a finished run and now without changing its numbers.
-IGNORED_KEYS = (("train", "progress"), ("train", "plots"), ("train", "verbose"),
-                ("train", "log_every"), ("train", "stop_after_task"))
 
 
 def make_config(module, method: str, seed: int, args):
@@ -83,22 +80,6 @@ def make_config(module, method: str, seed: int, args):
   if args.severities:
     c.eval.ood_severities = tuple(args.severities)
   return c
-
-
-def _same_settings(saved: Dict[str, Any], now: Dict[str, Any]) -> bool:
-  """Whether two resolved configs compute the same run.
-
-  Keys present on one side only are skipped: ``configs/default.py`` gains keys over time, and a
-  run made before a key existed used the behaviour that key's default keeps."""
-  for section in set(saved) | set(now):
-    a, b = saved.get(section), now.get(section)
-    if isinstance(a, dict) and isinstance(b, dict):
-      for key in set(a) & set(b):
-        if (section, key) not in IGNORED_KEYS and a[key] != b[key]:
-          return False
-    elif a is not None and b is not None and a != b:
-      return False
-  return True
 
 
 def _finished(workdir: str, config) -> Dict[str, Any] | None:
@@ -111,7 +92,7 @@ def _finished(workdir: str, config) -> Dict[str, Any] | None:
     return None
   with open(config_path) as f:
     saved = json.load(f)
-  if _same_settings(saved, json.loads(config.to_json())):
+  if same_settings(saved, config):
     with open(metrics_path) as f:
       return json.load(f)
   print(f"  {workdir}: finished run with other settings; redoing it", flush=True)

@@ -1,21 +1,18 @@
 """Every shipped config loads, and the paper configs run end to end with a tiny ViT."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from cft_jax import config as config_lib
 from cft_jax import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg is not None else mod.get_config()
+  return config_lib.load_config(os.path.join(CONFIG_DIR, name + ".py"), arg)
 
 
 COMBOS = [("lora", "ce", "sequential"), ("lora", "aepg", "sequential"),

@@ -1,0 +1,186 @@
+"""One source of truth for configuration: resolved defaults, unknown keys, same_run, load_config,
+--describe, and config errors that end in one ``cft_jax: error:`` line."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from cft_jax import config as config_lib
+from cft_jax import methods, scenarios, train
+from cft_jax.config import ConfigError
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+HAS_FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")
+
+
+def _cfg(**sections):
+  return ml_collections.ConfigDict(sections)
+
+
+def test_resolved_config_has_every_default_and_the_method_fields():
+  user = _cfg(model={"name": "tiny_cnn", "linearize": True}, method={"name": "ewc",
+                                                                     "strength": 3})
+  r = config_lib.validate_config(user)
+  base = config_lib.base_config()
+  # every base key is present, user values win, the rest are the library defaults
+  for section, value in base.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      assert set(value.keys()) <= set(r[section].keys()), section
+  assert r.model.name == "tiny_cnn" and r.data.augment == "crop_flip" == base.data.augment
+  assert r.train.log_every == 5 == base.train.log_every
+  assert r.model.linearize == "full"  # True normalised in one place
+  # the EWC dataclass's own fields at their defaults, the given one kept
+  assert r.method.strength == 3
+  assert r.method.fisher_type == methods.EWC().fisher_type == "mc"
+  assert r.method.num_samples == 1 and "mse_alpha" not in r.method
+  assert "strength" not in user.method or user.method.strength == 3  # the argument is untouched
+  assert "augment" not in user.get("data", {})
+
+
+def test_one_mse_alpha_reaches_the_method():
+  c = config_lib.base_config()
+  c.method.name = "dlcft"
+  c.loss.name = "mse"
+  r = config_lib.validate_config(c)
+  assert r.loss.alpha == 15.0 == config_lib.mse_alpha(r)
+  c.loss.alpha = 7.0
+  r = config_lib.validate_config(c)
+  assert methods.get_method(r.method, mse_alpha=config_lib.mse_alpha(r)).mse_alpha == 7.0
+  c.method.mse_alpha = 7.0
+  with pytest.raises(ConfigError, match="loss.alpha"):
+    config_lib.validate_config(c)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("method", "strenght", 1.0, "did you mean 'method.strength'"),
+    ("method", "temprature", 2.0, "did you mean 'method.temperature'"),
+    ("data", "augmnet", "none", "did you mean 'data.augment'"),
+    ("optim", "learning_rte", 0.1, "did you mean 'optim.learning_rate'"),
+])
+def test_unknown_keys_are_errors_with_a_suggestion(section, key, value, match):
+  c = config_lib.base_config()
+  c.method.name = "lwf" if key == "temprature" else "ewc"
+  c[section][key] = value
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate_config(c)
+  if section == "method":  # the method registry applies the same check
+    with pytest.raises(ConfigError, match=match):
+      methods.get_method(c.method)
+
+
+def test_method_keys_of_another_method_are_rejected():
+  c = config_lib.base_config()
+  c.method.name = "ewc"
+  c.method.buffer_size = 500  # a replay key, not EWC's
+  with pytest.raises(ConfigError, match="method.buffer_size.*for method 'ewc'"):
+    config_lib.validate_config(c)
+  c.method.name = "er"
+  assert config_lib.validate_config(c).method.buffer_size == 500
+
+
+def test_builder_value_errors_become_config_errors():
+  c = config_lib.base_config()
+  c.method.name = "ewc"
+  c.method.weighting = "foo"  # checked by the EWC dataclass
+  with pytest.raises(ConfigError, match="weighting must be one of"):
+    config_lib.validate_config(c)
+  c = config_lib.base_config()
+  c.loss.name = "label_smoothing"
+  c.loss.gamma = 1.5  # checked by the objective
+  with pytest.raises(ConfigError, match="gamma must be in"):
+    config_lib.validate_config(c)
+  c = config_lib.base_config()
+  c.data.name = "fashion_mnis"
+  with pytest.raises(ConfigError, match="did you mean 'fashion_mnist'"):
+    config_lib.validate_config(c)
+
+
+def test_num_tasks_not_dividing_the_classes_is_a_config_error():
+  with pytest.raises(ConfigError, match="scenario.num_tasks=3 does not divide the 10 classes"):
+    scenarios.make_scenario("class_il", 10, 3)
+  assert scenarios.make_scenario("class_il", 10, 5).classes_per_task == 2
+
+
+def test_same_run():
+  a = config_lib.validate_config(config_lib.base_config())
+  b = config_lib.validate_config(config_lib.base_config())
+  assert config_lib.same_run(a, b) == []
+  b.optim.learning_rate = 0.5
+  b.train.log_every = 1  # logging keys do not change what is computed
+  b.eval.batch_size = 10  # eval is not compared on resume ...
+  assert config_lib.same_run(a, b) == ["optim.learning_rate"]
+  # ... but is for a finished run's metrics
+  assert config_lib.same_run(a, b, sections=config_lib.RESULT_SECTIONS) == [
+      "eval.batch_size", "optim.learning_rate"]
+  saved = a.to_dict()
+  del saved["optim"]["momentum"]  # a key added to the library since the run was made
+  assert config_lib.same_run(saved, a) == []
+  assert "optim.learning_rate: saved 0.001, now 0.5" in config_lib.describe_diffs(
+      a, b, ["optim.learning_rate"])
+
+
+def test_load_config_by_path_suffix_and_module():
+  by_path = config_lib.load_config(os.path.join(ROOT, "configs", "robust_ft.py"), "tpgm")
+  by_suffix = config_lib.load_config(os.path.join(ROOT, "configs", "robust_ft.py:tpgm"))
+  sys.path.insert(0, ROOT)
+  try:
+    by_module = config_lib.load_config("configs.robust_ft", "tpgm")
+  finally:
+    sys.path.remove(ROOT)
+  assert by_path.to_dict() == by_suffix.to_dict() == by_module.to_dict()
+  assert by_path.method.projection == "tpgm"
+  with pytest.raises(ConfigError, match="not found"):
+    config_lib.load_config("configs/nope.py")
+
+
+def test_describe_lists_every_key_from_the_schema():
+  c = config_lib.base_config()
+  c.method.name = "ewc"
+  text = config_lib.describe(c)
+  keys = [row["key"] for row in config_lib.config_schema("ewc")]
+  lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+  assert set(keys) == set(lines)
+  for section, value in config_lib.base_config().items():
+    for key in (value.keys() if isinstance(value, ml_collections.ConfigDict) else [None]):
+      assert (section if key is None else f"{section}.{key}") in lines
+  assert "'crop_flip'" in lines["data.augment"] and "'none' | 'crop_flip'" in lines["data.augment"]
+  assert "method.strength" in lines and "lambda" in lines["method.strength"]
+  assert all(row["meaning"] for row in config_lib.config_schema("ewc")), [
+      row["key"] for row in config_lib.config_schema("ewc") if not row["meaning"]]
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "cft_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_describe():
+  out = _cli("--config", "configs/default.py", "--describe", "--config.method.name=lwf")
+  assert out.returncode == 0, out.stderr
+  assert "method.temperature" in out.stdout and "'lwf'" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="needs Debian's dataset-fashion-mnist")
+def test_cli_num_tasks_3_is_one_error_line(tmp_path):
+  out = _cli("--config", "configs/default.py", "--workdir", str(tmp_path / "w"),
+             "--config.scenario.num_tasks=3", "--config.model.name=tiny_cnn",
+             "--config.model.pretrained=False")
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("cft_jax: error: scenario.num_tasks=3 does not divide the 10 classes")
+  out = _cli("--config", "configs/default.py", "--workdir", str(tmp_path / "w"),
+             "--config.method.name=ewc", "--config.method.ema_decay=2.0")
+  assert out.stderr.strip().splitlines()[-1].startswith("cft_jax: error: config.method.ema_decay")
+  assert "Traceback" not in out.stderr
+
+
+def test_run_rejects_unknown_method_key(tmp_path):
+  c = config_lib.base_config()
+  c.method.name = "ewc"
+  c.method.strenght = 5.0
+  with pytest.raises(ConfigError, match="did you mean 'method.strength'"):
+    train.run(c, str(tmp_path / "w"))
