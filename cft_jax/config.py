@@ -222,6 +222,15 @@ def _type_ok(value: Any, default: Any) -> bool:
   return True
 
 
+def with_defaults(section_name: str, section: Any) -> ml_collections.ConfigDict:
+  """``section`` (a ConfigDict / dict, possibly partial) with the keys it lacks taken from
+  ``base_config()[section_name]``: library functions that take one section (e.g.
+  :func:`cft_jax.steps.make_optimizer`) read it without inline defaults."""
+  out = base_config()[section_name].to_dict()
+  out.update(dict(section.items()) if section is not None else {})
+  return ml_collections.ConfigDict(out)
+
+
 def _did_you_mean(key: str, candidates, prefix: str = "") -> str:
   hint = difflib.get_close_matches(key, sorted(candidates), 1)
   return f"; did you mean '{prefix}{hint[0]}'?" if hint else ""

@@ -84,13 +84,15 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
   Raises:
     ValueError: for an unknown optimiser name.
   """
-  name = optim.get("name", "adam")
+  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
+  optim = with_defaults("optim", optim)  # keys a partial section lacks: the library defaults
+  name = optim.name
   lr = optim.learning_rate
-  wd = optim.get("weight_decay", 0.0)
+  wd = optim.weight_decay
   if wd and linearized and name in ("adam", "adamw", "sgd"):
     from cft_jax import projection  # pylint: disable=g-import-not-at-top
     decay = projection.decay_toward_anchor(wd)
-    tx = (optax.chain(decay, optax.sgd(lr, momentum=optim.get("momentum", 0.9))) if name == "sgd"
+    tx = (optax.chain(decay, optax.sgd(lr, momentum=optim.momentum)) if name == "sgd"
           else optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(lr)))
   elif name == "adam":
     tx = optax.adam(lr) if not wd else optax.adamw(lr, weight_decay=wd)
@@ -98,7 +100,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
     tx = optax.adamw(lr, weight_decay=wd)
   elif name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(),
-                     optax.sgd(lr, momentum=optim.get("momentum", 0.9)))
+                     optax.sgd(lr, momentum=optim.momentum))
   else:
     raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
   if split_head:
@@ -107,10 +109,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
                                         lab, v) for k, v in params.items()}
     tx = optax.multi_transform({"head": tx, "backbone": tx}, labels,
                                mask_compatible_extra_args=True)
-  clip = optim.get("grad_clip", 0.0)
+  clip = optim.grad_clip
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
-  scale = optim.get("backbone_lr_scale", 1.0)
+  scale = optim.backbone_lr_scale
   if scale != 1.0:
     def not_head(params):
       return {k: jax.tree_util.tree_map(lambda _, keep=(k != "head"): keep, v)
@@ -432,13 +434,15 @@ def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, ancho
     ValueError: unknown projection name.
   """
   from cft_jax import projection  # pylint: disable=g-import-not-at-top
-  name = method_cfg.get("projection", "") or ""
+  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
+  method_cfg = with_defaults("method", method_cfg)  # missing keys: the library defaults
+  name = method_cfg.projection or ""
   if name not in PROJECTIONS:
     raise ValueError(f"unknown method.projection '{name}'; known: tpgm, ftp, l2sp or ''")
-  norm = method_cfg.get("projection_norm", "") or ("l2" if name == "tpgm" else "mars")
+  norm = method_cfg.projection_norm or ("l2" if name == "tpgm" else "mars")
   if name == "ftp":
-    return projection.ftp(anchor, base=tx, k=method_cfg.get("ftp_k", 1.0),
-                          radius_lr=method_cfg.get("radius_lr", 1e-2), norm=norm,
+    return projection.ftp(anchor, base=tx, k=method_cfg.ftp_k,
+                          radius_lr=method_cfg.radius_lr, norm=norm,
                           exclude=projection.is_head), False
   if name == "tpgm":
     forward = make_forward(apply_fn, linearized)
@@ -454,8 +458,8 @@ def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, ancho
       return num / jnp.maximum(den, 1.0)
 
     return optax.chain(tx, projection.tpgm(
-        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.get("proj_freq", 1),
-        max_iters=method_cfg.get("max_iters", 1), radius_lr=method_cfg.get("radius_lr", 1e-2),
+        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.proj_freq,
+        max_iters=method_cfg.max_iters, radius_lr=method_cfg.radius_lr,
         exclude=projection.is_head)), True
   return tx, False
 
