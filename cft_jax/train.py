@@ -1,7 +1,11 @@
 """Class-incremental fine-tuning: jitted pure steps, the per-task loop, evaluation, resume.
 
-Reads top to bottom in stages: data -> scenario -> model -> PEFT split -> optimiser -> steps ->
-checkpoint/resume -> task loop (train, evaluate every seen task, save) -> metrics.
+:func:`run` is a sequence of named stages: :func:`build_experiment` (data, :class:`Scenario
+<cft_jax.scenarios.Scenario>`, model, PEFT split, method, optimiser, steps) ->
+:func:`restore_or_init` -> per task :func:`train_task` -> :func:`evaluate_seen` -> checkpoint ->
+the final report (OOD evaluation, ``metrics.json``, plots). Files are written through a
+:class:`~cft_jax.writers.MetricWriter`; the config is the resolved one
+(:func:`cft_jax.config.validate_config`), read by attribute, never with inline defaults.
 
 The train step is a pure function of ``(state, frozen, batch, task_lo, step, total_steps, rng)``;
 ``task_lo``, ``step`` and ``total_steps`` are traced scalars, so the step compiles once for the
@@ -39,6 +43,7 @@ from cft_jax.data import Preprocess, batches, data_options, load_dataset, num_ba
 from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
+from cft_jax.parallel import DeviceLayout, init_distributed, layout_from_config  # re-exported
 from cft_jax.writers import MetricWriter
 from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
                            make_optimizer, make_projected_optimizer, make_train_step,
@@ -101,17 +106,6 @@ def _progress(iterable, total: int, desc: str, enabled: bool, initial: int = 0):
   return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, initial=initial)
 
 
-def _init_distributed(cfg: ml_collections.ConfigDict) -> None:
-  """Multi-host start-up: ``jax.distributed.initialize`` from ``config.distributed``
-  (``coordinator_address`` host:port, ``num_processes``, ``process_id``; on TPU pods and SLURM
-  clusters these may be left empty and are auto-detected). Idempotent."""
-  if jax.process_count() > 1:
-    return
-  kwargs = {k: cfg[k] for k in ("coordinator_address", "num_processes", "process_id")
-            if cfg[k] not in (None, "", -1)}
-  jax.distributed.initialize(**kwargs)
-
-
 def checkpoint_id(global_step: int, task_finished: bool) -> int:
   """Orbax step of a checkpoint: ``2 * global_step + task_finished`` (monotone in progress; the
   end-of-task checkpoint sorts after a mid-task one taken at the same optimiser step)."""
@@ -150,83 +144,6 @@ class _GracefulExit:
     for sig, old in self._old.items():
       signal.signal(sig, old)
     return False
-
-
-class DeviceLayout:
-  """How a global batch maps onto devices and hosts (``train.num_devices``, ``distributed.*``).
-
-  One device: steps are ``jit``-ted, arrays pass through unchanged. ``n > 1`` local devices:
-  steps are ``pmap``-ped over ``axis_name="batch"``, state and frozen weights are replicated once,
-  and each global batch ``[B, ...]`` is cut into this host's slice ``[B / P]`` (``P`` processes)
-  and reshaped to ``[n, B / (P n), ...]``.
-  """
-
-  def __init__(self, num_devices: int = 1, process_index: int = 0, process_count: int = 1):
-    self.n = num_devices
-    self.process_index, self.process_count = process_index, process_count
-    self.axis_name = "batch" if num_devices * process_count > 1 else None
-    self.devices = jax.local_devices()[:num_devices]
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "DeviceLayout":
-    """Reads ``train.num_devices`` (0: all local devices) and checks batch divisibility.
-
-    Raises:
-      ValueError: more devices requested than present, or batch sizes not divisible.
-    """
-    local = jax.local_device_count()
-    n = int(config.train.get("num_devices", 1) or local)
-    if n > local:
-      raise ValueError(f"train.num_devices={n} but only {local} local devices exist")
-    layout = cls(n, jax.process_index(), jax.process_count())
-    per = n * layout.process_count
-    for key, b in (("train.batch_size", config.train.batch_size),
-                   ("eval.batch_size", config.eval.batch_size)):
-      if b % per:
-        raise ValueError(f"{key}={b} must be divisible by the {per} devices it is split over")
-    return layout
-
-  def shard(self, arrays):
-    """Host slice of each global-batch array, reshaped ``[n, B/(P n), ...]`` when pmapped."""
-    if self.axis_name is None:
-      return arrays
-
-    def one(x):
-      x = np.asarray(x)
-      per_host = x.shape[0] // self.process_count
-      x = x[self.process_index * per_host:(self.process_index + 1) * per_host]
-      return x.reshape((self.n, per_host // self.n) + x.shape[1:])
-
-    return tuple(one(x) for x in arrays)
-
-  def replicate(self, tree):
-    """Copies of ``tree`` on every local device (leading axis ``n``), placed once."""
-    if self.axis_name is None:
-      return tree
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("batch",)),
-                                          jax.sharding.PartitionSpec("batch"))
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (self.n,) + np.shape(x)),
-                                 sharding), jax.device_get(tree))
-
-  def unreplicate(self, tree):
-    if self.axis_name is None:
-      return tree
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-  def first(self, x):
-    return x[0] if self.axis_name is not None else x
-
-  def wrap_eval(self, eval_step):
-    """Eval step taking a global batch (sharded here) and returning global counts."""
-    if self.axis_name is None:
-      return eval_step
-
-    def wrapped(state, frozen, images, labels, mask, num_seen, task_lo):
-      out = eval_step(state, frozen, *self.shard((images, labels, mask)), num_seen, task_lo)
-      return np.asarray(out)[0]
-
-    return wrapped
 
 
 def evaluate(eval_step, state, frozen, images, labels, indices, batch_size, num_seen,
@@ -312,7 +229,7 @@ class Experiment:
   id_eval_step: Any
   train_data: Tuple[Any, np.ndarray, np.ndarray]
   test_data: Tuple[Any, np.ndarray, np.ndarray]
-  dev: "DeviceLayout"
+  dev: Any  # a cft_jax.parallel layout (single / sharding / pmap)
   forward: Any
   linearized: Optional[str]
   needs_val: bool
@@ -400,7 +317,9 @@ def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: 
                       lora_rank=config.peft.rank if config.peft.name == "lora" else 0,
                       lora_alpha=config.peft.alpha or None, pretrained=config.model.pretrained,
                       image_size=config.data.image_size, rng=rng,
-                      dropout_rate=config.model.dropout_rate, **_model_kwargs(config))
+                      dropout_rate=config.model.dropout_rate,
+                      dtype=None if config.train.compute_dtype == "float32" else jnp.bfloat16,
+                      **_model_kwargs(config))
   variables = dict(built.variables)
   params0, frozen_params = peft.split_params(variables.pop("params"), config.peft.name)
   frozen = {"params": frozen_params, "collections": variables}
@@ -439,7 +358,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                          config.seed)
     preprocess = dataclasses.replace(preprocess, augment="none")
   loss_fn = objectives.make_loss_fn(config.loss.name, **_loss_hparams(config.loss))
-  dev = DeviceLayout.from_config(config)
+  try:
+    dev = layout_from_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
       make_optimizer(config.optim, linearized,  # linearized: decay toward params0
                      split_head=method.freezes_peft),  # LAE: own Adam state for the backbone
@@ -450,11 +372,12 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                       "data.val_fraction > 0 (e.g. 0.1)")
   l2sp_alpha = config.method.l2sp_alpha if config.method.projection == "l2sp" else 0.0
   train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
-                               axis_name=dev.axis_name, linearized=linearized,
-                               loss_scope=config.loss.scope, l2sp_alpha=l2sp_alpha,
-                               needs_val_batch=needs_val)
+                               axis_name=dev.axis_name, shardings=dev.shardings,
+                               linearized=linearized, loss_scope=config.loss.scope,
+                               l2sp_alpha=l2sp_alpha, needs_val_batch=needs_val)
   eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
-                                           linearized=linearized, axis_name=dev.axis_name))
+                                           linearized=linearized, axis_name=dev.axis_name,
+                                           shardings=dev.shardings))
   n_train = peft.count_params(params0)
   exp = Experiment(
       config=config, ds=ds, scenario=sc, method=method, module=built.module,
@@ -504,9 +427,10 @@ def _use_cached_features(exp: Experiment, loss_fn) -> None:
   k, C = sc.classes_per_task, sc.num_classes
   exp.train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, exp.tx, k,
                                    exp.method, axis_name=dev.axis_name,
-                                   loss_scope=config.loss.scope)
+                                   shardings=dev.shardings, loss_scope=config.loss.scope)
   exp.id_eval_step = dev.wrap_eval(make_eval_step(fc.head_apply, fc.identity_preprocess, k, C,
-                                                  exp.method, axis_name=dev.axis_name))
+                                                  exp.method, axis_name=dev.axis_name,
+                                                  shardings=dev.shardings))
   if config.train.verbose:
     print(f"[cft_jax] train.cache_features: {len(exp.train_data[0])} train + "
           f"{len(exp.test_data[0])} test features [{exp.train_data[0].shape[-1]}] computed once "
@@ -589,17 +513,30 @@ def _begin_task(exp: Experiment, prog: Progress, t: int) -> None:
   prog.state = exp.dev.replicate(host)
 
 
+def _check_finite(loss: float, t: int, step_in_task: int, ckpt_dir: str) -> None:
+  """Raises FloatingPointError for a non-finite loss (naming the task, step and the kept
+  checkpoint folder)."""
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
+        f"The last good checkpoint in {ckpt_dir} is kept: lower "
+        f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
+
+
 def _log_step(exp: Experiment, prog: Progress, writer: MetricWriter, bar, t: int, epoch: int,
-              step_in_task: int, m: Dict[str, Any]) -> Optional[Dict[str, float]]:
-  """Every ``train.log_every`` steps (and at the task's end) writes a
-  ``log.jsonl`` record and returns the logged metrics (None otherwise)."""
+              step_in_task: int, m: Dict[str, Any], ckpt_dir: str = ""
+              ) -> Optional[Dict[str, float]]:
+  """Every ``train.log_every`` steps (and at the task's end) reads the step's metrics from the
+  device, stops on a non-finite loss (:func:`_check_finite`), writes a ``log.jsonl`` record and
+  returns the logged metrics (None otherwise: no device-to-host sync on the other steps)."""
   dev = exp.dev
   if hasattr(bar, "update"):
     bar.update(1)
   if step_in_task % max(1, exp.config.train.log_every) and step_in_task != exp.steps_per_task[t]:
     return None
-  last = {key: float(dev.first(v)) for key, v in jax.device_get(m).items()}
-  gstep = int(dev.first(prog.state.step))
+  last = {key: float(np.asarray(dev.first(v))) for key, v in m.items()}
+  _check_finite(last["loss"], t, step_in_task, ckpt_dir)
+  gstep = int(np.asarray(dev.first(prog.state.step)))
   writer.train_record({"task": t, "step": step_in_task, "epoch": epoch, "global_step": gstep,
                        **last}, gstep, last)
   if hasattr(bar, "set_postfix"):
@@ -686,15 +623,13 @@ def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
                                    offset + step_in_task, total, step_rng,
                                    exp.method.frozen_peft(t, epoch), **extra)
     step_in_task += 1
-    loss = float(dev.first(m["loss"]))
-    if not np.isfinite(loss):
-      raise FloatingPointError(
-          f"non-finite loss {loss} at task {t} (0-based), step {step_in_task}; stopped. "
-          f"The last good checkpoint in {ckpt.directory} is kept: lower "
-          f"optim.learning_rate or set optim.grad_clip, then re-run the command.")
-    last = _log_step(exp, prog, writer, bar, t, epoch, step_in_task, m) or last
+    # Metrics and the NaN check only at log steps and before a checkpoint: no per-step sync.
+    logged = _log_step(exp, prog, writer, bar, t, epoch, step_in_task, m, ckpt.directory)
+    last = logged or last
     if step_in_task < steps[t] and (
         stop_signal.requested or (every_steps and step_in_task % every_steps == 0)):
+      if logged is None:  # never save a non-finite state: the last good checkpoint stays
+        _check_finite(float(np.asarray(dev.first(m["loss"]))), t, step_in_task, ckpt.directory)
       _save(exp, prog, ckpt, t, step_in_task, finished=False, epoch=epoch)
       if stop_signal.requested:
         raise KeyboardInterrupt(
@@ -771,7 +706,9 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
       "total_params": exp.n_total,
       "wall_time_s": time.time() - t_start,
       "train_step_compilations": exp.train_step.num_traces(),
-      "num_devices": dev.n * dev.process_count,
+      "num_devices": dev.num_devices,
+      "num_processes": dev.process_count,
+      "parallelism": dev.kind,
   }
   if ood:
     result["ood"] = ood
@@ -828,16 +765,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   """
   t_start = time.time()
   config = validate_config(config)
-  if config.distributed.coordinator_address:
-    _init_distributed(config.distributed)
-  _prepare_workdir(workdir, overwrite)
+  try:  # a no-op when cft_jax.main already started it (it must precede every JAX call)
+    init_distributed(config.distributed)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if jax.process_index() == 0:  # one process prepares the (shared) workdir
+    _prepare_workdir(workdir, overwrite)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("cft_jax: workdir prepared")
+    os.makedirs(workdir, exist_ok=True)
   exp = build_experiment(config)
   ckpt = TaskCheckpointer(os.path.join(workdir, "checkpoints"),
                           max_to_keep=config.checkpoint.max_to_keep or None)
   prog, finished = restore_or_init(exp, ckpt, workdir)
   if finished is not None:
     return finished
-  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
+  # Only process 0 writes log.jsonl, TensorBoard, config.json, metrics.json and plots; every
+  # process takes part in the (collective) orbax checkpoint saves and restores.
+  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard, enabled=exp.dev.is_main)
   writer.write_config(exp.config_json)
   writer.truncate_log(lambda r: _before(r, prog.start_task, prog.resume_step))
   writer.open()
