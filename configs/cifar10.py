@@ -27,12 +27,11 @@ Measured (pilot, seed 0, ``docs/results/cifar10_pilot.md``): see that file; wall
 this project's 2-core Xeon CPU shared with other jobs.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from cft_jax.config import base_config, parse_config_arg
+from cft_jax.config import base_config, load_config_module, parse_config_arg
 
 METHODS = ("sequential", "lae")
 ENV_ROOT = "CFT_JAX_CIFAR10_MINI"
@@ -40,11 +39,8 @@ ENV_ROOT = "CFT_JAX_CIFAR10_MINI"
 
 def _objective_settings():
   """``OBJECTIVE_SETTINGS`` of ``configs/objectives_study.py`` (objective -> loss keys)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "objectives_study.py")
-  spec = importlib.util.spec_from_file_location("cft_jax_objectives_study_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.OBJECTIVE_SETTINGS
+  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "objectives_study.py")).OBJECTIVE_SETTINGS
 
 
 def default_root() -> str:

@@ -53,7 +53,7 @@ if ROOT not in sys.path:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     add_override_args, apply_overrides, claim_verdict, enable_compile_cache, load_config_module,
-    mean_std, paired_bootstrap_interval, paired_t_interval, select_best)
+    mean_std, paired_bootstrap_interval, paired_t_interval, same_settings, select_best)
 
 LR_GRID = (3e-4, 1e-3, 3e-3)       # the same for every arm of a study (protocol.md)
 ROBUST_LR_GRID = (3e-5, 1e-4, 3e-4)  # full fine-tuning (robust_ft): 10x lower, the same for all
@@ -221,17 +221,12 @@ def val_score(metrics: Dict[str, Any]) -> float:
 def run_one(config, workdir: str) -> Dict[str, Any]:
   """Trains, resumes, or reads back (finished with the same settings) one run."""
   from cft_jax import train  # pylint: disable=g-import-not-at-top
-  from cft_jax.config import RUN_IGNORED  # pylint: disable=g-import-not-at-top
   metrics_path, cfg_path = (os.path.join(workdir, n) for n in ("metrics.json", "config.json"))
   if os.path.exists(metrics_path) and os.path.exists(cfg_path):
     with open(cfg_path) as f:
-      saved = json.load(f)
-    now = json.loads(config.to_json())
-    diff = [f"{s}.{k}" for s in now if isinstance(now[s], dict) and isinstance(saved.get(s), dict)
-            for k in now[s] if f"{s}.{k}" not in RUN_IGNORED and saved[s].get(k) != now[s][k]]
-    if not diff:
-      with open(metrics_path) as f:
-        return json.load(f)
+      if same_settings(json.load(f), config):
+        with open(metrics_path) as g:
+          return json.load(g)
     return train.run(config, workdir, overwrite=True)
   try:
     return train.run(config, workdir)  # resumes an unfinished run of the same settings
