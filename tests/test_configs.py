@@ -45,6 +45,7 @@ def test_paper_config_smoke(peft, loss, method, image_root, tmp_path):
   c.model.pretrained = False
   c.data.root = image_root
   c.data.image_size = 16
+  c.data.workers = 0  # grain read threads; worker processes (the config's) start slowly in tests
   c.scenario.num_tasks = 2
   c.train.epochs = 2
   c.train.batch_size = 8
