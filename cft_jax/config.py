@@ -244,6 +244,20 @@ def _method_fields(name: str) -> Optional[Dict[str, Any]]:
   return methods.method_config_fields(name)
 
 
+def _other_methods_hint(key: str, name: str) -> str:
+  """`` (a key of methods ...)`` when ``key`` (or a close spelling) belongs to other methods."""
+  from cft_jax import methods  # pylint: disable=g-import-not-at-top
+  owners = {}
+  for other in methods.method_names():
+    for field in methods.method_config_fields(other) or {}:
+      owners.setdefault(field, []).append(other)
+  match = key if key in owners else (difflib.get_close_matches(key, sorted(owners), 1) or [None])[0]
+  if match is None:
+    return ""
+  return (f" ('method.{match}' is a key of {', '.join(owners[match])}, not of '{name}': set "
+          f"method.name first)")
+
+
 def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
   """Checks the keys of a ``config.method`` section against method ``name``'s declared fields
   (:func:`cft_jax.methods.method_config_fields`) and the trainer's method keys of
@@ -266,7 +280,9 @@ def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
                         "for the loss and the curvature / replay terms); set loss.alpha instead")
     if key not in allowed:
       raise ConfigError(f"unknown config key 'method.{key}' for method '{name}'"
-                        + _did_you_mean(key, allowed, "method.")
+                        + (_did_you_mean(key, fields, "method.")
+                           or _other_methods_hint(key, name)
+                           or _did_you_mean(key, allowed, "method."))
                         + f" Keys of method '{name}': {sorted(fields)}; trainer keys: "
                         f"{sorted(trainer_keys)}")
   return fields
@@ -697,3 +713,95 @@ def describe(config: Union[ml_collections.ConfigDict, str, None] = None) -> str:
       line += f"{show(_lookup(values, r['key'])):<23} "
     lines.append(line + f"{show(r['default']):<23} {r['meaning'] or '-'}  [{r['allowed']}]")
   return "\n".join(lines)
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _parse_override(key: str, text: str, like: Any) -> Any:
+  """The value of ``--config.key=text`` with the type of ``like`` (the current or default value)."""
+  if text == "None":
+    return None
+  try:
+    if isinstance(like, bool):
+      low = text.lower()
+      if low not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+      return low in ("true", "1", "yes")
+    if isinstance(like, int):
+      return int(text)
+    if isinstance(like, float):
+      return float(text)
+    if isinstance(like, str):
+      return text
+  except ValueError:
+    raise ConfigError(f"--config.{key}={text!r}: expected a {type(like).__name__} like "
+                      f"{like!r}") from None
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return tuple(value) if isinstance(like, tuple) and isinstance(value, list) else value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
+                    ) -> ml_collections.ConfigDict:
+  """Applies command-line overrides ``KEY=VALUE`` (``--config.KEY=VALUE``) to a config.
+
+  A key may be any key of the config, of :func:`base_config`, a loss hyper-parameter, or a field
+  of the config's method (``method.name`` is applied first, so ``--config.method.name=ewc
+  --config.method.strength=100`` works on any config file). The value takes the type of the
+  current (or default) value; tuples and untyped keys are Python literals; ``None`` is None.
+
+  Returns:
+    An unlocked copy with the overrides applied.
+
+  Raises:
+    ConfigError: an unknown key (with a "did you mean"), or a value of the wrong type.
+  """
+  from cft_jax import methods, objectives  # pylint: disable=g-import-not-at-top
+  out = ml_collections.ConfigDict(config.to_dict())
+  pairs = []
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--config.{key}: expected --config.{key}=VALUE")
+    pairs.append((key, text))
+  pairs.sort(key=lambda kv: kv[0] != "method.name")
+  for key, text in pairs:
+    known = {**_flat(base_config().to_dict()), **_flat(out.to_dict())}
+    name = out.method.name if "method" in out and "name" in out.method else "sequential"
+    if name in methods.method_names():
+      known.update({f"method.{k}": v for k, v in (methods.method_config_fields(name) or {}).items()})
+      if methods.method_config_fields(name) is None and key.startswith("method."):
+        known.setdefault(key, None)  # a method registered without declared fields
+    known.update({f"loss.{k}": None for k in objectives.LOSS_HPARAMS if f"loss.{k}" not in known})
+    if key not in known:
+      hint = _did_you_mean(key, known)
+      own = sorted(methods.method_config_fields(name) or {})
+      if key.startswith("method.") and not difflib.get_close_matches(key[len("method."):], own, 1):
+        hint = _other_methods_hint(key[len("method."):], name) or hint
+      raise ConfigError(f"unknown config key '{key}' (--config.{key})" + hint
+                        + " See --describe for every key.")
+    value = _parse_override(key, text, known[key])
+    *path, last = key.split(".")
+    node = out
+    for part in path:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    if last in node and node[last] is not None and value is not None and not _type_ok(
+        value, node[last]):
+      raise ConfigError(f"--config.{key}={text!r}: expected {type(node[last]).__name__}")
+    if last in node:
+      del node[last]  # the new value may be of another type (e.g. None -> int)
+    node[last] = value
+  return out

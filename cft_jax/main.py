@@ -5,6 +5,8 @@ every key with its default, allowed values and meaning (and this config's value)
 same command on the same workdir resumes after the last finished task.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -27,24 +29,47 @@ _DESCRIBE = flags.DEFINE_bool("describe", False,
                               "for this config and its method, then exit.")
 
 
+_OVERRIDES = []  # "KEY=VALUE" of every --config.KEY=VALUE argument (config.apply_overrides)
+
+
+def _parse_flags(argv):
+  """absl parsing of everything but ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``), which
+  :func:`cft_jax.config.apply_overrides` applies: it knows the method's own keys and answers an
+  unknown key with one error line and a "did you mean"."""
+  rest, i = [argv[0]], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config.") and "=" in arg:
+      _OVERRIDES.append(arg[len("--config."):])
+    elif arg.startswith("--config.") and i + 1 < len(argv):
+      _OVERRIDES.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+      i += 1
+    else:
+      rest.append(arg)
+    i += 1
+  sys.argv[:] = rest  # config_flags reads sys.argv for the overrides it would define
+  return flags.FLAGS(rest)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-  if _DESCRIBE.value:
-    try:
-      print(config_lib.describe(_CONFIG.value))
-    except ConfigError as e:
-      raise SystemExit(f"cft_jax: error: {e}") from None
-    return
+  try:
+    config = config_lib.apply_overrides(_CONFIG.value, _OVERRIDES)
+    if _DESCRIBE.value:
+      print(config_lib.describe(config))
+      return
+  except ConfigError as e:
+    raise SystemExit(f"cft_jax: error: {e}") from None
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (the output folder)")
   try:  # multi-host: before any other JAX call (config.distributed, or SLURM / TPU-pod env)
-    parallel.init_distributed(_CONFIG.value.get("distributed"))
+    parallel.init_distributed(config.get("distributed"))
   except ValueError as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
   try:
-    train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    train.run(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except (ConfigError, ConfigMismatchError, DatasetNotFoundError) as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
   except KeyboardInterrupt as e:  # SIGINT/SIGTERM: the trainer saved a checkpoint first
@@ -54,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -157,10 +157,33 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_cli_describe():
-  out = _cli("--config", "configs/default.py", "--describe", "--config.method.name=lwf")
+def test_cli_describe_and_method_key_overrides():
+  out = _cli("--config", "configs/default.py", "--describe", "--config.method.temperature=3",
+             "--config.method.name=lwf", "--config.data.train_limit", "None")
   assert out.returncode == 0, out.stderr
-  assert "method.temperature" in out.stdout and "'lwf'" in out.stdout
+  rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+  assert rows["method.name"][1:3] == ["'lwf'", "'sequential'"]
+  assert rows["method.temperature"][1:3] == ["3.0", "2.0"]  # value, default
+  assert rows["data.train_limit"][1:3] == ["-", "1000"]
+  out = _cli("--config", "configs/default.py", "--describe", "--config.method.strenght=1")
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "cft_jax: error: unknown config key 'method.strenght' (--config.method.strenght) "
+      "('method.strength' is a key of dlcft, ewc, lwf, mas, osla, not of 'sequential': set "
+      "method.name first) See --describe for every key.")
+
+
+def test_apply_overrides_types_and_errors():
+  c = config_lib.base_config()
+  c.lock()
+  out = config_lib.apply_overrides(c, ["peft.blocks=(1, 2)", "train.progress=false", "seed=4",
+                                       "method.strength=3", "method.name=ewc"])
+  assert out.peft.blocks == (1, 2) and out.train.progress is False and out.seed == 4
+  assert out.method.strength == 3.0 and c.method.name == "sequential"  # a copy
+  with pytest.raises(ConfigError, match="expected a int"):
+    config_lib.apply_overrides(c, ["seed=abc"])
+  with pytest.raises(ConfigError, match="did you mean 'optim.learning_rate'"):
+    config_lib.apply_overrides(c, ["optim.learning_rte=0.1"])
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="needs Debian's dataset-fashion-mnist")

@@ -4,8 +4,11 @@ Built-in names: ``sequential`` (plain sequential fine-tuning / sequential PEFT, 
 ``lae``, the DLCFT comparison (paper §4): ``ewc``, ``mas``, ``osla``, ``dlcft``
 (:mod:`~cft_jax.methods.regularizers`), ``lwf``, ``er``, ``der``, ``derpp``
 (:mod:`~cft_jax.methods.replay`) and ``joint``.
-New learners are added with :func:`register` (a factory from the ``config.method`` section to a
-:class:`Method`); ``config.method.name`` then selects them.
+New learners are added with :func:`register`; ``config.method.name`` then selects them. A
+registered :class:`Method` dataclass is built from the ``config.method`` keys that are its fields,
+and those fields are the method's config keys (:func:`method_config_fields`): resolved to their
+defaults, type-checked, listed by ``--describe``, and any other key is an error with a "did you
+mean" suggestion (:func:`cft_jax.config.validate_config`).
 """
 
 from __future__ import annotations
