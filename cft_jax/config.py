@@ -780,7 +780,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
     known = {**_flat(base_config().to_dict()), **_flat(out.to_dict())}
     name = out.method.name if "method" in out and "name" in out.method else "sequential"
     if name in methods.method_names():
-      known.update({f"method.{k}": v for k, v in (methods.method_config_fields(name) or {}).items()})
+      fields = methods.method_config_fields(name) or {}
+      known.update({f"method.{k}": v for k, v in fields.items()})
       if methods.method_config_fields(name) is None and key.startswith("method."):
         known.setdefault(key, None)  # a method registered without declared fields
     known.update({f"loss.{k}": None for k in objectives.LOSS_HPARAMS if f"loss.{k}" not in known})

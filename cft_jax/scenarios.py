@@ -257,7 +257,8 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
   ``1000 seed + 7 + t``, with ``t = 0`` for a shared test set).
 
   Args:
-    config: resolved config (``scenario.*``, ``data.train_limit/test_limit/val_fraction``, ``seed``).
+    config: resolved config (``scenario.*``, ``data.train_limit/test_limit/val_fraction``,
+      ``seed``).
     train_labels, test_labels: original labels ``[N]`` of the dataset's splits.
     num_classes: ``C``.
     cumulative_data: task ``t`` trains on the data of tasks ``0..t`` (joint training).

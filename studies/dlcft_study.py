@@ -42,7 +42,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std, same_settings)
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std,
+    same_settings)
 
 DATA_IL = ("none", "ewc", "osla", "dlcft_kfac", "dlcft_tkfac", "joint")
 CLASS_IL = ("er", "der", "derpp", "dlcft")
