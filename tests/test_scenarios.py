@@ -21,3 +21,46 @@ def test_errors():
     scenarios.class_incremental(10, 3)
   with pytest.raises(ValueError, match="labels must be in"):
     scenarios.class_incremental(10, 5).relabel(np.array([10]))
+
+
+def _scenario_config(kind, val_fraction=0.0):
+  from cft_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.scenario.type, c.scenario.num_tasks, c.scenario.shuffle_classes = kind, 5, False
+  c.data.train_limit, c.data.test_limit, c.data.val_fraction = 0, 0, val_fraction
+  return c
+
+
+def test_scenario_object_class_il_splits_and_num_seen():
+  train_labels, test_labels = np.repeat(np.arange(10), 20), np.repeat(np.arange(10), 5)
+  sc = scenarios.build_scenario(_scenario_config("class_il", 0.25), train_labels, test_labels, 10)
+  assert not sc.shares_test_set
+  assert [sc.num_seen(t) for t in range(5)] == [2, 4, 6, 8, 10]
+  for t in range(5):  # 40 images per task: 10 held out, 30 trained on, all of the task's classes
+    assert (len(sc.train_idx[t]), len(sc.val_idx[t]), len(sc.test_idx[t])) == (30, 10, 10)
+    assert set(sc.train_labels[sc.train_idx[t]]) == {2 * t, 2 * t + 1}
+    assert not set(sc.train_idx[t]) & set(sc.val_idx[t])
+    np.testing.assert_array_equal(sc.test_idx[t], np.arange(10 * t, 10 * t + 10))
+  np.testing.assert_array_equal(sc.all_test(), np.arange(50))
+  np.testing.assert_array_equal(sc.knn_memory(1), np.sort(np.concatenate(sc.train_idx[:2])))
+
+
+def test_scenario_object_data_il_shares_one_test_set_and_cumulative_data():
+  train_labels, test_labels = np.repeat(np.arange(10), 20), np.repeat(np.arange(10), 5)
+  sc = scenarios.build_scenario(_scenario_config("data_il"), train_labels, test_labels, 10,
+                                cumulative_data=True)
+  assert sc.shares_test_set and [sc.num_seen(t) for t in range(5)] == [10] * 5
+  parts = scenarios.DataIncremental(10, 5, 1993).split(200)
+  for t in range(5):  # joint: task t trains on the parts 0..t
+    np.testing.assert_array_equal(sc.train_idx[t], np.concatenate(parts[:t + 1]))
+    np.testing.assert_array_equal(sc.test_idx[t], np.arange(50))
+  np.testing.assert_array_equal(sc.all_test(), np.arange(50))
+  np.testing.assert_array_equal(sc.knn_memory(0), np.arange(200))
+
+
+def test_scenario_errors_are_config_errors():
+  from cft_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  c = _scenario_config("class_il")
+  c.scenario.num_tasks = 3
+  with pytest.raises(ConfigError, match="choose one of \\[1, 2, 5, 10\\]"):
+    scenarios.build_scenario(c, np.arange(10), np.arange(10), 10)
