@@ -288,6 +288,15 @@ def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
   return fields
 
 
+# Keys of the ``loss`` section the trainer reads itself (the rest go to the objective).
+LOSS_TRAINER_KEYS = ("name", "schedule_scope", "scope")
+
+
+def loss_hparams(loss: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The objective's hyper-parameters of a ``loss`` section (all but :data:`LOSS_TRAINER_KEYS`)."""
+  return {k: v for k, v in loss.items() if k not in LOSS_TRAINER_KEYS}
+
+
 def mse_alpha_default() -> float:
   """Default MSE target scale ``alpha`` (that of :func:`cft_jax.objectives.mse`, 15)."""
   from cft_jax import objectives  # pylint: disable=g-import-not-at-top
@@ -460,7 +469,7 @@ def _check_builders(c: ml_collections.ConfigDict) -> None:
   if c.data.name not in REGISTRY and not c.data.name.startswith("tfds:"):
     raise ConfigError(f"config.data.name={c.data.name!r}" + _did_you_mean(c.data.name, REGISTRY)
                       + f" Known: {sorted(REGISTRY)} or 'tfds:<name>'")
-  loss_kw = {k: v for k, v in c.loss.items() if k not in ("name", "schedule_scope", "scope")}
+  loss_kw = loss_hparams(c.loss)
   for what, build in (("loss", lambda: objectives.make_loss_fn(c.loss.name, **loss_kw)),
                       ("method", lambda: methods.get_method(c.method, mse_alpha=mse_alpha(c)))):
     try:
