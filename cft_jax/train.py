@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cft_jax import config as config_lib
 from cft_jax import methods as methods_lib
 from cft_jax import knn as knn_lib
 from cft_jax import metrics as metrics_lib
@@ -50,7 +51,7 @@ from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward
                            wise_ft_params)
 
 PyTree = Any
-LOSS_TRAINER_KEYS = ("name", "schedule_scope", "scope")
+LOSS_TRAINER_KEYS = config_lib.LOSS_TRAINER_KEYS
 
 
 class ConfigMismatchError(ValueError):
@@ -95,8 +96,7 @@ def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return kw
 
 
-def _loss_hparams(loss_cfg: ml_collections.ConfigDict) -> Dict[str, Any]:
-  return {k: v for k, v in loss_cfg.items() if k not in LOSS_TRAINER_KEYS}
+_loss_hparams = config_lib.loss_hparams
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool, initial: int = 0):
@@ -295,6 +295,8 @@ class Progress:
     knn_acc: k-NN probe accuracy after each finished task (``eval.knn_k > 0``).
     start_task: the first task this invocation trains.
     resume_step: steps of ``start_task`` already done (a mid-task checkpoint).
+    V, V_task: ``[T, T]`` class-IL / task-IL accuracy (%) on the validation split of every seen
+      task (``data.val_fraction`` of its training images; None when there is none).
   """
 
   state: Any
@@ -305,6 +307,8 @@ class Progress:
   start_task: int = 0
   resume_step: int = 0
   input_state: Optional[Dict[str, int]] = None  # grain iterator state of a mid-task checkpoint
+  V: Optional[np.ndarray] = None       # [T, T] validation class-IL accuracy (data.val_fraction)
+  V_task: Optional[np.ndarray] = None  # [T, T] validation task-IL accuracy
 
 
 def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: jax.Array):
@@ -467,6 +471,9 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
         start_task=meta["num_finished_tasks"],
         resume_step=meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0,
         input_state=meta.get("input_state") if not meta.get("task_finished", True) else None)
+    if meta.get("val_accuracy_matrix") is not None:
+      prog.V = np.array(meta["val_accuracy_matrix"], dtype=float)
+      prog.V_task = np.array(meta["val_task_il_accuracy_matrix"], dtype=float)
     metrics_path = os.path.join(workdir, "metrics.json")
     if prog.start_task >= T and os.path.exists(metrics_path):
       with open(metrics_path) as f:
@@ -497,6 +504,9 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
     meta["input_state"] = prog.input_state  # the grain iterator: resume at the next batch
   if exp.config.eval.knn_k:
     meta["knn_accuracy"] = prog.knn_acc
+  if prog.V is not None:
+    meta["val_accuracy_matrix"] = _nan_to_none(prog.V)
+    meta["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
   host = exp.dev.unreplicate(prog.state)
   ckpt.save(checkpoint_id(int(host.step), finished), host, meta)
 
@@ -666,6 +676,20 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
     R[t, i], R_task[t, i] = evaluate(exp.id_eval_step, eval_state, exp.frozen_dev, test_x,
                                      test_y, test_map[sc.test_idx[i]], config.eval.batch_size,
                                      sc.num_seen(t), ilo)
+  if any(len(v) for v in sc.val_idx):  # the validation split (tuning never reads the test data)
+    T = sc.num_tasks
+    if prog.V is None:
+      prog.V, prog.V_task = np.full((T, T), np.nan), np.full((T, T), np.nan)
+    for i in range(t + 1):  # on images (exp.eval_step): cached features cover train_idx only
+      if not len(sc.val_idx[i]):
+        continue
+      ilo = sc.task_range(i)[0]
+      prog.V[t, i], prog.V_task[t, i] = (
+          exp.stream.evaluate(exp.eval_step, eval_state, exp.frozen_dev, sc.val_idx[i],
+                              sc.num_seen(t), ilo, split="train") if exp.stream is not None
+          else evaluate(exp.eval_step, eval_state, exp.frozen_dev, exp.ds.train_images,
+                        sc.train_labels, sc.val_idx[i], config.eval.batch_size,
+                        sc.num_seen(t), ilo))
   knn_k = config.eval.knn_k
   if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
     prog.knn_acc.append(knn_lib.knn_probe(
@@ -676,7 +700,9 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
     print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
     print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
           f"{np.mean(R_task[t, :t + 1]):.2f}%"
-          + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else ""))
+          + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else "")
+          + (f"; validation class-IL avg {np.nanmean(prog.V[t, :t + 1]):.2f}%"
+             if prog.V is not None else ""))
   writer.eval_scalars({"eval/class_il_avg_accuracy": float(np.mean(R[t, :t + 1])),
                        "eval/task_il_avg_accuracy": float(np.mean(R_task[t, :t + 1])),
                        **{f"eval/class_il_accuracy_task{i}": float(R[t, i])
@@ -714,6 +740,12 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
     result["ood"] = ood
   if config.eval.knn_k:
     result["knn_accuracy"] = prog.knn_acc
+  if prog.V is not None:  # data.val_fraction > 0: the same metrics on the validation split
+    val_sizes = [len(v) for v in sc.val_idx]
+    result["val_accuracy_matrix"] = _nan_to_none(prog.V)
+    result["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
+    result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes)
+    result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes)
   writer.write_metrics(result)
   pngs = writer.plots() if config.train.plots else []
   if config.train.verbose:

@@ -135,3 +135,42 @@ def test_natural_images_study_configs_build():
         section, key = arm.key.split(".")
         assert c[section][key] == value
       validate_config(c)
+
+
+@pytest.mark.parametrize("pipeline", ["grain", "device"])
+def test_validation_split_is_evaluated_like_test(pipeline, mini_root, tmp_path):
+  """With a test folder holding exactly the validation images, the validation matrices equal the
+  test ones (same images, same model, same evaluation); the test images never enter training."""
+  from cft_jax import scenarios  # pylint: disable=g-import-not-at-top
+  from cft_jax.data import load_dataset  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "data")
+  shutil.copytree(os.path.join(mini_root, "train"), os.path.join(root, "train"))
+  shutil.copytree(os.path.join(mini_root, "train"), os.path.join(root, "test"))
+  c = validate_config(_tiny(CIFAR.get_config("ce"), root))
+  c.scenario.num_tasks = 2
+  c.scenario.shuffle_classes = False
+  c.data.pipeline = pipeline
+  c.data.val_fraction = 0.4                  # 10 of the 25 training images of each task
+  ds = load_dataset("image_folder", root=root, image_size=32)
+  for seed in range(50):  # a seed whose validation split has every class (the folder needs it)
+    c.seed = seed
+    sc = scenarios.build_scenario(c, ds.train_labels, ds.test_labels, ds.num_classes)
+    val = set(np.concatenate(sc.val_idx).tolist())
+    if len(set(ds.train_labels[sorted(val)].tolist())) == 10:
+      break
+  assert len(val) == 20                       # 2 tasks x 5 classes x 5 images x 0.4
+  for i, name in enumerate(sorted(os.listdir(os.path.join(root, "train")))):  # keep val images
+    files = sorted(os.listdir(os.path.join(root, "test", name)))
+    offset = sum(len(os.listdir(os.path.join(root, "train", n)))
+                 for n in sorted(os.listdir(os.path.join(root, "train")))[:i])
+    for j, fn in enumerate(files):
+      if offset + j not in val:
+        os.remove(os.path.join(root, "test", name, fn))
+  m = train.run(c, str(tmp_path / "run"))
+  R, V = (np.array(m[k], float) for k in ("accuracy_matrix", "val_accuracy_matrix"))
+  assert V.shape == (2, 2) and np.all(np.isfinite(np.tril(V)))
+  np.testing.assert_array_equal(V, R)
+  np.testing.assert_array_equal(np.array(m["val_task_il_accuracy_matrix"], float),
+                                np.array(m["task_il_accuracy_matrix"], float))
+  assert m["val"]["final_accuracy"] == m["final_accuracy"]
+  assert m["val_task_il"]["final_accuracy"] == m["task_il"]["final_accuracy"]

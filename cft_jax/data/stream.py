@@ -97,17 +97,22 @@ class StreamInput:
       it.set_state(state)
     return it
 
-  def test(self, indices: Sequence[int]) -> TaskBatches:
-    """One pass over the test examples ``indices`` (resize + centre crop), padded batches."""
-    return TaskBatches(self.test_source, indices, self.eval_batch_size, 1, (0,),
-                       self.test_transform, shuffle=False, labels=self.test_labels, **self.kw)
+  def test(self, indices: Sequence[int], split: str = "test") -> TaskBatches:
+    """One pass over the examples ``indices`` of ``split`` (``"test"``, or ``"train"`` for the
+    validation split held out of the training images) with the evaluation transform (resize +
+    centre crop), padded batches."""
+    source, labels = ((self.train_source, self.train_labels) if split == "train"
+                      else (self.test_source, self.test_labels))
+    return TaskBatches(source, indices, self.eval_batch_size, 1, (0,),
+                       self.test_transform, shuffle=False, labels=labels, **self.kw)
 
   def evaluate(self, eval_step, state, frozen, indices: Sequence[int], num_seen: int,
-               task_lo: int):
-    """Class-IL and task-IL accuracy (%) of the test examples ``indices`` (the trainer's
-    ``evaluate`` on streamed batches; ``eval_step`` returns the global correct counts)."""
+               task_lo: int, split: str = "test"):
+    """Class-IL and task-IL accuracy (%) of the examples ``indices`` of ``split`` (the
+    trainer's ``evaluate`` on streamed batches; ``eval_step`` returns the global correct
+    counts)."""
     correct = np.zeros(2, np.int64)
-    it = self.test(indices)
+    it = self.test(indices, split)
     for xb, yb, mb in it:
       correct += np.asarray(eval_step(state, frozen, xb, yb, mb, num_seen, task_lo))
     self.skipped_corrupt += it.skipped_corrupt
