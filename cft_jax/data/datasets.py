@@ -609,13 +609,15 @@ def load_dataset(name: str, root: Optional[str] = None, image_size: int = 224, *
 
 
 def data_options(data_cfg) -> Dict[str, Any]:
-  """Loader options from a ``config.data`` section (keys absent there take their defaults)."""
-  out = {"crop_fraction": float(data_cfg.get("test_crop_fraction", 0.875)),
-         "split_seed": int(data_cfg.get("split_seed", 0)),
-         "test_fraction": float(data_cfg.get("test_fraction", 0.2))}
+  """Loader options from a ``config.data`` section (keys absent there take the library defaults,
+  :func:`cft_jax.config.base_config`)."""
+  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
+  data_cfg = with_defaults("data", data_cfg)
+  out = {"crop_fraction": float(data_cfg.test_crop_fraction),
+         "split_seed": int(data_cfg.split_seed), "test_fraction": float(data_cfg.test_fraction)}
   for key in ("train_list", "test_list"):
-    if data_cfg.get(key):
-      out[key] = str(data_cfg.get(key))
-  if data_cfg.get("domains"):
-    out["domains"] = tuple(data_cfg.get("domains"))
+    if data_cfg[key]:
+      out[key] = str(data_cfg[key])
+  if data_cfg.domains:
+    out["domains"] = tuple(data_cfg.domains)
   return out
