@@ -70,6 +70,7 @@ def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.1       # ... of which 200 are the validation split (tuning)
   c.data.test_limit = 0           # all 400 test images per task
   c.data.augment = "crop_flip"
+  c.data.test_crop_fraction = 1.0  # the whole (upsampled) 32 px image, no ImageNet centre crop
   c.loss.name = loss
   c.loss.update(settings[loss])
   c.method.name = method
