@@ -34,7 +34,7 @@ while five other jobs shared it (load average 6-8)::
       core = 7.5 CPU-min, peak RSS 1.20 GB
 
 The budget was kept (not cut to 2 epochs) because a run costs ~7 CPU-minutes, ~4-6 min of wall
-time on the two cores alone; ``--config.train.epochs=2`` halves a study's cost.
+time on the two cores alone; ``--config.train.epochs=2`` cuts a study's cost by a third.
 """
 
 import os

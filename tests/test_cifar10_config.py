@@ -89,7 +89,7 @@ def _tiny(c, root, model="tiny_cnn"):
   c.model.name = model
   c.model.pretrained = model != "tiny_cnn"   # tiny_cnn: random, with LoRA like Lite0
   c.checkpoint.max_to_keep = 1
-  c.data.val_fraction = 0.2           # 1 of the 2 x 5 training images per task
+  c.data.val_fraction = 0.2           # 2 of the 2 x 5 training images per task
   c.train.epochs = 1
   c.train.batch_size = 4
   c.eval.batch_size = 8
@@ -113,6 +113,9 @@ def test_tiny_full_run(mini_root, tmp_path):
   assert R.shape == (5, 5) and np.all(np.isfinite(np.tril(R)))
   assert m["class_names"][:2] == ["deer", "airplane"]   # class order of scenario.seed 1993
   assert m["train_step_compilations"] == 1
+  V = np.array(m["val_accuracy_matrix"], float)   # data.val_fraction > 0: validation metrics
+  assert V.shape == (5, 5) and np.all(np.isfinite(np.tril(V))) and np.all(np.isnan(np.triu(V, 1)))
+  assert m["val"]["final_accuracy"] == pytest.approx(np.mean(V[-1]))
 
 
 def test_natural_images_study_configs_build():
