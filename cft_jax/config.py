@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.scenario.num_tasks = 5
   c.scenario.seed = 1993          # class-order permutation seed
   c.scenario.shuffle_classes = True
+  c.scenario.class_order = ()     # explicit class order (each class id once); () -> seeded shuffle
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"

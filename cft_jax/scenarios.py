@@ -9,7 +9,7 @@ task; the order of the original classes is a permutation drawn from ``scenario.s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -75,7 +75,8 @@ class ClassIncremental:
 
 
 def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
-                      shuffle_classes: bool = True) -> ClassIncremental:
+                      shuffle_classes: bool = True,
+                      class_order: Sequence[int] = ()) -> ClassIncremental:
   """Builds a class-incremental scenario with ``num_classes / num_tasks`` classes per task.
 
   Args:
@@ -83,9 +84,12 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
     num_tasks: number of tasks ``T``; must divide ``C``.
     seed: seed of the class-order permutation (``scenario.seed``).
     shuffle_classes: if False the natural order ``0..C-1`` is used.
+    class_order: ``scenario.class_order``: an explicit order (a permutation of ``0..C-1``, e.g.
+      a paper's published order); overrides ``seed`` / ``shuffle_classes``.
 
   Raises:
-    ConfigError (a ValueError): if ``T`` does not divide ``C`` or is not positive.
+    ConfigError (a ValueError): if ``T`` does not divide ``C`` or is not positive, or
+      ``class_order`` is not a permutation of the dataset's class ids.
   """
   if num_tasks < 1:
     raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
@@ -94,7 +98,17 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
         f"scenario.num_tasks={num_tasks} does not divide the {num_classes} classes of the dataset; "
         f"choose one of {[d for d in range(1, num_classes + 1) if num_classes % d == 0]}")
   order = np.arange(num_classes)
-  if shuffle_classes:
+  if class_order:
+    given = [int(c) for c in class_order]
+    if sorted(given) != list(range(num_classes)):
+      missing = sorted(set(range(num_classes)) - set(given))[:10]
+      extra = sorted(set(given) - set(range(num_classes)))[:10]
+      dup = sorted({c for c in given if given.count(c) > 1})[:10]
+      raise ConfigError(f"scenario.class_order must list each of the dataset's {num_classes} class "
+                        f"ids 0..{num_classes - 1} once (missing {missing}, out of range "
+                        f"{extra}, repeated {dup})")
+    order = np.asarray(given)
+  elif shuffle_classes:
     order = np.random.default_rng(seed).permutation(num_classes)
   return ClassIncremental(class_order=tuple(int(c) for c in order), num_tasks=num_tasks)
 
@@ -155,7 +169,7 @@ SCENARIO_TYPES = ("class_il", "task_il", "data_il")
 
 
 def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
-                  shuffle_classes: bool = True):
+                  shuffle_classes: bool = True, class_order: Sequence[int] = ()):
   """Builds ``scenario.type``: ``class_il`` / ``task_il`` (class splits; task-IL is evaluated with
   the task id, training is identical: per-task heads = the task's slice of one wide head) or
   ``data_il``.
@@ -164,7 +178,7 @@ def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
     ConfigError (a ValueError): unknown type, or classes not divisible into tasks.
   """
   if kind in ("class_il", "task_il"):
-    return class_incremental(num_classes, num_tasks, seed, shuffle_classes)
+    return class_incremental(num_classes, num_tasks, seed, shuffle_classes, class_order)
   if kind == "data_il":
     if num_tasks < 1:
       raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
@@ -267,7 +281,8 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
     ConfigError: tasks that do not divide the classes, or a task without training images.
   """
   spec = make_scenario(config.scenario.type, num_classes, config.scenario.num_tasks,
-                       seed=config.scenario.seed, shuffle_classes=config.scenario.shuffle_classes)
+                       seed=config.scenario.seed, shuffle_classes=config.scenario.shuffle_classes,
+                       class_order=tuple(config.scenario.get("class_order", ()) or ()))
   tr_labels, te_labels = spec.relabel(train_labels), spec.relabel(test_labels)
   train_idx, val_idx, test_idx = [], [], []
   seed = config.seed

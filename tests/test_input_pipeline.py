@@ -389,3 +389,18 @@ def test_streamed_run_resumes_mid_task_bit_exact(tmp_path, monkeypatch):
 
   assert losses(tmp_path / "part") == losses(tmp_path / "full")
   assert len(losses(tmp_path / "full")) == 12
+
+
+def test_explicit_class_order_from_the_config():
+  from cft_jax import scenarios  # pylint: disable=g-import-not-at-top
+  from cft_jax.config import ConfigError, base_config, validate_config  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.scenario.class_order = (3, 1, 0, 2)
+  c.scenario.num_tasks = 2
+  c = validate_config(c)
+  sc = scenarios.build_scenario(c, np.array([0, 1, 2, 3, 3]), np.array([2, 3]), 4)
+  assert sc.class_order == (3, 1, 0, 2)
+  np.testing.assert_array_equal(sc.train_labels, [2, 1, 3, 0, 0])  # class 3 learned first
+  np.testing.assert_array_equal(sc.train_idx[0], [1, 3, 4])
+  with pytest.raises(ConfigError, match=r"missing \[2\].*repeated \[1\]"):
+    scenarios.class_incremental(4, 2, class_order=(3, 1, 0, 1))
