@@ -114,11 +114,11 @@ def head_apply(variables: Dict[str, Any], features: jax.Array, train: bool = Fal
   return head_logits(variables["params"]["head"], features)
 
 
-def identity_preprocess(x: jax.Array, rng: Optional[jax.Array] = None, train: bool = False
-                        ) -> jax.Array:
+def identity_preprocess(x: jax.Array, rng: Optional[jax.Array] = None, train: bool = False,
+                        rows=None) -> jax.Array:
   """The :class:`cft_jax.data.Preprocess` of cached features: a float32 cast (they are already
-  the backbone's output)."""
-  del rng, train
+  the backbone's output; ``rows``, a pmapped shard's place in the global batch, is unused)."""
+  del rng, train, rows
   return jnp.asarray(x, jnp.float32)
 
 

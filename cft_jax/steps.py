@@ -258,7 +258,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     if axis_name:  # this device holds rows [offset, offset + b) of the global batch
       b = images.shape[0]
       rows = (jax.lax.axis_index(axis_name) * b, b * jax.lax.axis_size(axis_name))
-    x = preprocess(images, rng_aug, train=True, rows=rows)
+    # (a preprocess without randomness need not know `rows`: it is passed only under pmap)
+    x = preprocess(images, rng_aug, train=True, **({} if rows is None else {"rows": rows}))
     if rows is None:
       logits = forward(params, frozen, x, True, rng_drop)
     else:
