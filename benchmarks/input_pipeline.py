@@ -131,6 +131,7 @@ def host_jpeg_throughput(n: int, batch: int, workers: int) -> float:
     ds = load_image_folder(d, 224)
     it = TaskBatches(ds.train, np.arange(len(ds.train)), batch, 1, (0, 0),
                      HostTransform(224, train=True, augment="rrc_flip"), workers=workers,
+                     read_threads=1 if workers else 8,  # prefetch: 2 batches per process
                      process_index=0, process_count=1)
     stamps = [time.perf_counter() for _ in it]
     half = len(stamps) // 2  # steady state: prefetched batches are a small part of the window
@@ -195,7 +196,7 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--augment", default="crop_flip", choices=("none", "crop_flip", "rrc_flip"))
   ap.add_argument("--host-batches", type=int, default=20, help="batches per host sample")
-  ap.add_argument("--jpeg-images", type=int, default=512, help="JPEGs for the host figure")
+  ap.add_argument("--jpeg-images", type=int, default=2048, help="JPEGs for the host figure")
   ap.add_argument("--rss-images", type=int, default=300, help="N of the N vs 4N RSS runs")
   ap.add_argument("--skip-step", action="store_true", help="only the streaming figures")
   ap.add_argument("--skip-streaming", action="store_true", help="only the step figures")
