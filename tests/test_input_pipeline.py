@@ -404,3 +404,39 @@ def test_explicit_class_order_from_the_config():
   np.testing.assert_array_equal(sc.train_idx[0], [1, 3, 4])
   with pytest.raises(ConfigError, match=r"missing \[2\].*repeated \[1\]"):
     scenarios.class_incremental(4, 2, class_order=(3, 1, 0, 1))
+
+
+def test_cli_bad_data_is_one_clean_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = _folder(str(tmp_path / "f"), classes=("a", "b"), n=(4, 2))
+  bad = os.path.join(root, "train", "b", "001.jpg")
+  with open(bad, "rb") as f:
+    raw = f.read()
+  with open(bad, "wb") as f:
+    f.write(raw[:len(raw) // 3])
+  base = [sys.executable, "-m", "cft_jax.main", "--config", "configs/default.py",
+          "--config.data.name=image_folder", f"--config.data.root={root}",
+          "--config.data.image_size=16", "--config.model.name=tiny_cnn",
+          "--config.model.pretrained=False", "--config.scenario.num_tasks=2",
+          "--config.train.batch_size=4", "--config.train.progress=False",
+          "--config.train.plots=False"]
+  out = subprocess.run(base + ["--workdir", str(tmp_path / "r1")], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(f"cft_jax: error: cannot decode image {bad}")
+  out = subprocess.run(base + ["--workdir", str(tmp_path / "r2"), "--config.data.skip_corrupt=True"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "task 2: skipped 1 corrupt image(s)" in out.stdout
+  # a class with training images but none to test on
+  for f in os.listdir(os.path.join(root, "test", "a")):
+    os.remove(os.path.join(root, "test", "a", f))
+  out = subprocess.run(base + ["--workdir", str(tmp_path / "r3")], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "cft_jax: error: image_folder: class 'a' has no test images in "
+      f"{os.path.join(root, 'test', 'a')} (.jpg/.jpeg/.png/.bmp/.webp); every class needs images "
+      "in both splits")
