@@ -356,7 +356,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
   stream = None
-  if uses_grain(ds, config.data.pipeline):  # decode + augment on the host (grain workers)
+  if uses_grain(ds, config.data.pipeline) and not config.train.cache_features:
+    # decode + augment on the host (grain workers); cached features train on the feature rows
     stream = StreamInput(ds, sc.train_labels, sc.test_labels, config.data,
                          config.train.batch_size, config.eval.batch_size, config.train.epochs,
                          config.seed)
@@ -508,7 +509,9 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
     meta["val_accuracy_matrix"] = _nan_to_none(prog.V)
     meta["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
   host = exp.dev.unreplicate(prog.state)
-  ckpt.save(checkpoint_id(int(host.step), finished), host, meta)
+  # A snapshot: the save is asynchronous, and the live lists (entropy_end, knn_acc) grow at the
+  # task's end, which would let a mid-task checkpoint record the next finished task's entry.
+  ckpt.save(checkpoint_id(int(host.step), finished), host, json.loads(json.dumps(meta)))
 
 
 def _begin_task(exp: Experiment, prog: Progress, t: int) -> None:

@@ -440,3 +440,14 @@ def test_cli_bad_data_is_one_clean_line(tmp_path):
       "cft_jax: error: image_folder: class 'a' has no test images in "
       f"{os.path.join(root, 'test', 'a')} (.jpg/.jpeg/.png/.bmp/.webp); every class needs images "
       "in both splits")
+
+
+def test_cached_features_on_a_streamed_dataset_equal_the_streamed_run(tmp_path):
+  from cft_jax import train  # pylint: disable=g-import-not-at-top
+  root = _folder(str(tmp_path / "f"), classes=("a", "b", "c", "d"), n=(6, 2), size=(30, 40))
+  kw = {"peft.name": "linear_probe", "data.augment": "none", "train.epochs": 1}
+  plain = train.run(_stream_config(root, **kw), str(tmp_path / "plain"))
+  cached = train.run(_stream_config(root, **kw, **{"train.cache_features": True}),
+                     str(tmp_path / "cached"))
+  np.testing.assert_allclose(np.array(cached["accuracy_matrix"], float),
+                             np.array(plain["accuracy_matrix"], float), atol=1e-6)
