@@ -352,7 +352,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   method = methods_lib.get_method(config.method, mse_alpha=mse_alpha(config))
   sc = scenarios.build_scenario(config, ds.train_labels, ds.test_labels, ds.num_classes,
                                 cumulative_data=method.cumulative_data)
-  k, C = sc.classes_per_task, sc.num_classes
+  k, C = sc.task_sizes, sc.num_classes  # classes of each task (the steps slice the task's)
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
   stream = None
@@ -398,13 +398,23 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
-    print(f"[cft_jax] {config.data.name}: {sc.num_tasks} tasks x {k} classes, class order "
+    print(f"[cft_jax] {config.data.name}: {sc.num_tasks} tasks x {_sizes_text(k)} classes, class order "
           f"{list(sc.class_order)}; train/test images per task "
           f"{[len(i) for i in sc.train_idx]} / {[len(i) for i in sc.test_idx]}")
     print(f"[cft_jax] {config.model.name} + {config.peft.name}: {exp.n_train:,} trainable of "
           f"{exp.n_total:,} parameters ({100.0 * exp.n_train / exp.n_total:.2f}%); loss "
           f"{config.loss.name}")
   return exp
+
+
+def _sizes_text(sizes) -> str:
+  """``10`` for equal tasks, ``50+10x5`` for a first task of 50 then five of 10."""
+  sizes = tuple(sizes)
+  if len(set(sizes)) == 1:
+    return str(sizes[0])
+  if len(set(sizes[1:])) == 1:
+    return f"{sizes[0]}+{sizes[1]}x{len(sizes) - 1}"
+  return "+".join(map(str, sizes))
 
 
 def _use_cached_features(exp: Experiment, loss_fn) -> None:
@@ -429,7 +439,7 @@ def _use_cached_features(exp: Experiment, loss_fn) -> None:
 
   exp.train_data = cache(exp.ds.train_images, sc.train_labels, sc.train_idx)
   exp.test_data = cache(exp.ds.test_images, sc.test_labels, sc.test_idx)
-  k, C = sc.classes_per_task, sc.num_classes
+  k, C = sc.task_sizes, sc.num_classes
   exp.train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, exp.tx, k,
                                    exp.method, axis_name=dev.axis_name,
                                    shardings=dev.shardings, loss_scope=config.loss.scope)

@@ -218,3 +218,25 @@ def test_backbone_lr_scale_scales_only_non_head_updates(name):
                   jax.tree_util.tree_leaves(ups[1]["block_0"])):
     np.testing.assert_allclose(b, 0.25 * a, rtol=1e-6)
     assert float(jnp.abs(a).max()) > 0
+
+
+def test_checkpoint_meta_is_a_snapshot_of_the_progress():
+  """The checkpoint save is asynchronous: the meta it writes must not follow later changes of
+  the live progress lists (a mid-task checkpoint once recorded the next entropy entry)."""
+  import types  # pylint: disable=g-import-not-at-top
+  saved = []
+  ckpt = types.SimpleNamespace(save=lambda step, state, meta: saved.append((step, meta)))
+  exp = types.SimpleNamespace(
+      scenario=types.SimpleNamespace(class_order=(1, 0)), config_json={"seed": 0}, stream=None,
+      config=types.SimpleNamespace(eval=types.SimpleNamespace(knn_k=1)),
+      dev=types.SimpleNamespace(unreplicate=lambda s: s))
+  prog = train.Progress(state=types.SimpleNamespace(step=np.int32(7)),
+                        R=np.full((2, 2), np.nan), R_task=np.full((2, 2), np.nan),
+                        entropy_end=[], knn_acc=[])
+  train._save(exp, prog, ckpt, 0, 3, finished=False)  # pylint: disable=protected-access
+  prog.entropy_end.append(0.5)
+  prog.knn_acc.append(90.0)
+  step, meta = saved[0]
+  assert step == train.checkpoint_id(7, False) == 14
+  assert meta["entropy_end_of_task"] == [] and meta["knn_accuracy"] == []
+  assert (meta["num_finished_tasks"], meta["step_in_task"], meta["task_finished"]) == (0, 3, False)
