@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.scenario.seed = 1993          # class-order permutation seed
   c.scenario.shuffle_classes = True
   c.scenario.class_order = ()     # explicit class order (each class id once); () -> seeded shuffle
+  c.scenario.first_task_classes = 0  # >0: first task's classes, the rest split equally (B50-Inc10)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist"
@@ -161,7 +162,7 @@ _CHOICES = {
 }
 _POSITIVE = ("scenario.num_tasks", "data.image_size", "train.epochs", "train.batch_size",
              "eval.batch_size", "optim.learning_rate", "train.log_every")
-_NON_NEGATIVE = ("distributed.num_processes", "data.train_limit", "data.test_limit", "peft.rank", "train.num_devices",
+_NON_NEGATIVE = ("scenario.first_task_classes", "distributed.num_processes", "data.train_limit", "data.test_limit", "peft.rank", "train.num_devices",
                  "checkpoint.every_steps", "checkpoint.max_to_keep", "train.stop_after_task",
                  "eval.knn_k", "method.freeze_epochs", "optim.weight_decay", "optim.grad_clip", "optim.backbone_lr_scale",
                  "model.dropout_rate")
@@ -446,6 +447,14 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.method.projection == "tpgm" and not c.data.val_fraction > 0:
     raise ConfigError("method.projection='tpgm' learns its radii on held-out training data: "
                       "set data.val_fraction > 0 (e.g. 0.1)")
+  if c.scenario.first_task_classes:
+    if c.scenario.type == "data_il":
+      raise ConfigError("scenario.first_task_classes splits classes; scenario.type='data_il' "
+                        "splits data: set scenario.first_task_classes=0")
+    if c.loss.scope == "local" and c.loss.name in ("label_smoothing", "mse"):
+      raise ConfigError(f"loss.name='{c.loss.name}' on the task's classes needs equal tasks "
+                        f"(its target spans the whole local slice): set loss.scope='all' or "
+                        f"scenario.first_task_classes=0")
   if c.peft.name == "lora" and not c.peft.rank > 0:
     raise ConfigError("peft.name='lora' needs peft.rank >= 1")
   if c.data.name == "image_folder" and not c.data.root:

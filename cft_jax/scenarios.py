@@ -24,10 +24,13 @@ class ClassIncremental:
     class_order: ``[C]`` original class ids in the order they are learned; the class
       ``class_order[j]`` gets incremental label ``j``.
     num_tasks: number of tasks ``T``.
+    sizes: classes of each task (``()``: ``C / T`` each); e.g. ``(50, 10, 10, 10, 10, 10)``,
+      the "B50-Inc10" protocol (``scenario.first_task_classes=50``).
   """
 
   class_order: Tuple[int, ...]
   num_tasks: int
+  sizes: Tuple[int, ...] = ()
   shares_test_set = False  # every task has its own test set (its classes)
 
   @property
@@ -45,18 +48,33 @@ class ClassIncremental:
     return np.flatnonzero((labels >= lo) & (labels < hi))
 
   @property
+  def task_sizes(self) -> Tuple[int, ...]:
+    """Classes of each task (equal: ``(C / T,) * T``)."""
+    if self.sizes:
+      return tuple(int(k) for k in self.sizes)
+    return (self.num_classes // self.num_tasks,) * self.num_tasks
+
+  @property
   def classes_per_task(self) -> int:
+    """``k``: classes per task (unequal tasks: the widest task's)."""
+    if self.sizes:
+      return max(self.task_sizes)
     return self.num_classes // self.num_tasks
 
   def task_range(self, task_id: int) -> Tuple[int, int]:
     """Incremental label range ``[lo, hi)`` of task ``task_id`` (0-based)."""
     if not 0 <= task_id < self.num_tasks:
       raise ValueError(f"task_id must be in [0, {self.num_tasks}), got {task_id}")
+    if self.sizes:
+      lo = sum(self.task_sizes[:task_id])
+      return lo, lo + self.task_sizes[task_id]
     k = self.classes_per_task
     return task_id * k, (task_id + 1) * k
 
   def task_of_label(self, labels: np.ndarray) -> np.ndarray:
     """Task id ``[N]`` of incremental labels ``[N]``."""
+    if self.sizes:
+      return np.searchsorted(np.cumsum(self.task_sizes), np.asarray(labels), side="right")
     return np.asarray(labels) // self.classes_per_task
 
   def relabel(self, labels: np.ndarray) -> np.ndarray:
@@ -75,8 +93,8 @@ class ClassIncremental:
 
 
 def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
-                      shuffle_classes: bool = True,
-                      class_order: Sequence[int] = ()) -> ClassIncremental:
+                      shuffle_classes: bool = True, class_order: Sequence[int] = (),
+                      first_task_classes: int = 0) -> ClassIncremental:
   """Builds a class-incremental scenario with ``num_classes / num_tasks`` classes per task.
 
   Args:
@@ -86,6 +104,9 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
     shuffle_classes: if False the natural order ``0..C-1`` is used.
     class_order: ``scenario.class_order``: an explicit order (a permutation of ``0..C-1``, e.g.
       a paper's published order); overrides ``seed`` / ``shuffle_classes``.
+    first_task_classes: ``scenario.first_task_classes`` ``B > 0``: the first task has ``B``
+      classes and the other ``T - 1`` tasks share the rest equally ("B50-Inc10" on CIFAR-100:
+      ``B = 50``, ``T = 6``; Hou et al. 2019, PyCIL's ``init_cls`` / ``increment``).
 
   Raises:
     ConfigError (a ValueError): if ``T`` does not divide ``C`` or is not positive, or
@@ -93,7 +114,17 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
   """
   if num_tasks < 1:
     raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
-  if num_classes % num_tasks:
+  sizes: Tuple[int, ...] = ()
+  if first_task_classes:
+    rest = num_classes - first_task_classes
+    if num_tasks < 2 or not 0 < first_task_classes < num_classes or rest % (num_tasks - 1):
+      raise ConfigError(
+          f"scenario.first_task_classes={first_task_classes} with scenario.num_tasks={num_tasks}: "
+          f"the other {num_tasks - 1} tasks must share the remaining {rest} of the "
+          f"{num_classes} classes equally (e.g. first_task_classes=50, num_tasks=6 on 100 "
+          f"classes: B50-Inc10)")
+    sizes = (first_task_classes,) + (rest // (num_tasks - 1),) * (num_tasks - 1)
+  elif num_classes % num_tasks:
     raise ConfigError(
         f"scenario.num_tasks={num_tasks} does not divide the {num_classes} classes of the dataset; "
         f"choose one of {[d for d in range(1, num_classes + 1) if num_classes % d == 0]}")
@@ -110,7 +141,8 @@ def class_incremental(num_classes: int, num_tasks: int, seed: int = 0,
     order = np.asarray(given)
   elif shuffle_classes:
     order = np.random.default_rng(seed).permutation(num_classes)
-  return ClassIncremental(class_order=tuple(int(c) for c in order), num_tasks=num_tasks)
+  return ClassIncremental(class_order=tuple(int(c) for c in order), num_tasks=num_tasks,
+                          sizes=sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +201,8 @@ SCENARIO_TYPES = ("class_il", "task_il", "data_il")
 
 
 def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
-                  shuffle_classes: bool = True, class_order: Sequence[int] = ()):
+                  shuffle_classes: bool = True, class_order: Sequence[int] = (),
+                  first_task_classes: int = 0):
   """Builds ``scenario.type``: ``class_il`` / ``task_il`` (class splits; task-IL is evaluated with
   the task id, training is identical: per-task heads = the task's slice of one wide head) or
   ``data_il``.
@@ -178,7 +211,8 @@ def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
     ConfigError (a ValueError): unknown type, or classes not divisible into tasks.
   """
   if kind in ("class_il", "task_il"):
-    return class_incremental(num_classes, num_tasks, seed, shuffle_classes, class_order)
+    return class_incremental(num_classes, num_tasks, seed, shuffle_classes, class_order,
+                             first_task_classes)
   if kind == "data_il":
     if num_tasks < 1:
       raise ConfigError(f"scenario.num_tasks must be >= 1, got {num_tasks}")
@@ -222,6 +256,11 @@ class Scenario:
   @property
   def classes_per_task(self) -> int:
     return self.spec.classes_per_task
+
+  @property
+  def task_sizes(self) -> Tuple[int, ...]:
+    """Classes of each task (what the steps slice; data-IL: every class in every task)."""
+    return tuple(getattr(self.spec, "task_sizes", (self.spec.classes_per_task,) * self.num_tasks))
 
   @property
   def class_order(self) -> Tuple[int, ...]:
@@ -282,7 +321,8 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
   """
   spec = make_scenario(config.scenario.type, num_classes, config.scenario.num_tasks,
                        seed=config.scenario.seed, shuffle_classes=config.scenario.shuffle_classes,
-                       class_order=tuple(config.scenario.get("class_order", ()) or ()))
+                       class_order=tuple(config.scenario.get("class_order", ()) or ()),
+                       first_task_classes=int(config.scenario.get("first_task_classes", 0) or 0))
   tr_labels, te_labels = spec.relabel(train_labels), spec.relabel(test_labels)
   train_idx, val_idx, test_idx = [], [], []
   seed = config.seed

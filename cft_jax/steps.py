@@ -24,6 +24,7 @@ use the same code after ``jax.distributed.initialize``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional, Tuple
 
 import flax
@@ -201,6 +202,43 @@ class _TraceCounter:
     return self.fn(*args, **kwargs)
 
 
+def task_widths(classes_per_task) -> Tuple[int, Optional[Tuple[int, ...]]]:
+  """``(k, bounds)`` of ``classes_per_task``: an int (every task has ``k`` classes; ``bounds``
+  None) or the per-task class counts (``k`` = the widest task; ``bounds`` = the cumulative
+  counts when the tasks differ, e.g. ``(50, 60, ..., 100)`` for B50-Inc10)."""
+  if isinstance(classes_per_task, (tuple, list)):
+    sizes = tuple(int(c) for c in classes_per_task)
+    if len(set(sizes)) > 1:
+      return max(sizes), tuple(itertools.accumulate(sizes))
+    return sizes[0], None
+  return int(classes_per_task), None
+
+
+def task_slice(logits: jax.Array, task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None
+               ) -> jax.Array:
+  """The task's logits ``logits[:, task_lo:task_lo + k]`` (``[B, k]``; ``task_lo`` traced).
+
+  With unequal tasks (``bounds``, see :func:`task_widths`) the slice is ``k`` wide (the widest
+  task) and the columns past the task's last class are set to ``-1e9`` (zero probability, no
+  gradient), so one compiled step serves every task.
+  """
+  if bounds is None:
+    return jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
+  padded = jnp.pad(logits, ((0, 0), (0, k)), constant_values=-1e9)
+  local = jax.lax.dynamic_slice_in_dim(padded, task_lo, k, axis=1)
+  b = jnp.asarray(bounds)
+  width = b[jnp.searchsorted(b, task_lo, side="right")] - task_lo
+  return jnp.where(jnp.arange(k) < width, local, jnp.asarray(-1e9, local.dtype))
+
+
+def task_hi(task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None):
+  """End ``hi`` of the task starting at ``task_lo`` (traced)."""
+  if bounds is None:
+    return task_lo + k
+  b = jnp.asarray(bounds)
+  return b[jnp.searchsorted(b, task_lo, side="right")]
+
+
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
                     method: Optional[methods_lib.Method] = None, *, linearized: Any = None,
@@ -238,7 +276,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   """
   if loss_scope not in ("local", "all"):
     raise ValueError(f"loss.scope must be 'local' or 'all', got '{loss_scope}'")
-  k = classes_per_task
+  k, bounds = task_widths(classes_per_task)  # bounds: unequal tasks (B50-Inc10), else None
   method = method or methods_lib.Method()
   forward = make_forward(apply_fn, linearized)
   from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
@@ -265,7 +303,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     else:
       with nn.intercept_methods(_global_rows_dropout(*rows)):
         logits = forward(params, frozen, x, True, rng_drop)
-    local = jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
+    local = task_slice(logits, task_lo, k, bounds)
     local_labels = labels - task_lo
     z, y = (local, local_labels) if loss_scope == "local" else (logits, labels)
     if rows is not None and getattr(loss_fn, "uses_rng", False):
@@ -384,14 +422,14 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
   (``method.eval_params``, e.g. LAE's online and offline modules) the score of class ``c`` is
   ``max_m softmax(z_m)_c`` over the classes in play.
   """
-  k = classes_per_task
+  k, bounds = task_widths(classes_per_task)
   method = method or methods_lib.Method()
   forward = make_forward(apply_fn, linearized)
 
   def eval_step(state, frozen, images, labels, mask, num_seen, task_lo):
     x = preprocess(images, train=False)
     cls = jnp.arange(num_classes)
-    in_task = (cls >= task_lo) & (cls < task_lo + k)
+    in_task = (cls >= task_lo) & (cls < task_hi(task_lo, k, bounds))
     seen = cls < num_seen
     all_logits = [forward(p, frozen, x) for p in method.eval_params(state.params,
                                                                     state.method_state)]
@@ -447,11 +485,11 @@ def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, ancho
                           exclude=projection.is_head), False
   if name == "tpgm":
     forward = make_forward(apply_fn, linearized)
-    k = classes_per_task
+    k, bounds = task_widths(classes_per_task)
 
     def val_loss_fn(params, vb):
       logits = forward(params, vb["frozen"], vb["x"])
-      local = jax.lax.dynamic_slice_in_dim(logits, vb["task_lo"], k, axis=1)
+      local = task_slice(logits, vb["task_lo"], k, bounds)
       ce = objectives.ce(local, vb["labels"])
       num, den = jnp.sum(ce * vb["mask"]), vb["mask"].sum()
       if axis_name:  # the global validation batch: identical radii on every replica

@@ -398,8 +398,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
-    print(f"[cft_jax] {config.data.name}: {sc.num_tasks} tasks x {_sizes_text(k)} classes, class order "
-          f"{list(sc.class_order)}; train/test images per task "
+    print(f"[cft_jax] {config.data.name}: {sc.num_tasks} tasks x {_sizes_text(k)} classes, "
+          f"class order {list(sc.class_order)}; train/test images per task "
           f"{[len(i) for i in sc.train_idx]} / {[len(i) for i in sc.test_idx]}")
     print(f"[cft_jax] {config.model.name} + {config.peft.name}: {exp.n_train:,} trainable of "
           f"{exp.n_total:,} parameters ({100.0 * exp.n_train / exp.n_total:.2f}%); loss "

@@ -451,3 +451,39 @@ def test_cached_features_on_a_streamed_dataset_equal_the_streamed_run(tmp_path):
                      str(tmp_path / "cached"))
   np.testing.assert_allclose(np.array(cached["accuracy_matrix"], float),
                              np.array(plain["accuracy_matrix"], float), atol=1e-6)
+
+
+def test_unequal_first_task_b50_inc10():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from cft_jax import scenarios, steps  # pylint: disable=g-import-not-at-top
+  from cft_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  sc = scenarios.class_incremental(100, 6, seed=1993, first_task_classes=50)
+  assert sc.task_sizes == (50, 10, 10, 10, 10, 10) and sc.classes_per_task == 50
+  assert [sc.task_range(t) for t in (0, 1, 5)] == [(0, 50), (50, 60), (90, 100)]
+  assert sc.num_seen(1) == 60
+  np.testing.assert_array_equal(sc.task_of_label(np.array([0, 49, 50, 59, 60, 99])),
+                                [0, 0, 1, 1, 2, 5])
+  with pytest.raises(ConfigError, match="share the remaining 50"):
+    scenarios.class_incremental(100, 5, first_task_classes=50)
+  # the steps' task slice: widest task wide, columns past the task's end at -1e9
+  k, bounds = steps.task_widths((3, 1, 1, 1))
+  assert (k, bounds) == (3, (3, 4, 5, 6))
+  assert steps.task_widths((2, 2)) == (2, None)
+  z = jnp.arange(12.0).reshape(2, 6)
+  np.testing.assert_array_equal(steps.task_slice(z, 0, k, bounds)[0], [0, 1, 2])
+  np.testing.assert_array_equal(steps.task_slice(z, 5, k, bounds)[1], [11, -1e9, -1e9])
+  np.testing.assert_array_equal(steps.task_slice(z, 3, k, bounds)[0], [3, -1e9, -1e9])
+  assert int(steps.task_hi(4, k, bounds)) == 5 and int(steps.task_hi(0, k, bounds)) == 3
+
+
+def test_b50_inc10_style_run_compiles_once(tmp_path):
+  from cft_jax import train  # pylint: disable=g-import-not-at-top
+  root = _folder(str(tmp_path / "f"), classes=("a", "b", "c", "d"), n=(4, 2))
+  c = _stream_config(root, **{"scenario.num_tasks": 3, "scenario.first_task_classes": 2,
+                              "train.epochs": 1, "loss.name": "ce"})
+  m = train.run(c, str(tmp_path / "run"))
+  R = np.array(m["accuracy_matrix"], float)
+  assert R.shape == (3, 3) and np.all(np.isfinite(np.tril(R)))
+  assert m["train_step_compilations"] == 1
+  R_task = np.array(m["task_il_accuracy_matrix"], float)
+  assert R_task[2, 1] == 100.0 and R_task[2, 2] == 100.0  # one-class tasks: task-IL is trivial
