@@ -3,7 +3,8 @@
 The train step is a pure function of ``(state, frozen, batch, task_lo, step, total_steps, rng)``;
 ``task_lo``, ``step`` and ``total_steps`` are traced scalars, so it compiles once per run (every
 task has the same number of classes ``k``; the local loss slices ``logits[:, task_lo:task_lo + k]``
-with ``lax.dynamic_slice_in_dim``).
+with ``lax.dynamic_slice_in_dim``; with an unequal first task, B50-Inc10, the slice is as wide as
+the widest task and the columns past the task's end are masked, :func:`task_slice`).
 
 Data parallelism (see :mod:`cft_jax.parallel`), two interchangeable layouts:
 
