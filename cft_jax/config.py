@@ -692,7 +692,7 @@ def config_schema(method: Optional[str] = None) -> List[Dict[str, Any]]:
   seen = set()
   for name in names:
     fields = methods.method_config_fields(name) or {}
-    cls = type(methods.get_method(ml_collections.ConfigDict({"name": name})))
+    cls = type(methods.get_method(ml_collections.ConfigDict({"name": name}))) if fields else None
     for k, default in fields.items():
       if (k in seen and method is None) or k in base_config().method:
         continue
