@@ -207,3 +207,26 @@ def test_run_rejects_unknown_method_key(tmp_path):
   c.method.strenght = 5.0
   with pytest.raises(ConfigError, match="did you mean 'method.strength'"):
     train.run(c, str(tmp_path / "w"))
+
+
+def test_registered_dataclass_fields_are_its_config_keys():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class Anchor(methods.Method):
+    name: str = "test_anchor"
+    lam: float = 1.0
+
+  methods.register("test_anchor", Anchor, overwrite=True)
+  try:
+    assert methods.method_config_fields("test_anchor") == {"lam": 1.0}
+    c = config_lib.base_config()
+    c.method.name = "test_anchor"
+    assert config_lib.validate_config(c).method.lam == 1.0  # resolved default
+    c.method.lam = 2.0
+    assert methods.get_method(config_lib.validate_config(c).method) == Anchor(lam=2.0)
+    c.method.lma = 3.0
+    with pytest.raises(ConfigError, match="did you mean 'method.lam'"):
+      config_lib.validate_config(c)
+  finally:
+    methods._FACTORIES.pop("test_anchor")  # pylint: disable=protected-access
