@@ -92,8 +92,11 @@ def test_both_published_b16_layouts_load(b16_files):
   assert "pre_logits" not in variables["params"]
   with pytest.raises(ValueError, match="checkpoint_format='augreg' but .* i21k"):
     vit.build("b16", 20, path=i21k, checkpoint_format="augreg")
-  with pytest.raises(FileNotFoundError, match="ViT-B_16.npz"):
-    vit.pretrained_path("b16", str(d / "empty"), "i21k")
+  from cft_jax.data import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DatasetNotFoundError, match="wget -P .* .*imagenet21k/ViT-B_16.npz"):
+    vit.pretrained_path("b16", str(d / "empty"), "i21k")  # the CLI prints it as one line
+  with pytest.raises(DatasetNotFoundError, match="does not exist"):
+    vit.build("b16", 20, path=str(d / "missing.npz"))
 
 
 def _imagenet_r_folder(root, n_classes=4, n_images=5):

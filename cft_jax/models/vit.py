@@ -764,13 +764,23 @@ def save_npz(variables: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
   np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
 
 
+def _not_found(message: str) -> Exception:
+  """A missing checkpoint: ``cft_jax.data.DatasetNotFoundError`` (a FileNotFoundError), which
+  the CLI prints as one line."""
+  from cft_jax.data.sources import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  return DatasetNotFoundError(message)
+
+
 def detect_checkpoint_format(path: Union[str, os.PathLike]) -> str:
   """``"i21k"`` for a file with ``pre_logits`` (the original ``ViT-B_16.npz``), else
   ``"augreg"`` (reads the key names only).
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file (``DatasetNotFoundError``).
   """
+  if not os.path.isfile(path):
+    raise _not_found(f"model.checkpoint: {path} does not exist (a ViT .npz file or the folder "
+                     f"holding it)")
   with np.load(path, allow_pickle=False) as f:
     return "i21k" if any("pre_logits/" in k for k in f.files) else "augreg"
 
@@ -804,7 +814,8 @@ def pretrained_path(variant: str, directory: Optional[str] = None,
                      f"{checkpoint_format!r}")
   files = _candidates(variant, checkpoint_format)
   if not files:
-    raise ValueError(f"no public {checkpoint_format} checkpoint for ViT variant {variant!r} "
+    kind = "i21k" if checkpoint_format == "i21k" else "augreg"
+    raise ValueError(f"no public {kind} checkpoint for ViT variant {variant!r} "
                      f"(augreg: {sorted(AUGREG_FILES)}, i21k: {sorted(I21K_FILES)}); use "
                      f"pretrained=False")
   directory = (directory or os.environ.get("CFT_JAX_VIT_DIR")
@@ -815,7 +826,7 @@ def pretrained_path(variant: str, directory: Optional[str] = None,
       return path
   cmds = "\n".join(f"  mkdir -p {directory} && wget -P {directory} {url}"
                    for url in files.values())
-  raise FileNotFoundError(
+  raise _not_found(
       f"none of {list(files)} in {directory}. Download one with\n{cmds}\n(or set "
       f"CFT_JAX_VIT_DIR / model.checkpoint to the file or the folder holding it)")
 
@@ -847,7 +858,8 @@ def build(variant: str, num_classes: int, *, pretrained: bool = True,
       path = pretrained_path(variant, path or None, checkpoint_format)
     fmt = detect_checkpoint_format(path)
     if checkpoint_format not in ("auto", fmt):
-      raise ValueError(f"model.checkpoint_format={checkpoint_format!r} but {path} is a {fmt} "
+      from cft_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(f"model.checkpoint_format={checkpoint_format!r} but {path} is a {fmt} "
                        f"checkpoint ({'has' if fmt == 'i21k' else 'no'} pre_logits); set "
                        f"model.checkpoint_format='{fmt}' or 'auto'")
     if fmt == "i21k":
