@@ -37,12 +37,13 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cft_jax import objectives, peft, steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cft_jax.data import Preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cft_jax.models import build_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cft_jax.peft import PeftSpec  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CASES = {"tiny_cnn_16px": ("tiny_cnn", 16, 32), "effnet_lora_64px": ("efficientnet_lite0", 64, 32)}
 
 
 def _setup(model: str, size: int, batch: int):
-  built = build_model(model, 10, lora_rank=4, image_size=size, pretrained=False,
+  built = build_model(model, 10, peft=PeftSpec.lora(4), image_size=size, pretrained=False,
                       rng=jax.random.PRNGKey(0))
   variables = dict(built.variables)
   params, frozen_params = peft.split_params(variables.pop("params"), "lora")

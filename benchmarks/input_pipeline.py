@@ -48,6 +48,7 @@ from cft_jax import objectives, peft  # noqa: E402
 from cft_jax.data import Preprocess, batches, load_dataset  # noqa: E402
 from cft_jax.models import build_model  # noqa: E402
 from cft_jax.steps import TrainState, make_train_step  # noqa: E402
+from cft_jax.peft import PeftSpec  # noqa: E402
 
 
 def load_images(n: int):
@@ -64,9 +65,9 @@ def make_step(model: str, size: int, augment: str, b: int, images, labels):
   kw = dict(image_size=size, rng=jax.random.PRNGKey(0))
   if model.startswith("efficientnet"):
     try:
-      built = build_model(model, 10, lora_rank=4, pretrained=True, **kw)
+      built = build_model(model, 10, peft=PeftSpec.lora(4), pretrained=True, **kw)
     except (ImportError, ValueError, FileNotFoundError):
-      built = build_model(model, 10, lora_rank=4, pretrained=False, **kw)
+      built = build_model(model, 10, peft=PeftSpec.lora(4), pretrained=False, **kw)
     split = "lora"
   else:
     built = build_model(model, 10, pretrained=False, **kw)

@@ -40,6 +40,7 @@ import optax  # noqa: E402
 
 from cft_jax import peft  # noqa: E402
 from cft_jax.models import vit  # noqa: E402
+from cft_jax.peft import PeftSpec  # noqa: E402
 
 METHODS = (("full", "none", "full"), ("lora", "lora", "lora"), ("adapter", "adapter", "adapter"),
            ("prefix", "prefix", "prefix"))
@@ -50,7 +51,8 @@ def nbytes(tree) -> int:
 
 
 def measure(method_peft: str, split_name: str, args, remat: bool = False) -> dict:
-  module = vit.VisionTransformer(args.variant, args.classes, peft=method_peft, remat=remat)
+  module = vit.VisionTransformer(args.variant, args.classes, peft=PeftSpec(method_peft),
+                                 remat=remat)
   x = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
   y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]

@@ -71,6 +71,7 @@ from cft_jax import objectives, peft  # noqa: E402
 from cft_jax.data import Preprocess  # noqa: E402
 from cft_jax.models import build_model  # noqa: E402
 from cft_jax.steps import TrainState, make_train_step  # noqa: E402
+from cft_jax.peft import PeftSpec  # noqa: E402
 
 CASES = ("effnet_lora", "vit_full", "vit_lora", "vit_full_linearized", "vit_lora_remat",
          "effnet_full", "effnet_full_linearized", "effnet_full_features")
@@ -108,9 +109,11 @@ def build_variables(spec: dict):
   if spec["model"].startswith("efficientnet"):
     rank = 4 if spec["peft"] == "lora" else 0
     try:
-      return build_model(spec["model"], NUM_CLASSES, lora_rank=rank, pretrained=True, **kw), True
+      return build_model(spec["model"], NUM_CLASSES, peft=PeftSpec.lora(rank), pretrained=True,
+                         **kw), True
     except (ImportError, ValueError, FileNotFoundError):
-      return build_model(spec["model"], NUM_CLASSES, lora_rank=rank, pretrained=False, **kw), False
+      return build_model(spec["model"], NUM_CLASSES, peft=PeftSpec.lora(rank), pretrained=False,
+                         **kw), False
   kw.update(peft=spec["peft"] if spec["peft"] == "lora" else "none", head_init_std=0.02)
   if spec.get("remat"):
     kw["remat"] = True

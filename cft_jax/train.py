@@ -73,21 +73,11 @@ def _check_resume_config(saved: dict, config: ml_collections.ConfigDict) -> None
 
 
 def _model_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """Extra backbone arguments from ``config.peft``/``config.model`` (ViT PEFT placement)."""
-  if config.model.name.startswith("efficientnet_lite") and config.peft.name == "adapter":
-    return {"adapter_hidden": config.peft.adapter_hidden}
+  """Extra ViT arguments from ``config.model`` (the PEFT settings travel as one
+  :class:`cft_jax.peft.PeftSpec`, see :func:`_model_and_frozen`)."""
   if not config.model.name.startswith("vit_"):
-    if config.peft.name in ("adapter", "prefix"):
-      raise ValueError(f"peft.name='{config.peft.name}' is implemented for the ViT backbones "
-                       f"(and adapter for EfficientNet-Lite); {config.model.name} supports "
-                       f"lora | linear_probe | full")
     return {}
-  p = config.peft
-  kw = {"peft": p.name if p.name in ("lora", "adapter", "prefix") else "none",
-        "peft_blocks": tuple(p.blocks), "lora_targets": tuple(p.lora_targets),
-        "adapter_hidden": p.adapter_hidden, "adapter_position": p.adapter_position,
-        "prefix_length": p.prefix_length, "head_init_std": config.model.head_init_std,
-        "remat": bool(config.model.remat)}
+  kw = {"head_init_std": config.model.head_init_std, "remat": bool(config.model.remat)}
   if config.model.checkpoint:
     kw["path"] = config.model.checkpoint
   if config.model.pretrained:
@@ -318,8 +308,8 @@ def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: 
     ``(built, params0, frozen, linearized, preprocess)`` (see :class:`Experiment`).
   """
   built = build_model(config.model.name, num_classes,
-                      lora_rank=config.peft.rank if config.peft.name == "lora" else 0,
-                      lora_alpha=config.peft.alpha or None, pretrained=config.model.pretrained,
+                      peft=peft.PeftSpec.from_config(config.peft),
+                      pretrained=config.model.pretrained,
                       image_size=config.data.image_size, rng=rng,
                       dropout_rate=config.model.dropout_rate,
                       dtype=None if config.train.compute_dtype == "float32" else jnp.bfloat16,

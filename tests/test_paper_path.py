@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cft_jax.models import vit
+from cft_jax.peft.spec import PeftSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGREG_NAME = "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz"
@@ -76,8 +77,8 @@ def test_both_published_b16_layouts_load(b16_files):
   # folder + format key: each format picks its own file
   assert vit.pretrained_path("b16", str(d), "augreg") == aug
   assert vit.pretrained_path("b16", str(d), "i21k") == i21k
-  module, variables = vit.build("b16", 20, path=i21k, checkpoint_format="auto", peft="lora",
-                                lora_rank=4)
+  module, variables = vit.build("b16", 20, path=i21k, checkpoint_format="auto",
+                                peft=PeftSpec("lora", rank=4))
   p = variables["params"]
   np.testing.assert_array_equal(
       np.asarray(p["Transformer"]["encoderblock_11"]["MlpBlock_3"]["Dense_1"]["kernel"]),

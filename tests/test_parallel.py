@@ -66,7 +66,8 @@ def test_init_distributed_needs_all_three_keys():
 
 
 def _tiny(dtype=None, linearize_mode=None):
-  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1),
+  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
+                      rng=jax.random.PRNGKey(1),
                       dtype=dtype)
   variables = dict(built.variables)
   trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")

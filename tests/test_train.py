@@ -43,7 +43,8 @@ def tiny_config(**overrides):
 
 
 def test_train_step_updates_only_trainable_leaves():
-  built = build_model("tiny_cnn", 4, lora_rank=2, image_size=16, rng=jax.random.PRNGKey(1))
+  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
+                      rng=jax.random.PRNGKey(1))
   variables = dict(built.variables)
   trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
   flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
@@ -77,8 +78,8 @@ def test_train_step_updates_only_trainable_leaves():
 
 def test_lora_init_equals_base_model():
   rng = jax.random.PRNGKey(3)
-  base = build_model("tiny_cnn", 4, lora_rank=0, image_size=16, rng=rng)
-  lora = build_model("tiny_cnn", 4, lora_rank=4, image_size=16, rng=rng)
+  base = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(0), image_size=16, rng=rng)
+  lora = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(4), image_size=16, rng=rng)
   params = dict(lora.variables["params"])
   # copy the base weights into the LoRA model; the LoRA leaves stay at their init (B = 0)
   merged = peft.merge_params(

@@ -4,6 +4,7 @@ docs/methods.md#peft).
 All on the ``tiny`` variant (D=32, 2 blocks, 2 heads, MLP 128, patch 4) at 32 px, a few images.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from cft_jax import peft
 from cft_jax.models import build_model, vit
 from cft_jax.peft.adapter import Adapter, adapter_param_count
 from cft_jax.peft.prefix import dot_product_attention, prefix_attention
+from cft_jax.peft.spec import PeftSpec
 
 D, DEPTH, H, MLP, P = 32, 2, 2, 128, 4   # VARIANTS["tiny"]
 DH = D // H
@@ -36,6 +38,12 @@ PEFT_CONFIGS = {
     "adapter_mlp": dict(peft="adapter", adapter_hidden=5, adapter_position="mlp"),
     "prefix": dict(peft="prefix", prefix_length=L),
 }
+
+
+def _spec(cfg, blocks=BLOCKS) -> PeftSpec:
+  """The :class:`PeftSpec` of a ``PEFT_CONFIGS`` entry on ``blocks``."""
+  names = {"peft": "name", "lora_rank": "rank"}
+  return PeftSpec(blocks=blocks, **{names.get(k, k): v for k, v in cfg.items()})
 
 
 def _flat(tree):
@@ -83,7 +91,7 @@ def base():
 
 def peft_variables(base_variables, **cfg):
   """A PEFT model whose non-PEFT leaves are the base model's (zero-initialised PEFT)."""
-  module = vit.VisionTransformer("tiny", C, peft_blocks=BLOCKS, **cfg)
+  module = vit.VisionTransformer("tiny", C, peft=_spec(cfg))
   flat = dict(_flat(base_variables["params"]))
   new = vit.init_leaves(module, KEY(2), S, lambda k: any(w in k for w in PEFT_WORDS))
   assert new and not set(new) & set(flat)
@@ -165,7 +173,8 @@ def test_loader_round_trip(tmp_path, images):
 def test_loader_fills_peft_from_init(tmp_path):
   path = tmp_path / "augreg_tiny.npz"
   np.savez(path, **augreg_arrays())
-  v = vit.load_npz(path, "tiny", C, image_size=S, peft="lora", peft_blocks=(1,), rng=KEY(0))
+  v = vit.load_npz(path, "tiny", C, image_size=S, peft=PeftSpec("lora", blocks=(1,)),
+                   rng=KEY(0))
   flat = _flat(v["params"])
   lora = [k for k in flat if "lora" in k]
   assert len(lora) == 2 * 3 and all("encoderblock_1" in k for k in lora)
@@ -286,7 +295,7 @@ def _closed_form(cfg) -> int:
 @pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
 def test_trainable_parameter_counts_closed_form(name):
   cfg = PEFT_CONFIGS[name]
-  module = vit.VisionTransformer("tiny", C, peft_blocks=BLOCKS, **cfg)
+  module = vit.VisionTransformer("tiny", C, peft=_spec(cfg))
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct((1, S, S, 3), jnp.float32))
   trainable, _ = peft.split_params(shapes["params"], cfg["peft"])
@@ -300,8 +309,8 @@ def test_trainable_parameter_counts_closed_form(name):
 
 def test_prefix_attention_weight_shapes_and_ungated_prefix(images):
   # Prefix on block 0 only, without gate (g = 1: LAE's compensated prefix verbatim).
-  module = vit.VisionTransformer("tiny", C, peft="prefix", peft_blocks=(0,), prefix_length=L,
-                                 prefix_gate_init=None)
+  module = vit.VisionTransformer("tiny", C, peft=PeftSpec(
+      "prefix", blocks=(0,), prefix_length=L, prefix_gate_init=None))
   assert vit.peft_param_count(module) == 2 * L * D + 2
   variables = jax.jit(module.init)(KEY(0), jnp.zeros((1, S, S, 3)))
   assert not any("prefix_gate" in k for k in _flat(variables["params"]))
@@ -397,14 +406,14 @@ def test_vit_b16_parameter_count_without_allocation():
   shapes, n = count()
   assert n == 86_567_656                                     # ViT-B/16, 1000 classes (~86M)
   assert shapes["params"]["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
-  _, n_lora = count(peft="lora")                             # paper: r=4 on k, v of blocks 0-4
+  _, n_lora = count(peft=PeftSpec("lora"))                             # paper: r=4 on k, v of blocks 0-4
   assert n_lora - n == 5 * 2 * (4 * (768 + 768) + 1)
 
 
 def test_build_model_registry(images):
-  built = build_model("vit_tiny", C, lora_rank=4, pretrained=False, image_size=S, rng=KEY(0),
-                      peft_blocks=BLOCKS)
-  assert built.module.peft == "lora" and built.module.lora_rank == 4
+  built = build_model("vit_tiny", C, peft=PeftSpec.lora(4, blocks=BLOCKS), pretrained=False,
+                      image_size=S, rng=KEY(0))
+  assert built.module.peft == PeftSpec("lora", rank=4, blocks=BLOCKS)
   assert (built.mean, built.std) == (127.5, 127.5)
   assert peft.count_params(peft.split_params(built.variables["params"], "lora")[0]) == (
       _closed_form(PEFT_CONFIGS["lora_kv"]) + D * C + C)
@@ -414,9 +423,13 @@ def test_build_model_registry(images):
   with pytest.raises(ValueError, match="no public augreg checkpoint"):
     build_model("vit_tiny", C, pretrained=True, image_size=S)
   with pytest.raises(ValueError, match="unknown ViT peft"):
-    build_model("vit_tiny", C, pretrained=False, image_size=S, peft="bitfit")
+    build_model("vit_tiny", C, pretrained=False, image_size=S, peft=PeftSpec("bitfit"))
+  with pytest.raises(TypeError, match="must be a cft_jax.peft.PeftSpec"):
+    build_model("vit_tiny", C, pretrained=False, image_size=S, peft="lora")
   with pytest.raises(TypeError, match="takes no extra arguments"):
-    build_model("tiny_cnn", C, pretrained=False, image_size=S, peft="adapter")
+    build_model("tiny_cnn", C, pretrained=False, image_size=S, remat=True)
+  with pytest.raises(ValueError, match="implemented for the ViT"):
+    build_model("tiny_cnn", C, pretrained=False, image_size=S, peft=PeftSpec("adapter"))
 
 
 def test_remat_from_config_same_values_and_gradients(images):
@@ -431,8 +444,8 @@ def test_remat_from_config_same_values_and_gradients(images):
   assert kw["remat"] is True
   outs = []
   for remat in (False, True):
-    built = build_model("vit_tiny", C, lora_rank=4, pretrained=False, image_size=S, rng=KEY(0),
-                        **dict(kw, remat=remat))
+    built = build_model("vit_tiny", C, peft=PeftSpec.from_config(c.peft), pretrained=False,
+                        image_size=S, rng=KEY(0), **dict(kw, remat=remat))
     assert built.module.remat is remat
     params = built.variables["params"]
     x = jnp.asarray(images)
@@ -450,3 +463,38 @@ def test_remat_from_config_same_values_and_gradients(images):
   bad.model.remat = True  # default backbone: EfficientNet-Lite0
   with pytest.raises(config_lib.ConfigError, match="model.remat"):
     config_lib.validate_config(bad)
+
+
+def test_lora_alpha_scales_the_update(images):
+  """``peft.alpha`` reaches the ViT's LoRA: the update is scaled by ``alpha / r`` (Hu et al.
+  2021, eq. 3), so ``alpha = 2r`` gives exactly twice the LoRA delta of ``alpha = r``, and
+  ``alpha = r`` equals the default (``alpha`` unset: today's scale 1)."""
+  r = 4
+  x = images.reshape(B, -1, 3)[:, :9, :].repeat(D // 3 + 1, axis=-1)[..., :D]  # [B, 9, D]
+
+  def attn(alpha, targets=("o",)):
+    spec = PeftSpec("lora", rank=r, alpha=alpha, lora_targets=targets)
+    return vit.MultiHeadDotProductAttention(H, peft=spec)
+  variables = jax.jit(attn(None).init)(KEY(0), x)
+  # Non-zero lora_b so the update is not zero.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.3 if "lora_b" in jax.tree_util.keystr(p) else v, variables)
+  base_vars = {"params": {k: ({kk: vv for kk, vv in v.items() if "lora" not in kk}
+                               if isinstance(v, dict) else v)
+                          for k, v in variables["params"].items()}}
+  base = vit.MultiHeadDotProductAttention(H).apply(base_vars, x)
+  out = {a: attn(a).apply(variables, x) for a in (None, r, 2 * r, 0.5 * r)}
+  chex.assert_trees_all_close(out[r], out[None], rtol=0, atol=0)
+  delta = out[r] - base
+  assert float(jnp.max(jnp.abs(delta))) > 1e-3
+  chex.assert_trees_all_close(out[2 * r] - base, 2.0 * delta, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(out[0.5 * r] - base, 0.5 * delta, rtol=1e-5, atol=1e-6)
+  # From the config: peft.alpha is the PeftSpec's alpha (0: unset) and reaches the modules.
+  assert PeftSpec.lora(r, alpha=2 * r).lora_scale == 2.0 and PeftSpec.lora(r).lora_scale == 1.0
+  model = vit.VisionTransformer("tiny", C, peft=PeftSpec.lora(r, alpha=2 * r, blocks=(1,)))
+  mods = {}
+  model.apply(jax.jit(model.init)(KEY(0), jnp.zeros((1, S, S, 3))), images[:1],
+              capture_intermediates=lambda m, _: (
+                  isinstance(m, vit.LoRADenseGeneral) and m.lora_rank > 0
+                  and mods.setdefault(m.name, m.lora_alpha) is None))
+  assert mods == {"key": 8.0, "value": 8.0}

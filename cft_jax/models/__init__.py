@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cft_jax.peft.spec import NO_PEFT, PeftSpec
+
 MODEL_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
                "efficientnet_lite3", "efficientnet_lite4", "tiny_cnn",
                "vit_ti16", "vit_s16", "vit_b16", "vit_ti4", "vit_s4", "vit_tiny",
@@ -43,16 +45,18 @@ class BuiltModel:
   std: float
 
 
-def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
+def build_model(name: str, num_classes: int, *, peft: PeftSpec = NO_PEFT,
                 pretrained: bool = True, image_size: int = 224, rng=None,
                 dropout_rate: float = 0.0, dtype: Any = None, **model_kwargs) -> BuiltModel:
-  """Builds ``model.name`` with a fresh ``num_classes``-way head and (optional) LoRA.
+  """Builds ``model.name`` with a fresh ``num_classes``-way head and (optional) PEFT modules.
 
   Args:
     name: one of :data:`MODEL_NAMES`.
     num_classes: total classes of the scenario (the head's width ``C``).
-    lora_rank: LoRA rank ``r`` on the backbone's pointwise convs / dense layers (0: no LoRA).
-    lora_alpha: LoRA scale numerator (scale ``alpha / r``; None: ``alpha = r``).
+    peft: the run's :class:`cft_jax.peft.spec.PeftSpec` (``PeftSpec.from_config(config.peft)``),
+      passed whole to the backbone: LoRA (rank ``r``, scale ``alpha / r``) on the pointwise
+      convs / dense layers (tiny_cnn, EfficientNet-Lite) or ViT attention projections; adapters
+      (ViT, EfficientNet-Lite); prefixes (ViT). ``linear_probe``/``full``/``none``: no module.
     pretrained: load pretrained weights (EfficientNet-Lite only).
     image_size: input side, used for shape inference at init.
     rng: PRNG key for the head and LoRA ``A`` matrices.
@@ -60,28 +64,31 @@ def build_model(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=N
     dtype: computation dtype of the activations and matmuls (``train.compute_dtype``, e.g.
       ``jnp.bfloat16``); parameters are initialised and kept in float32 either way (None:
       float32).
-    **model_kwargs: extra ViT fields (``peft`` = lora | adapter | prefix, ``peft_blocks``,
-      ``lora_targets``, ``adapter_hidden``, ``prefix_length``, ...; see
-      :class:`cft_jax.models.vit.VisionTransformer`). ``lora_rank > 0`` implies ``peft='lora'``;
-      ``lora_alpha`` is unused by the ViT (its LoRA scale is learned).
+    **model_kwargs: extra ViT arguments (``head_init_std``, ``remat``, ``path``,
+      ``checkpoint_format``, ``pre_logits``; see :func:`cft_jax.models.vit.build`).
 
   Raises:
     ValueError: unknown name; ImportError/FileNotFoundError from weight loaders with install hints.
   """
-  built = _build(name, num_classes, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                 pretrained=pretrained, image_size=image_size, rng=rng,
-                 dropout_rate=dropout_rate, **model_kwargs)
+  if not isinstance(peft, PeftSpec):
+    raise TypeError(f"build_model: peft must be a cft_jax.peft.PeftSpec, got {peft!r}")
+  built = _build(name, num_classes, peft=peft, pretrained=pretrained, image_size=image_size,
+                 rng=rng, dropout_rate=dropout_rate, **model_kwargs)
   if dtype is not None and jnp.dtype(dtype) != jnp.float32:
     built.module = built.module.clone(dtype=jnp.dtype(dtype))
   return built
 
 
-def _build(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
-           pretrained: bool = True, image_size: int = 224, rng=None,
-           dropout_rate: float = 0.0, **model_kwargs) -> BuiltModel:
+def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = True,
+           image_size: int = 224, rng=None, dropout_rate: float = 0.0,
+           **model_kwargs) -> BuiltModel:
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  if name.startswith("efficientnet_lite"):
-    adapter_hidden = int(model_kwargs.pop("adapter_hidden", 0) or 0)
+  if peft.module in ("adapter", "prefix") and not (
+      name.startswith("vit_") or (peft.module == "adapter" and name.startswith("efficientnet"))):
+    raise ValueError(f"peft.name='{peft.name}' is implemented for the ViT backbones (and "
+                     f"adapter for EfficientNet-Lite); {name} supports lora | linear_probe | full")
+  lora_rank, lora_alpha = peft.lora_rank, peft.lora_alpha
+  adapter_hidden = peft.adapter_hidden if peft.module == "adapter" else 0
   if model_kwargs and not name.startswith("vit_"):
     raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
@@ -104,13 +111,9 @@ def _build(name: str, num_classes: int, *, lora_rank: int = 0, lora_alpha=None,
     return BuiltModel(module, dict(variables), mean=eff.MEAN, std=eff.STD)
   if name.startswith("vit_"):
     from cft_jax.models import vit  # pylint: disable=g-import-not-at-top
-    kwargs = dict(model_kwargs)
-    if lora_rank:
-      kwargs.setdefault("peft", "lora")
-      kwargs.setdefault("lora_rank", lora_rank)
     module, variables = vit.build(name[len("vit_"):], num_classes, pretrained=pretrained,
-                                  image_size=image_size, rng=rng,
-                                  head_dropout_rate=dropout_rate, **kwargs)
+                                  image_size=image_size, rng=rng, peft=peft,
+                                  head_dropout_rate=dropout_rate, **model_kwargs)
     return BuiltModel(module, variables, mean=vit.MEAN, std=vit.STD)
   if name in ("resnet18", "resnet18_leaky", "resnet18_cifar", "resnet18_cifar_leaky"):
     # ResNet-18 (DLCFT backbone); "_cifar": 3x3 stem, "_leaky": LeakyReLU(0.01). No bundled

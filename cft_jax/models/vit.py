@@ -21,13 +21,15 @@ flax's (tanh-approximate) GELU as in the code that trained the checkpoints, clas
 ``cls`` token after ``encoder_norm``. Inputs: RGB ``[B, S, S, 3]`` normalised as
 ``(x - MEAN) / STD`` (augreg: pixels to ``[-1, 1]``).
 
-PEFT (the aEPG paper's setup; applied to the blocks in ``peft_blocks`` only, default 0-4; indices
+PEFT (the aEPG paper's setup; one :class:`cft_jax.peft.spec.PeftSpec` field ``peft``, applied
+to the blocks in ``peft.blocks`` only, default 0-4; indices
 ``>= depth`` are ignored so the paper default also works on the 2-layer ``tiny`` variant):
 
 - ``lora``: on any of ``q, k, v, o`` (default ``k, v``), per projection
   ``y = x W + b + s (x A) B`` on the flattened head axes: ``lora_a [D_in, r]`` Kaiming-uniform
   (:data:`cft_jax.peft.lora.lora_a_init`), ``lora_b [r, D_out]`` zero, learnable ``lora_scale``
-  (init 1; LAE's ``Scaler(None)``): ``r (D_in + D_out) + 1`` trainable scalars per target, with
+  (init 1; LAE's ``Scaler(None)``) times the fixed ``peft.alpha / r`` (Hu et al. 2021, eq. 3; unset
+  alpha: 1): ``r (D_in + D_out) + 1`` trainable scalars per target, with
   ``D_in = D_out = D`` for all four targets.
 - ``adapter``: :class:`cft_jax.peft.adapter.Adapter` (hidden 5) parallel to attention
   (``x + attn(LN(x)) + adapter(LN(x))``) or to the MLP, zero up-projection.
@@ -55,6 +57,7 @@ from flax import traverse_util
 from cft_jax.peft.adapter import ADAPTER_POSITIONS, Adapter, adapter_param_count
 from cft_jax.peft.lora import dense_last_axis, lora_a_init
 from cft_jax.peft.prefix import Prefix, prefix_attention, prefix_param_count
+from cft_jax.peft.spec import NO_PEFT, PeftSpec
 
 __all__ = [
     "MEAN", "STD", "VARIANTS", "ViTSpec", "PEFT_NAMES", "PAPER_PEFT_BLOCKS", "AUGREG_FILES",
@@ -234,14 +237,18 @@ class LoRADenseGeneral(nn.Module):
   ``x [..., *in_shape] -> y [..., *features]``; ``kernel [*in_shape, *features]``,
   ``bias [*features]``. With ``lora_rank = r > 0``::
 
-      y = x W + b + lora_scale * (x lora_a) lora_b,  lora_a [prod(in), r], lora_b [r, prod(out)]
+      y = x W + b + (alpha / r) * lora_scale * (x lora_a) lora_b,
+      lora_a [prod(in), r], lora_b [r, prod(out)]
 
-  ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zero, ``lora_scale`` learnable, init 1.
+  ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zero, ``lora_scale`` learnable, init 1
+  (LAE's ``Scaler``); ``alpha / r`` is the fixed LoRA scale of Hu et al. 2021, eq. 3
+  (``lora_alpha = None``: ``alpha = r``, scale 1).
   """
 
   features: Tuple[int, ...]
   in_axes: int = 1
   lora_rank: int = 0
+  lora_alpha: Optional[float] = None
   kernel_init: Any = nn.initializers.xavier_uniform()
   bias_init: Any = nn.initializers.zeros
   dtype: Any = jnp.float32
@@ -264,6 +271,8 @@ class LoRADenseGeneral(nn.Module):
       a = self.param("lora_a", lora_a_init, (n_in, self.lora_rank), jnp.float32)
       b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, n_out), jnp.float32)
       s = self.param("lora_scale", nn.initializers.ones, (), jnp.float32)
+      if self.lora_alpha:
+        s = s * (float(self.lora_alpha) / self.lora_rank)
       y = y + s.astype(self.dtype) * dense_last_axis(dense_last_axis(xf, a.astype(self.dtype)),
                                                      b.astype(self.dtype))
     y = y + bias.reshape(n_out).astype(self.dtype)
@@ -297,11 +306,7 @@ class MultiHeadDotProductAttention(nn.Module):
   """
 
   num_heads: int
-  lora_rank: int = 0
-  lora_targets: Tuple[str, ...] = ()
-  prefix_length: int = 0
-  prefix_gate_init: Optional[float] = 0.0
-  prefix_compensatory: bool = True
+  peft: PeftSpec = NO_PEFT  # this block's spec (``lora`` targets / ``prefix``; others ignored)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -313,17 +318,18 @@ class MultiHeadDotProductAttention(nn.Module):
     dh = d // h
 
     def proj(target: str, features: Tuple[int, ...], in_axes: int) -> LoRADenseGeneral:
-      rank = self.lora_rank if target in self.lora_targets else 0
-      return LoRADenseGeneral(features, in_axes=in_axes, lora_rank=rank, dtype=self.dtype,
+      rank = self.peft.lora_rank if target in self.peft.lora_targets else 0
+      return LoRADenseGeneral(features, in_axes=in_axes, lora_rank=rank,
+                              lora_alpha=self.peft.lora_alpha, dtype=self.dtype,
                               name=LORA_TARGETS[target])
 
     q = proj("q", (h, dh), 1)(x)
     k = proj("k", (h, dh), 1)(x)
     v = proj("v", (h, dh), 1)(x)
-    if self.prefix_length > 0:
-      prefix = Prefix(num_heads=h, head_dim=dh, length=self.prefix_length,
-                      gate_init=self.prefix_gate_init, compensatory=self.prefix_compensatory,
-                      name="prefix")
+    if self.peft.module == "prefix":
+      prefix = Prefix(num_heads=h, head_dim=dh, length=self.peft.prefix_length,
+                      gate_init=self.peft.prefix_gate_init,
+                      compensatory=self.peft.prefix_compensatory, name="prefix")
       pk, pv, gate = prefix()
       out, w = prefix_attention(q, k, v, pk, pv, gate, compensatory=prefix.compensatory)
     else:
@@ -352,37 +358,30 @@ class MlpBlock(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block with the PEFT modules of one block (``adapter_hidden = 0``: none)."""
+  """Pre-LN transformer block with the PEFT module of ``peft`` (this block's spec, see
+  :meth:`cft_jax.peft.spec.PeftSpec.on_block`; ``name='none'``: no module)."""
 
   num_heads: int
   mlp_dim: int
   dropout_rate: float = 0.0
-  lora_rank: int = 0
-  lora_targets: Tuple[str, ...] = ()
-  adapter_hidden: int = 0
-  adapter_position: str = "attn"
-  prefix_length: int = 0
-  prefix_gate_init: Optional[float] = 0.0
-  prefix_compensatory: bool = True
+  peft: PeftSpec = NO_PEFT
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     y = LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
-    a = MultiHeadDotProductAttention(
-        self.num_heads, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
-        prefix_length=self.prefix_length, prefix_gate_init=self.prefix_gate_init,
-        prefix_compensatory=self.prefix_compensatory, dtype=self.dtype,
-        name="MultiHeadDotProductAttention_1")(y)
+    a = MultiHeadDotProductAttention(self.num_heads, peft=self.peft, dtype=self.dtype,
+                                     name="MultiHeadDotProductAttention_1")(y)
     a = nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
-    if self.adapter_hidden and self.adapter_position == "attn":
-      a = a + Adapter(self.adapter_hidden, dtype=self.dtype, name="adapter")(y)
+    adapter = self.peft.module == "adapter"
+    if adapter and self.peft.adapter_position == "attn":
+      a = a + Adapter(self.peft.adapter_hidden, dtype=self.dtype, name="adapter")(y)
     x = x + a
     y = LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
     m = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="MlpBlock_3")(
         y, deterministic)
-    if self.adapter_hidden and self.adapter_position == "mlp":
-      m = m + Adapter(self.adapter_hidden, dtype=self.dtype, name="adapter")(y)
+    if adapter and self.peft.adapter_position == "mlp":
+      m = m + Adapter(self.peft.adapter_hidden, dtype=self.dtype, name="adapter")(y)
     return x + m
 
 
@@ -405,15 +404,7 @@ class Encoder(nn.Module):
   """
 
   variant: str
-  peft: str = "none"
-  peft_blocks: Tuple[int, ...] = PAPER_PEFT_BLOCKS
-  lora_rank: int = 4
-  lora_targets: Tuple[str, ...] = ("k", "v")
-  adapter_hidden: int = 5
-  adapter_position: str = "attn"
-  prefix_length: int = 10
-  prefix_gate_init: Optional[float] = 0.0
-  prefix_compensatory: bool = True
+  peft: PeftSpec = NO_PEFT
   dropout_rate: float = 0.0
   remat: bool = False
   dtype: Any = jnp.float32
@@ -426,16 +417,9 @@ class Encoder(nn.Module):
     # remat: only each block's input is kept for the backward pass; the block is recomputed.
     block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
     for i in range(spec.depth):
-      on = i in tuple(self.peft_blocks)
       x = block_cls(
           num_heads=spec.heads, mlp_dim=spec.mlp, dropout_rate=self.dropout_rate,
-          lora_rank=self.lora_rank if on and self.peft == "lora" else 0,
-          lora_targets=tuple(self.lora_targets),
-          adapter_hidden=self.adapter_hidden if on and self.peft == "adapter" else 0,
-          adapter_position=self.adapter_position,
-          prefix_length=self.prefix_length if on and self.peft == "prefix" else 0,
-          prefix_gate_init=self.prefix_gate_init, prefix_compensatory=self.prefix_compensatory,
-          dtype=self.dtype, name=f"encoderblock_{i}")(x, deterministic)
+          peft=self.peft.on_block(i), dtype=self.dtype, name=f"encoderblock_{i}")(x, deterministic)
     return LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -445,15 +429,11 @@ class VisionTransformer(nn.Module):
   Attributes:
     variant: one of :data:`VARIANTS` (``ti16, s16, b16, ti4, s4, tiny``).
     num_classes: width ``C`` of the ``head``.
-    peft: ``none | lora | adapter | prefix``.
-    peft_blocks: indices of the blocks that get the PEFT module (paper: 0-4).
-    lora_rank: LoRA rank ``r`` (paper: 4).
-    lora_targets: subset of ``q, k, v, o`` (paper: ``k, v``).
-    adapter_hidden: adapter bottleneck ``h`` (paper: 5).
-    adapter_position: ``attn`` (parallel to attention, paper) or ``mlp``.
-    prefix_length: prefix tokens ``L`` (paper: 10).
-    prefix_gate_init: initial prefix gate (0: exact identity at init; None: LAE without gate).
-    prefix_compensatory: LAE's compensated prefix (True) or plain prefix tuning.
+    peft: a :class:`cft_jax.peft.spec.PeftSpec` (``name``: ``none | lora | adapter | prefix``;
+      ``linear_probe``/``full`` carry no module): blocks (paper: 0-4), LoRA rank ``r``
+      (paper: 4), ``alpha`` (LoRA update scaled by ``alpha / r`` times a learnable scalar,
+      init 1), targets among ``q, k, v, o`` (paper: ``k, v``), adapter bottleneck (paper: 5)
+      and position (``attn``, paper, or ``mlp``), prefix length (paper: 10), gate and form.
     head_init_std: head kernel ``N(0, head_init_std)``, bias 0 (aEPG paper: 0.001).
     representation_size: optional ``pre_logits`` Dense + tanh before the head (old i21k ckpts).
     dropout_rate: dropout in the encoder (vit_jax placement); 0 for fine-tuning.
@@ -468,15 +448,7 @@ class VisionTransformer(nn.Module):
 
   variant: str = "b16"
   num_classes: int = 1000
-  peft: str = "none"
-  peft_blocks: Tuple[int, ...] = PAPER_PEFT_BLOCKS
-  lora_rank: int = 4
-  lora_targets: Tuple[str, ...] = ("k", "v")
-  adapter_hidden: int = 5
-  adapter_position: str = "attn"
-  prefix_length: int = 10
-  prefix_gate_init: Optional[float] = 0.0
-  prefix_compensatory: bool = True
+  peft: PeftSpec = NO_PEFT
   head_init_std: float = 1e-3
   representation_size: Optional[int] = None
   dropout_rate: float = 0.0
@@ -492,19 +464,22 @@ class VisionTransformer(nn.Module):
     """Raises ValueError for an unknown variant / peft / target / position or a bad size."""
     if self.variant not in VARIANTS:
       raise ValueError(f"unknown ViT variant {self.variant!r}; one of {sorted(VARIANTS)}")
-    if self.peft not in PEFT_NAMES:
-      raise ValueError(f"unknown ViT peft {self.peft!r}; one of {list(PEFT_NAMES)}")
-    bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    p = self.peft
+    if not isinstance(p, PeftSpec):
+      raise ValueError(f"ViT peft must be a cft_jax.peft.PeftSpec, got {p!r}")
+    if p.module not in PEFT_NAMES or p.name not in PEFT_NAMES + ("linear_probe", "full"):
+      raise ValueError(f"unknown ViT peft {p.name!r}; one of {list(PEFT_NAMES)}")
+    bad = [t for t in p.lora_targets if t not in LORA_TARGETS]
     if bad:
       raise ValueError(f"unknown lora_targets {bad}; a subset of {list(LORA_TARGETS)}")
-    if self.adapter_position not in ADAPTER_POSITIONS:
-      raise ValueError(f"adapter_position {self.adapter_position!r} not in {ADAPTER_POSITIONS}")
-    if any(b < 0 for b in self.peft_blocks):
-      raise ValueError(f"peft_blocks must be >= 0, got {tuple(self.peft_blocks)}")
-    sizes = {"lora": ("lora_rank", self.lora_rank), "adapter": ("adapter_hidden",
-             self.adapter_hidden), "prefix": ("prefix_length", self.prefix_length)}
-    if self.peft in sizes and sizes[self.peft][1] <= 0:
-      raise ValueError(f"peft={self.peft!r} needs {sizes[self.peft][0]} > 0")
+    if p.adapter_position not in ADAPTER_POSITIONS:
+      raise ValueError(f"adapter_position {p.adapter_position!r} not in {ADAPTER_POSITIONS}")
+    if any(b < 0 for b in p.blocks):
+      raise ValueError(f"peft blocks must be >= 0, got {p.blocks}")
+    sizes = {"lora": ("rank", p.rank), "adapter": ("adapter_hidden", p.adapter_hidden),
+             "prefix": ("prefix_length", p.prefix_length)}
+    if p.module in sizes and sizes[p.module][1] <= 0:
+      raise ValueError(f"peft={p.name!r} needs {sizes[p.module][0]} > 0")
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False
@@ -532,13 +507,8 @@ class VisionTransformer(nn.Module):
     x = x.reshape(b, -1, spec.hidden)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, spec.hidden), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, spec.hidden)), x], axis=1)
-    x = Encoder(
-        self.variant, peft=self.peft, peft_blocks=tuple(self.peft_blocks),
-        lora_rank=self.lora_rank, lora_targets=tuple(self.lora_targets),
-        adapter_hidden=self.adapter_hidden, adapter_position=self.adapter_position,
-        prefix_length=self.prefix_length, prefix_gate_init=self.prefix_gate_init,
-        prefix_compensatory=self.prefix_compensatory, dropout_rate=self.dropout_rate,
-        remat=self.remat, dtype=self.dtype, name="Transformer")(x, deterministic=not train)
+    x = Encoder(self.variant, peft=self.peft, dropout_rate=self.dropout_rate, remat=self.remat,
+                dtype=self.dtype, name="Transformer")(x, deterministic=not train)
     x = x[:, 0]
     if self.representation_size is not None:
       x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
@@ -561,15 +531,15 @@ def peft_param_count(module: VisionTransformer) -> int:
   """
   module.validate()
   s = module.spec
-  blocks = len({b for b in module.peft_blocks if b < s.depth})
+  p = module.peft
+  blocks = len({b for b in p.blocks if b < s.depth})
   dh = s.hidden // s.heads
-  if module.peft == "lora":
-    per = len(set(module.lora_targets)) * (module.lora_rank * (s.hidden + s.heads * dh) + 1)
-  elif module.peft == "adapter":
-    per = adapter_param_count(s.hidden, module.adapter_hidden)
-  elif module.peft == "prefix":
-    per = prefix_param_count(module.prefix_length, s.heads, dh,
-                             gate=module.prefix_gate_init is not None)
+  if p.module == "lora":
+    per = len(set(p.lora_targets)) * (p.rank * (s.hidden + s.heads * dh) + 1)
+  elif p.module == "adapter":
+    per = adapter_param_count(s.hidden, p.adapter_hidden)
+  elif p.module == "prefix":
+    per = prefix_param_count(p.prefix_length, s.heads, dh, gate=p.prefix_gate_init is not None)
   else:
     per = 0
   return blocks * per
@@ -732,7 +702,7 @@ def load_pretrained(module: VisionTransformer, path: Union[str, os.PathLike],
                        or any(k.startswith(pre) for pre in ignore_keys))
   unexpected = sorted(k for k in ckpt if k not in used and not dropped(k))
   if missing or unexpected or mismatched:
-    lines = [f"{path}: checkpoint does not match ViT-{module.variant} (peft={module.peft!r}):"]
+    lines = [f"{path}: checkpoint does not match ViT-{module.variant} (peft={module.peft.name!r}):"]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                          ("shape mismatches", mismatched)):
       if items:
@@ -750,7 +720,8 @@ def load_npz(path: Union[str, os.PathLike], variant: str, num_classes: int,
              keep_head: bool = False, ignore_keys: Sequence[str] = (), **module_kwargs
              ) -> Dict[str, Any]:
   """:func:`load_pretrained` for ``VisionTransformer(variant, num_classes, **module_kwargs)``
-  (``module_kwargs``: ``peft``, ``peft_blocks``, ``lora_rank``, ...). Same errors."""
+  (``module_kwargs``: ``peft`` (a :class:`cft_jax.peft.spec.PeftSpec`), ``remat``, ...). Same
+  errors."""
   module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)
   return load_pretrained(module, path, image_size, rng, keep_head=keep_head,
                          ignore_keys=ignore_keys)

@@ -19,6 +19,8 @@ from typing import Any, Dict, Tuple
 
 from flax import traverse_util
 
+from cft_jax.peft.spec import NO_PEFT, PeftSpec  # pylint: disable=unused-import
+
 PyTree = Any
 PEFT_METHODS = ("lora", "adapter", "prefix", "linear_probe", "full")
 
