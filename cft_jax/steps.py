@@ -26,7 +26,7 @@ use the same code after ``jax.distributed.initialize``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -38,6 +38,8 @@ import optax
 from cft_jax import methods as methods_lib
 from cft_jax import objectives
 from cft_jax import peft
+from cft_jax.peft import HEAD
+from cft_jax import robust as robust_lib
 from cft_jax.data import Preprocess
 
 PyTree = Any
@@ -107,9 +109,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
     raise ValueError(f"unknown optim.name '{name}'; known: adam, adamw, sgd")
   if split_head:
     def labels(params):
-      return {k: jax.tree_util.tree_map(lambda _, lab=("head" if k == "head" else "backbone"):
+      return {k: jax.tree_util.tree_map(lambda _, lab=(HEAD if k == HEAD else "backbone"):
                                         lab, v) for k, v in params.items()}
-    tx = optax.multi_transform({"head": tx, "backbone": tx}, labels,
+    tx = optax.multi_transform({HEAD: tx, "backbone": tx}, labels,
                                mask_compatible_extra_args=True)
   clip = optim.grad_clip
   if clip:
@@ -117,7 +119,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
   scale = optim.backbone_lr_scale
   if scale != 1.0:
     def not_head(params):
-      return {k: jax.tree_util.tree_map(lambda _, keep=(k != "head"): keep, v)
+      return {k: jax.tree_util.tree_map(lambda _, keep=(k != HEAD): keep, v)
               for k, v in params.items()}
     tx = optax.chain(tx, optax.masked(optax.scale(scale), not_head))
   return tx
@@ -243,8 +245,8 @@ def task_hi(task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None):
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
                     method: Optional[methods_lib.Method] = None, *, linearized: Any = None,
-                    loss_scope: str = "local", l2sp_alpha: float = 0.0,
-                    needs_val_batch: bool = False, axis_name: Optional[str] = None,
+                    loss_scope: str = "local",
+                    robust: Sequence[robust_lib.RobustFT] = (), axis_name: Optional[str] = None,
                     shardings: Optional[Tuple[Any, Any]] = None) -> Callable:
   """Builds the jitted (or, with ``axis_name``, pmapped) train step.
 
@@ -267,10 +269,11 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   over all ``C`` outputs (``loss_scope='all'``, e.g. DLCFT's MSE). With ``freeze_peft`` True only
   the ``head`` leaves move (LAE's frozen first epochs).
 
-  Robust fine-tuning (docs/methods.md#robust-ft): ``l2sp_alpha > 0`` adds L2-SP
-  ``alpha/2 ||theta - theta_0||^2`` toward ``frozen['anchor']`` (head excluded); with
-  ``needs_val_batch`` (TPGM) the step takes ``val_batch = (images, labels, mask)`` and passes the
-  validation loss inputs to ``tx.update(..., val_batch=...)``.
+  Robust fine-tuning (docs/methods.md#robust-ft, :mod:`cft_jax.robust`): the ``robust``
+  components' penalties (e.g. L2-SP toward ``frozen['anchor']``) are added to the loss; when one
+  ``needs_val_batch`` (TPGM, whose projection ``tx`` already wraps) the step takes ``val_batch =
+  (images, labels, mask)`` and passes the validation loss inputs to ``tx.update(...,
+  val_batch=...)``.
 
   Raises:
     ValueError: unknown ``loss_scope``.
@@ -285,6 +288,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   tx_extra = optax.with_extra_args_support(tx)
   # methods that freeze their PEFT leaves for some epochs (LAE) override ``frozen_peft``
   can_freeze = type(method).frozen_peft is not methods_lib.Method.frozen_peft
+  robust = tuple(robust)
+  needs_val_batch = any(c.needs_val_batch for c in robust)
 
   def psum(x):
     return jax.lax.psum(x, axis_name) if axis_name else x
@@ -331,10 +336,9 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     # psum of the gradients counts them once.
     reg = method.penalty(params, method_state) + method.extra_loss(
         params, method_state, batch, logits, logits_fn, rng_method)
-    if l2sp_alpha:
-      from cft_jax import projection  # pylint: disable=g-import-not-at-top
-      reg = reg + projection.l2sp_penalty(params, frozen["anchor"], l2sp_alpha,
-                                          exclude=projection.is_head)
+    robust_reg = robust_lib.penalty(robust, params, frozen.get("anchor"))
+    if robust_reg is not None:
+      reg = reg + robust_reg
     loss = method.data_weight(method_state) * data_loss + reg / n_dev
     correct = jnp.sum((jnp.argmax(local, -1) == local_labels) * w)
     ent = jnp.sum(objectives.entropy(local) * w)
@@ -349,7 +353,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     grads = psum(grads)
     keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
     if can_freeze:  # frozen PEFT leaves: no gradient (global-norm clipping) and held moments
-      grads = {key: (g if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, g))
+      grads = {key: (g if key == HEAD else jax.tree_util.tree_map(lambda x: x * keep, g))
                for key, g in grads.items()}
     extra = {}
     if needs_val_batch:
@@ -359,14 +363,14 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
                             "task_lo": task_lo}
     if lin_mode:  # weight decay of a linearized model pulls toward psi_0 (an ordinary head: 0)
       a0 = frozen["params0"]
-      if lin_mode == "features" and "head" in a0:
-        a0 = dict(a0, head=jax.tree_util.tree_map(jnp.zeros_like, a0["head"]))
+      if lin_mode == "features" and HEAD in a0:
+        a0 = {**a0, HEAD: jax.tree_util.tree_map(jnp.zeros_like, a0[HEAD])}
       extra["decay_anchor"] = a0
     updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
     if can_freeze:
       from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
       opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
-    updates = {key: (u if key == "head" else jax.tree_util.tree_map(lambda x: x * keep, u))
+    updates = {key: (u if key == HEAD else jax.tree_util.tree_map(lambda x: x * keep, u))
                for key, u in updates.items()}
     params = optax.apply_updates(state.params, updates)
     batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
@@ -455,61 +459,4 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
   return jax.jit(eval_step)
 
 
-PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
-
-
-def make_projected_optimizer(tx: optax.GradientTransformation, method_cfg, anchor: PyTree,
-                             apply_fn: Callable, classes_per_task: int,
-                             linearized: Any = None,
-                             axis_name: Optional[str] = None) -> Tuple[Any, bool]:
-  """Wraps ``tx`` with ``method.projection`` (TPGM / FTP), anchored at the pretrained ``anchor``.
-
-  - ``tpgm``: ``optax.chain(tx, projection.tpgm(...))`` with the local validation CE as
-    ``val_loss_fn`` (needs a validation batch each step: ``data.val_fraction > 0``);
-  - ``ftp``: ``projection.ftp(anchor, base=tx, k=method.ftp_k)``;
-  - ``l2sp`` / ``""``: ``tx`` unchanged (L2-SP is a loss term).
-  The head is excluded from every constraint. Returns ``(tx, needs_val_batch)``.
-
-  Raises:
-    ValueError: unknown projection name.
-  """
-  from cft_jax import projection  # pylint: disable=g-import-not-at-top
-  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
-  method_cfg = with_defaults("method", method_cfg)  # missing keys: the library defaults
-  name = method_cfg.projection or ""
-  if name not in PROJECTIONS:
-    raise ValueError(f"unknown method.projection '{name}'; known: tpgm, ftp, l2sp or ''")
-  norm = method_cfg.projection_norm or ("l2" if name == "tpgm" else "mars")
-  if name == "ftp":
-    return projection.ftp(anchor, base=tx, k=method_cfg.ftp_k,
-                          radius_lr=method_cfg.radius_lr, norm=norm,
-                          exclude=projection.is_head), False
-  if name == "tpgm":
-    forward = make_forward(apply_fn, linearized)
-    k, bounds = task_widths(classes_per_task)
-
-    def val_loss_fn(params, vb):
-      logits = forward(params, vb["frozen"], vb["x"])
-      local = task_slice(logits, vb["task_lo"], k, bounds)
-      ce = objectives.ce(local, vb["labels"])
-      num, den = jnp.sum(ce * vb["mask"]), vb["mask"].sum()
-      if axis_name:  # the global validation batch: identical radii on every replica
-        num, den = jax.lax.psum(num, axis_name), jax.lax.psum(den, axis_name)
-      return num / jnp.maximum(den, 1.0)
-
-    return optax.chain(tx, projection.tpgm(
-        anchor, val_loss_fn, norm=norm, proj_freq=method_cfg.proj_freq,
-        max_iters=method_cfg.max_iters, radius_lr=method_cfg.radius_lr,
-        exclude=projection.is_head)), True
-  return tx, False
-
-
-def wise_ft_params(params: PyTree, anchor: PyTree, alpha: float) -> PyTree:
-  """WiSE-FT ``(1 - alpha) theta_0 + alpha theta`` on the non-head leaves (the head is kept)."""
-  from cft_jax import projection  # pylint: disable=g-import-not-at-top
-  mixed = projection.wise_ft(params, anchor, alpha)
-  if "head" in params:
-    mixed = dict(mixed, head=params["head"])
-  return mixed
-
-
+PROJECTIONS = robust_lib.PROJECTIONS  # method.projection names (cft_jax.robust)

@@ -36,6 +36,7 @@ from cft_jax import knn as knn_lib
 from cft_jax import metrics as metrics_lib
 from cft_jax import objectives
 from cft_jax import peft
+from cft_jax import robust as robust_lib
 from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_diffs, mse_alpha,
@@ -46,9 +47,9 @@ from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
 from cft_jax.parallel import DeviceLayout, init_distributed, layout_from_config  # re-exported
 from cft_jax.writers import MetricWriter
-from cft_jax.steps import (PROJECTIONS, TrainState, make_eval_step, make_forward,  # re-exported
-                           make_optimizer, make_projected_optimizer, make_train_step,
-                           wise_ft_params)
+from cft_jax.robust import PROJECTIONS, wise_ft_params  # re-exported
+from cft_jax.steps import (TrainState, make_eval_step, make_forward,  # re-exported
+                           make_optimizer, make_train_step)
 
 PyTree = Any
 LOSS_TRAINER_KEYS = config_lib.LOSS_TRAINER_KEYS
@@ -186,9 +187,10 @@ class Experiment:
     preprocess: uint8 -> normalised float images (augmentation in training).
     params0: trainable leaves at initialisation (``theta_0`` of the trainable part).
     frozen: host copy of the non-trained inputs of the steps: ``{"params", "collections"}``, plus
-      ``"params0"`` (linearized runs) and ``"anchor"`` (projection / WiSE-FT runs).
+      ``"params0"`` (linearized runs) and ``"anchor"`` (``theta_0``; runs with robust
+      fine-tuning components).
     frozen_dev: ``frozen`` placed on the devices.
-    tx: the optimiser (projection included).
+    tx: the optimiser (wrapped by the method and the robust components, e.g. TPGM / FTP).
     train_step, eval_step: jitted steps (``eval_step`` on images, used for OOD sets);
       ``id_eval_step`` evaluates the in-distribution test data (cached features when
       ``train.cache_features``).
@@ -197,11 +199,14 @@ class Experiment:
     dev: the device layout.
     forward: jitted ``forward(params, frozen, x) -> logits`` (eval mode).
     linearized: ``None``, ``"full"`` or ``"features"``.
-    needs_val: the optimiser takes a validation batch each step (TPGM).
+    needs_val: the optimiser takes a validation batch each step (a robust component's
+      ``needs_val_batch``, TPGM).
     rng: the run's PRNG key (task ``t`` uses ``fold_in(rng, t)``).
     n_train, n_total: trainable / all parameter counts.
     feature_fn: jitted feature extractor of the k-NN probe (None when ``eval.knn_k == 0``).
     jit_cache: compiled functions the method hooks reuse across tasks.
+    robust: the robust fine-tuning components (:mod:`cft_jax.robust`: TPGM, FTP, L2-SP, WiSE-FT);
+      their hooks wrap the optimiser, add a penalty and choose the evaluated params.
   """
 
   config: ml_collections.ConfigDict
@@ -229,6 +234,7 @@ class Experiment:
   feature_fn: Any = None
   stream: Optional[StreamInput] = None  # data.pipeline grain: streamed batches (host augments)
   jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict)
+  robust: Tuple[robust_lib.RobustFT, ...] = ()
 
   @property
   def steps_per_task(self) -> List[int]:
@@ -264,13 +270,13 @@ class Experiment:
         linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache)
 
   def eval_state(self, host_state: TrainState) -> TrainState:
-    """The state evaluated: WiSE-FT's ``(1 - a) theta_0 + a theta`` when ``eval.wise_ft_alpha``
-    is not 1, else ``host_state``."""
-    alpha = self.config.eval.wise_ft_alpha
-    if alpha == 1.0:
+    """The state evaluated: its params passed through every robust component's
+    :meth:`~cft_jax.robust.RobustFT.eval_params` (e.g. WiSE-FT's ``(1 - a) theta_0 + a theta``);
+    ``host_state`` itself when no component changes them."""
+    if not any(type(c).eval_params is not robust_lib.RobustFT.eval_params for c in self.robust):
       return host_state
-    return host_state.replace(params=wise_ft_params(host_state.params, self.frozen["anchor"],
-                                                    alpha))
+    return host_state.replace(params=robust_lib.eval_params(self.robust, host_state.params,
+                                                            self.frozen["anchor"]))
 
 
 @dataclasses.dataclass
@@ -319,9 +325,9 @@ def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: 
   frozen = {"params": frozen_params, "collections": variables}
   linearized = linearize_mode(config.model.linearize)  # None | full | features
   if linearized:
-    frozen["params0"] = jax.tree_util.tree_map(jnp.array, params0)
-  if config.method.projection or config.eval.wise_ft_alpha != 1.0:
-    frozen["anchor"] = jax.tree_util.tree_map(jnp.array, params0)  # pretrained theta_0
+    frozen["params0"] = peft.copy_tree(params0)
+  if robust_lib.needs_anchor(robust_lib.from_config(config)):
+    frozen["anchor"] = peft.copy_tree(params0)  # pretrained theta_0
   preprocess = Preprocess(image_size=config.data.image_size, mean=built.mean, std=built.std,
                           augment=config.data.augment, rrc_scale=tuple(config.data.rrc_scale))
   return built, params0, frozen, linearized, preprocess
@@ -357,19 +363,22 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     dev = layout_from_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  tx, needs_val = make_projected_optimizer(  # a copy: the state's params are donated
-      make_optimizer(config.optim, linearized,  # linearized: decay toward params0
-                     split_head=method.freezes_peft),  # LAE: own Adam state for the backbone
-      config.method, jax.tree_util.tree_map(jnp.array, params0), built.module.apply, k,
-      linearized, axis_name=dev.axis_name)
+  robust = robust_lib.from_config(config)  # TPGM / FTP / L2-SP / WiSE-FT components
+  opt_ctx = robust_lib.OptimizerContext(  # anchor: a copy, the state's params are donated
+      anchor=peft.copy_tree(params0), apply_fn=built.module.apply,
+      classes_per_task=k, linearized=linearized, axis_name=dev.axis_name)
+  tx = make_optimizer(config.optim, linearized,  # linearized: decay toward params0
+                      split_head=method.freezes_peft)  # LAE: own Adam state for the backbone
+  tx = robust_lib.wrap_optimizer(robust, method.wrap_optimizer(tx, opt_ctx), opt_ctx)
+  needs_val = any(c.needs_val_batch for c in robust)
   if needs_val and not any(len(v) for v in sc.val_idx):
-    raise ConfigError("method.projection=tpgm learns its radii on held-out training data: set "
-                      "data.val_fraction > 0 (e.g. 0.1)")
-  l2sp_alpha = config.method.l2sp_alpha if config.method.projection == "l2sp" else 0.0
+    name = next(c.name for c in robust if c.needs_val_batch)
+    raise ConfigError(f"method.projection={name} learns its radii on held-out "
+                      "training data: set data.val_fraction > 0 (e.g. 0.1)")
   train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
                                axis_name=dev.axis_name, shardings=dev.shardings,
                                linearized=linearized, loss_scope=config.loss.scope,
-                               l2sp_alpha=l2sp_alpha, needs_val_batch=needs_val)
+                               robust=robust)
   eval_step = dev.wrap_eval(make_eval_step(built.module.apply, preprocess, k, C, method,
                                            linearized=linearized, axis_name=dev.axis_name,
                                            shardings=dev.shardings))
@@ -384,7 +393,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       needs_val=needs_val, rng=rng, n_train=n_train,
       n_total=n_train + peft.count_params(frozen["params"]),
       feature_fn=(jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
-                  if config.eval.knn_k else None), stream=stream)
+                  if config.eval.knn_k else None), stream=stream, robust=robust)
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
@@ -432,7 +441,8 @@ def _use_cached_features(exp: Experiment, loss_fn) -> None:
   k, C = sc.task_sizes, sc.num_classes
   exp.train_step = make_train_step(fc.head_apply, fc.identity_preprocess, loss_fn, exp.tx, k,
                                    exp.method, axis_name=dev.axis_name,
-                                   shardings=dev.shardings, loss_scope=config.loss.scope)
+                                   shardings=dev.shardings, loss_scope=config.loss.scope,
+                                   robust=exp.robust)
   exp.id_eval_step = dev.wrap_eval(make_eval_step(fc.head_apply, fc.identity_preprocess, k, C,
                                                   exp.method, axis_name=dev.axis_name,
                                                   shardings=dev.shardings))

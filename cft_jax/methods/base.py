@@ -4,6 +4,9 @@ A method is a small, stateless object (its hyper-parameters are static); everyth
 lives in a pytree ``method_state`` carried inside the trainer's ``TrainState`` and saved with every
 checkpoint. The lifecycle, as in mammoth / LAMDA-PILOT:
 
+- :meth:`Method.wrap_optimizer` once (host), before the robust fine-tuning components
+  (:mod:`cft_jax.robust`: TPGM / FTP projections, L2-SP penalty, WiSE-FT evaluation params), which
+  compose with every method through the same three points (optimiser, penalty, eval params);
 - :meth:`Method.init_state` once, from the initial trainable params;
 - :meth:`Method.begin_task` (host) before task ``t``;
 - inside the jitted train step: :meth:`Method.penalty` is added to the data loss and
@@ -17,9 +20,13 @@ checkpoint. The lifecycle, as in mammoth / LAMDA-PILOT:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
+import optax
+
+if TYPE_CHECKING:
+  from cft_jax import robust
 
 PyTree = Any
 
@@ -77,6 +84,14 @@ class Method:
   """
 
   name: str = "sequential"
+
+  def wrap_optimizer(self, tx: optax.GradientTransformation,
+                     ctx: "robust.OptimizerContext") -> optax.GradientTransformation:
+    """The method's optimiser (host, once, before the robust components wrap it); ``tx`` by
+    default. ``ctx`` holds ``theta_0`` (``anchor``), the model's ``apply_fn``, ``k``, the
+    linearization mode and the pmap axis name."""
+    del ctx
+    return tx
 
   def init_state(self, params: PyTree, ctx: "TaskContext" = None) -> PyTree:
     """Initial ``method_state`` (a pytree of arrays; ``{}`` when stateless).
