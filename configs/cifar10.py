@@ -23,15 +23,19 @@ training image (2,000 per task) of which ``data.val_fraction`` 0.1 (200 per task
 3 epochs per task (~170 steps), batch 32, crop + flip augmentation, Adam lr 1e-3 reset per task,
 LoRA rank 4 on every 1x1 convolution, local loss (the current task's classes).
 
-Measured (pilot, seed 0, ``docs/results/cifar10_pilot.md``) on this project's 2-core Xeon CPU
-while five other jobs shared it (load average 6-8)::
+Measured (pilot, seed 0, ``docs/results/cifar10_pilot.md``; commit b948b5b, image folder
+streamed through grain) on this project's 2-core Xeon CPU while five other jobs shared it (load
+average 6-9)::
 
     python -m cft_jax.main --config configs/cifar10.py:ce --workdir runs/c10_ce
-      class-IL final 50.15 / avg inc 67.99, task-IL final 95.75; 19 min 00 s wall at 36% of a
-      core = 7.0 CPU-min (user + sys), peak RSS 1.36 GB
+      class-IL final 39.05 / avg inc 63.93, task-IL final 94.95, validation class-IL final 37.60;
+      13 min 02 s wall at 59% of a core = 7.8 CPU-min (user + sys), peak RSS 1.24 GB
     python -m cft_jax.main --config configs/cifar10.py:aepg --workdir runs/c10_aepg
-      class-IL final 44.00 / avg inc 65.51, task-IL final 96.05; 14 min 15 s wall at 52% of a
-      core = 7.5 CPU-min, peak RSS 1.20 GB
+      class-IL final 46.30 / avg inc 67.93, task-IL final 95.85, validation class-IL final 46.00;
+      10 min 40 s wall = 6.9 CPU-min, peak RSS 1.24 GB
+
+(With the earlier in-memory pipeline the same seed gave CE 50.15 / aEPG 44.00 class-IL final:
+one seed's class-IL gap is noise; the study pairs >= 3 seeds.)
 
 The budget was kept (not cut to 2 epochs) because a run costs ~7 CPU-minutes, ~4-6 min of wall
 time on the two cores alone; ``--config.train.epochs=2`` cuts a study's cost by a third.
