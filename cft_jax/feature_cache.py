@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cft_jax.peft import HEAD, copy_tree
 from cft_jax.data import Preprocess, batches
 
 PyTree = Any
@@ -111,7 +112,7 @@ def head_apply(variables: Dict[str, Any], features: jax.Array, train: bool = Fal
   (no dropout on cached features).
   """
   del train, unused
-  return head_logits(variables["params"]["head"], features)
+  return head_logits(variables["params"][HEAD], features)
 
 
 def identity_preprocess(x: jax.Array, rng: Optional[jax.Array] = None, train: bool = False,
@@ -195,7 +196,7 @@ def train_linear_probe_on_features(
   idx = np.arange(len(features)) if indices is None else np.asarray(indices)
   nb = -(-len(idx) // batch_size)
   total = int(total_steps if total_steps is not None else (first_epoch + epochs) * nb)
-  params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
+  params = copy_tree(params)  # the step donates its input
   opt_state = tx.init(params) if opt_state is None else opt_state
   rng = jax.random.PRNGKey(0) if rng is None else rng
   metrics: Dict[str, float] = {}

@@ -99,7 +99,8 @@ def make_feature_fn(apply_fn: Callable, linearized: Optional[str] = None) -> Cal
 
     if linearized:
       from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
-      strip = lambda t: {key: v for key, v in t.items() if key != "head"}
+      from cft_jax.peft import HEAD  # pylint: disable=g-import-not-at-top
+      strip = lambda t: {key: v for key, v in t.items() if key != HEAD}
       return linearized_apply(g, strip(frozen["params0"]), strip(params))
     return g(params)
 

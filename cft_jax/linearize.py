@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from cft_jax.models.bn_fold import fold_batchnorm, fold_batchnorm_module  # re-exported
+from cft_jax.peft import HEAD
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
@@ -139,7 +140,7 @@ def module_apply_fn(module, variables: Dict[str, Any], **call_kwargs) -> ApplyFn
   return apply_fn
 
 
-def split_head(params: Dict[str, Any], head_key: str = "head") -> Tuple[Dict[str, Any], Any]:
+def split_head(params: Dict[str, Any], head_key: str = HEAD) -> Tuple[Dict[str, Any], Any]:
   """``(backbone, head)``: the top-level ``head_key`` subtree and everything else.
 
   Raises:
@@ -151,7 +152,7 @@ def split_head(params: Dict[str, Any], head_key: str = "head") -> Tuple[Dict[str
 
 
 def linearized_features_apply(feature_fn: ApplyFn, params0: Dict[str, Any],
-                              params: Dict[str, Any], *args, head_key: str = "head", **kwargs):
+                              params: Dict[str, Any], *args, head_key: str = HEAD, **kwargs):
   """DLCFT model (eqs. 6-7): ``g_lin(x; psi) W + b``.
 
   Args:
@@ -178,7 +179,7 @@ def linearized_features_apply(feature_fn: ApplyFn, params0: Dict[str, Any],
 
 
 def linearize_features(feature_fn: ApplyFn, params0: Dict[str, Any],
-                       head_key: str = "head") -> ApplyFn:
+                       head_key: str = HEAD) -> ApplyFn:
   """Returns ``apply(params, *args, **kwargs)`` of :func:`linearized_features_apply`.
 
   The parameter tree is the model's own (backbone leaves + top-level ``head``), so PEFT

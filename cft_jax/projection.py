@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cft_jax import peft as peft_lib
+
 PyTree = Any
 Array = jax.Array
 Path = Tuple[str, ...]
@@ -100,8 +102,9 @@ def _path(path) -> Path:
 
 
 def is_head(path: Path) -> bool:
-  """Exclusion predicate for the classifier: ``path[0] == "head"`` (the trainer's convention)."""
-  return len(path) > 0 and path[0] == "head"
+  """Exclusion predicate for the classifier: :func:`cft_jax.peft.is_head` (``path[0]`` is the
+  ``head``, the trainer's convention)."""
+  return peft_lib.is_head(path)
 
 
 def match_paths(*patterns: str) -> Callable[[Path], bool]:
@@ -272,11 +275,6 @@ def init_radii(params: PyTree, anchor: PyTree, norm: str = "l2", exclude: Exclud
 
 def _mask_from_radii(params: PyTree, radii: PyTree) -> PyTree:
   return jax.tree.map(lambda _, r: r is None, params, radii)
-
-
-def _copy_tree(tree: PyTree) -> PyTree:
-  # A real copy: the trainer donates its state, and the anchor must not alias ``params``.
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def _check_same_structure(params: PyTree, anchor: PyTree) -> None:
@@ -469,7 +467,7 @@ def tpgm(anchor: Optional[PyTree], val_loss_fn: Callable, *, norm: str = "l2",
   def init_fn(params):
     anc = params if anchor is None else anchor
     _check_same_structure(params, anc)
-    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=_copy_tree(anc),
+    return TPGMState(count=jnp.zeros((), jnp.int32), anchor=peft_lib.copy_tree(anc),
                      radii_state=tpgm_init_radii_state(params, norm=norm, exclude=exclude,
                                                        per_row=per_row, radius_lr=radius_lr))
 
@@ -584,7 +582,7 @@ def ftp(anchor: Optional[PyTree] = None, *, base: Optional[optax.GradientTransfo
                          params, mask)
     prev_c = jax.tree.map(lambda p, m: None if m else jnp.zeros(jnp.shape(p), jnp.float32),
                           params, mask)
-    return FTPState(count=jnp.zeros((), jnp.int32), anchor=_copy_tree(anc), radii=radii,
+    return FTPState(count=jnp.zeros((), jnp.int32), anchor=peft_lib.copy_tree(anc), radii=radii,
                     radius_opt_state=adam.init(radii), prev_c=prev_c,
                     base_state=base.init(params) if base is not None else optax.EmptyState())
 

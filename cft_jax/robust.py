@@ -101,7 +101,8 @@ class TPGM(RobustFT):
 
   def wrap_optimizer(self, tx, ctx):
     """``optax.chain(tx, projection.tpgm(anchor, val_loss_fn, ...))``, head excluded."""
-    from cft_jax.steps import make_forward, task_slice, task_widths  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from cft_jax.steps import make_forward, task_slice, task_widths
     forward = make_forward(ctx.apply_fn, ctx.linearized)
     k, bounds = task_widths(ctx.classes_per_task)
     axis_name = ctx.axis_name

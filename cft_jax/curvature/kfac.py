@@ -67,6 +67,7 @@ from flax.linen import linear as flax_linear
 from cft_jax.curvature.fisher import (_check, _float, accumulate, cached_batch_fn,
                                       output_cotangents)
 from cft_jax.linearize import linearized_apply, split_head
+from cft_jax.peft import HEAD
 from cft_jax.peft.lora import LoRADense
 
 PyTree = Any
@@ -325,7 +326,7 @@ def kfac_factors_linearized_features(
     feature_fn: Callable[[PyTree, Array], Array], params0: Dict[str, Any],
     params: Dict[str, Any], batches: Iterable, *, loss: str = "mse", fisher_type: str = "mc",
     rng: Optional[Array] = None, num_samples: int = 1, mse_alpha: float = 15.0,
-    head_key: str = "head", layer_filter: Callable[[nn.Module], bool] = default_layer_filter,
+    head_key: str = HEAD, layer_filter: Callable[[nn.Module], bool] = default_layer_filter,
     jit_cache: Optional[dict] = None) -> Dict[Path, LayerFactors]:
   """K-FAC of DLCFT's model ``f = g_lin(x; psi) W + b`` (eqs. 6-7) at ``params``.
 

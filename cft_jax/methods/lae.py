@@ -23,12 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from cft_jax.methods.base import Method
+from cft_jax.peft import HEAD, copy_tree
 
 PyTree = Any
-
-
-def _is_head(path) -> bool:
-  return str(getattr(path[0], "key", path[0])) == "head"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +52,16 @@ class LAE(Method):
     ``active`` (float32 ``[]``) becomes 1 when task 1 begins (:meth:`begin_task`); until then
     the offline module does not exist (no EMA, not ensembled).
     """
-    offline = {k: v for k, v in params.items() if k != "head"}
-    return {"offline": jax.tree_util.tree_map(lambda x: x + 0, offline),
+    offline = {k: v for k, v in params.items() if k != HEAD}
+    return {"offline": copy_tree(offline),
             "active": jnp.zeros((), jnp.float32)}
 
   def begin_task(self, task_id: int, params: PyTree, method_state: PyTree, ctx=None) -> PyTree:
     """At the start of task 1 the offline module becomes a copy of the online one."""
     if task_id < 1 or bool(method_state["active"] > 0):
       return method_state
-    online = {k: v for k, v in params.items() if k != "head"}
-    return {**method_state, "offline": jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True),
-                                                              online),
+    online = {k: v for k, v in params.items() if k != HEAD}
+    return {**method_state, "offline": copy_tree(online),
             "active": jnp.ones((), jnp.float32)}
 
   def frozen_peft(self, task_id: int, epoch: int) -> bool:
@@ -79,7 +75,7 @@ class LAE(Method):
     """EMA ``theta_off <- d theta_off + (1 - d) theta_on`` on the PEFT leaves (from task 1 on)."""
     d = self.ema_decay
     active = method_state["active"] > 0
-    online = {k: v for k, v in params.items() if k != "head"}
+    online = {k: v for k, v in params.items() if k != HEAD}
     offline = jax.tree_util.tree_map(
         lambda off, on: jnp.where(active, d * off + (1.0 - d) * on, off),
         method_state["offline"], online)
@@ -94,13 +90,13 @@ class LAE(Method):
     active = method_state["active"] > 0
     offline = {k: jax.tree_util.tree_map(lambda off, on: jnp.where(active, off, on), v, params[k])
                for k, v in method_state["offline"].items()}
-    if "head" in params:
-      offline["head"] = params["head"]
+    if HEAD in params:
+      offline[HEAD] = params[HEAD]
     return (params, offline)
 
 
 def hold_frozen_leaves(new_state: PyTree, old_state: PyTree, freeze: jax.Array,
-                       frozen_key=lambda key: key != "head") -> PyTree:
+                       frozen_key=lambda key: key != HEAD) -> PyTree:
   """Keeps the optimiser state of frozen leaves untouched (LAE's frozen first epochs).
 
   The optax state holds, for every parameter, entries in trees with the parameters' structure

@@ -68,6 +68,7 @@ from cft_jax import objectives
 from cft_jax.curvature import LayerFactors
 from cft_jax.methods.base import Method, TaskContext
 from cft_jax.methods.replay import buffer_sample, init_buffer, reservoir_insert
+from cft_jax.peft import HEAD, copy_tree, is_head  # copy_tree: re-exported (lwf)
 
 PyTree = Any
 Path = Tuple[str, ...]
@@ -76,22 +77,24 @@ ACCUMULATE = ("mean", "sum")
 CURVATURES = ("kfac", "tkfac")
 
 
-def copy_tree(tree: PyTree) -> PyTree:
-  """A fresh float copy of a pytree of arrays (no aliasing with donated buffers)."""
-  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
-
-
 def _jit_cache(ctx, *key) -> Optional[dict]:
   """The run's store of compiled curvature functions for this call site (``ctx.jit_cache``,
   one dict per ``key``), or None when the context has none (every call compiles)."""
-  store = getattr(ctx, "jit_cache", None)
+  store = ctx.jit_cache if ctx is not None else None
   if store is None:
     return None
   return store.setdefault(key, {})
 
 
-def _require(ctx: Optional[TaskContext], attr: str, who: str):
-  val = getattr(ctx, attr, None) if ctx is not None else None
+def _ctx(ctx: Optional[TaskContext], who: str) -> TaskContext:
+  """``ctx`` itself, or a clear error when a hook that needs the run's context got none."""
+  if ctx is None:
+    raise ValueError(f"{who} needs a TaskContext (set by cft_jax.train.run); got None")
+  return ctx
+
+
+def _require(val, attr: str, who: str):
+  """``val`` (the context's field ``attr``), or a clear error when it is None."""
   if val is None:
     raise ValueError(f"{who} needs TaskContext.{attr} (set by cft_jax.train.run); got None")
   return val
@@ -216,7 +219,7 @@ class QuadraticRegularizer(Method):
   def _outputs(self, ctx: TaskContext) -> Tuple[int, int]:
     """Logit columns ``[lo, hi)`` of the loss the curvature is taken of."""
     lo, hi = ctx.task_range
-    if getattr(ctx, "loss_scope", "local") == "all":
+    if ctx.loss_scope == "all":
       return 0, hi
     return lo, hi
 
@@ -226,7 +229,7 @@ class QuadraticRegularizer(Method):
 
   def _batches_fn(self, ctx: TaskContext, lo: int) -> Callable[[], Iterator]:
     """``() -> iterator of (x preprocessed, y - lo, mask)`` over the task's training data."""
-    _require(ctx, "batches", self.name)
+    _require(_ctx(ctx, self.name).batches, "batches", self.name)
 
     def gen():
       for i, (xb, yb, mb) in enumerate(ctx.batches()):
@@ -240,7 +243,7 @@ class QuadraticRegularizer(Method):
   @staticmethod
   def _dummy_batches_fn(ctx: TaskContext) -> Callable[[], Iterator]:
     """One all-zero example (to learn the state's structure in ``init_state``)."""
-    shape = tuple(_require(ctx, "image_shape", "init_state"))
+    shape = tuple(_require(_ctx(ctx, "init_state").image_shape, "image_shape", "init_state"))
 
     def gen():
       x = ctx.preprocess(jnp.zeros((1,) + shape, jnp.uint8), train=False)
@@ -253,7 +256,7 @@ class QuadraticRegularizer(Method):
 
   def _head_filter(self, tree: PyTree) -> PyTree:
     if self.exclude_head and isinstance(tree, dict):
-      return {k: v for k, v in tree.items() if k != "head"}
+      return {k: v for k, v in tree.items() if k != HEAD}
     return tree
 
 
@@ -286,7 +289,7 @@ class EWC(QuadraticRegularizer):
     return curvature.ewc_penalty(_select(params, imp), _select(method_state["anchor"], imp), imp)
 
   def _importance(self, task_id, params, ctx, lo, hi):
-    fwd = _require(ctx, "forward", self.name)
+    fwd = _require(_ctx(ctx, self.name).forward, "forward", self.name)
     return curvature.diagonal_fisher(
         lambda p, x: fwd(p, x)[:, lo:hi], params, self._batches_fn(ctx, lo)(),
         loss=self._loss(ctx), fisher_type=self.fisher_type, rng=self._rng(task_id),
@@ -313,7 +316,7 @@ class MAS(EWC):
   name: str = "mas"
 
   def _importance(self, task_id, params, ctx, lo, hi):
-    fwd = _require(ctx, "forward", self.name)
+    fwd = _require(_ctx(ctx, self.name).forward, "forward", self.name)
     return curvature.mas_importance(lambda p, x: fwd(p, x)[:, lo:hi], params,
                                     self._batches_fn(ctx, lo)(),
                                     microbatch=self.microbatch or None,
@@ -362,8 +365,8 @@ class KroneckerRegularizer(QuadraticRegularizer):
 
   def _kfac(self, params, ctx, lo, hi, batches_fn, rng) -> Dict[Path, LayerFactors]:
     """Factors of the loss over logits ``[lo, hi)``; the head's ``G`` is embedded in ``[C, C]``."""
-    apply = _require(ctx, "apply", self.name)
-    mode = getattr(ctx, "linearize", None)
+    apply = _require(_ctx(ctx, self.name).apply, "apply", self.name)
+    mode = ctx.linearize
     kw = dict(loss=self._loss(ctx), fisher_type=self.fisher_type, rng=rng,
               num_samples=self.num_samples, mse_alpha=self.mse_alpha,
               jit_cache=_jit_cache(ctx, self.name, "kfac", mode, lo, hi))
@@ -373,24 +376,24 @@ class KroneckerRegularizer(QuadraticRegularizer):
     kw["layer_filter"] = lambda m: (curvature.default_layer_filter(m)
                                     and tuple(m.path) in trainable)
     if mode == "features":
-      head = params["head"]
+      head = params[HEAD]
       sub = {k: v[..., lo:hi] for k, v in head.items()}
       f = curvature.kfac_factors_linearized_features(
-          lambda p, x: apply(p, x, return_features=True), _require(ctx, "params0", self.name),
-          {**params, "head": sub}, batches_fn(), **kw)
-      hf = f[("head",)]
+          lambda p, x: apply(p, x, return_features=True),
+          _require(ctx.params0, "params0", self.name), {**params, HEAD: sub}, batches_fn(), **kw)
+      hf = f[(HEAD,)]
       g = jnp.zeros((c, c), hf.G.dtype).at[lo:hi, lo:hi].set(hf.G)
-      f[("head",)] = LayerFactors(hf.A, g, hf.fisher_trace)
+      f[(HEAD,)] = LayerFactors(hf.A, g, hf.fisher_trace)
     elif mode == "full":  # J f(theta_0) taps, cotangents at the linearized logits at theta
       f = curvature.kfac_factors_linearized(
-          lambda p, x: apply(p, x)[:, lo:hi], _require(ctx, "params0", self.name), params,
-          batches_fn(), **kw)
+          lambda p, x: apply(p, x)[:, lo:hi], _require(ctx.params0, "params0", self.name),
+          params, batches_fn(), **kw)
     else:
       f = curvature.kfac_factors(lambda p, x: apply(p, x)[:, lo:hi], params, batches_fn(), **kw)
     if self.exclude_head:
-      f.pop(("head",), None)
-    elif self.extend_head and lo == 0 and hi < c and ("head",) in f:
-      f[("head",)] = curvature.extend_head_factors(f[("head",)], hi, c)
+      f.pop((HEAD,), None)
+    elif self.extend_head and lo == 0 and hi < c and (HEAD,) in f:
+      f[(HEAD,)] = curvature.extend_head_factors(f[(HEAD,)], hi, c)
     return f
 
   def _uncovered(self, params, factors) -> Dict[Path, Any]:
@@ -398,11 +401,11 @@ class KroneckerRegularizer(QuadraticRegularizer):
     flat = _flat(params)
     out = {k: v for k, v in flat.items() if k[:-1] not in covered}
     if self.exclude_head:
-      out = {k: v for k, v in out.items() if k[0] != "head"}
+      out = {k: v for k, v in out.items() if not is_head(k)}
     return out
 
   def _diag(self, params, ctx, lo, hi, batches_fn, rng, uncovered) -> PyTree:
-    fwd = _require(ctx, "forward", self.name)
+    fwd = _require(_ctx(ctx, self.name).forward, "forward", self.name)
     sub = traverse_util.unflatten_dict(uncovered)
     rest = traverse_util.unflatten_dict({k: v for k, v in _flat(params).items()
                                          if k not in uncovered})
@@ -434,7 +437,7 @@ class KroneckerRegularizer(QuadraticRegularizer):
     The factor shapes are found by running the estimator on one dummy example (so the state's
     structure is fixed from the start: one trace of the train step, checkpoint-compatible).
     """
-    _require(ctx, "apply", self.name)
+    _require(_ctx(ctx, self.name).apply, "apply", self.name)
     c = ctx.num_classes
     shapes = self._curvature(params, ctx, 0, c, self._dummy_batches_fn(ctx), self._rng(0))
     zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), shapes)
@@ -451,8 +454,8 @@ class KroneckerRegularizer(QuadraticRegularizer):
       out["diag"] = self._combine(method_state["diag"], new["diag"], t)
     anchor = copy_tree(params)
     if (self.extend_head and not self.exclude_head and lo == 0 and hi < ctx.num_classes
-        and "head" in anchor):
-      anchor["head"] = curvature.extend_head_anchor(anchor["head"], hi, ctx.num_classes)
+        and HEAD in anchor):
+      anchor[HEAD] = curvature.extend_head_anchor(anchor[HEAD], hi, ctx.num_classes)
     out["anchor"] = anchor
     return out
 
@@ -528,13 +531,13 @@ class DLCFT(KroneckerRegularizer):
       ValueError: the run is not linearized / not MSE / not ``loss.scope=all``.
     """
     if self.require_linear:
-      problems = []
-      if not getattr(ctx, "linearize", None):
+      problems, run = [], ctx or TaskContext()
+      if not run.linearize:
         problems.append("model.linearize='full' or 'features' (valid values: "
                         "none | full | features)")
-      if getattr(ctx, "loss_name", None) != "mse":
+      if run.loss_name != "mse":
         problems.append("loss.name='mse'")
-      if getattr(ctx, "loss_scope", None) != "all":
+      if run.loss_scope != "all":
         problems.append("loss.scope='all'")
       if problems:
         raise ValueError("method.name='dlcft' needs " + ", ".join(problems) +

@@ -54,6 +54,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from cft_jax.peft import HEAD
 from cft_jax.peft.adapter import Adapter
 from cft_jax.peft.lora import LoRADense
 
@@ -428,7 +429,7 @@ class EfficientNetLite(nn.Module):
         deterministic = not (train and self.dropout_rate > 0 and self.has_rng("dropout"))
         feats = nn.Dropout(self.dropout_rate, deterministic=deterministic)(feats)
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                        dtype=self.dtype, name="head")(feats)
+                        dtype=self.dtype, name=HEAD)(feats)
 
 
 # --------------------------------------------------------------------------- weights
@@ -496,8 +497,8 @@ def _weight_map(variant: str, keep_fc: bool) -> list[tuple[str, tuple | None, Ca
     m += _bn_map("_bn1", ("bn_top",))
     bns.append("_bn1")
     if keep_fc:
-        m.append(("_fc.weight", ("params", "head", "kernel"), lambda a: a.T))
-        m.append(("_fc.bias", ("params", "head", "bias"), lambda a: a))
+        m.append(("_fc.weight", ("params", HEAD, "kernel"), lambda a: a.T))
+        m.append(("_fc.bias", ("params", HEAD, "bias"), lambda a: a))
     else:
         m += [("_fc.weight", None, None), ("_fc.bias", None, None)]
     # BN step counters carry no weights.
@@ -620,7 +621,7 @@ def load_pretrained(
 
     not_filled = [p for p in leaves if p not in filled
                   and not any("lora" in s or "adapter" in s for s in p)
-                  and not (p[:2] == ("params", "head") and not keep_fc)]
+                  and not (p[:2] == ("params", HEAD) and not keep_fc)]
     if not_filled:
         raise ValueError(f"Flax leaves not filled from {path}: "
                          f"{['/'.join(p) for p in not_filled[:10]]} ({len(not_filled)})")

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cft_jax.peft import HEAD
+
 BN_MOMENTUM = 0.9
 BN_EPS = 1e-5
 STAGES = (2, 2, 2, 2)
@@ -148,7 +150,7 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     if return_features:
       return x
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x)
 
 
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", **kwargs) -> ResNet:
@@ -188,7 +190,7 @@ def from_torchvision(state_dict: Mapping[str, np.ndarray], *, keep_fc: bool = Tr
       continue
     if parts[0] == "fc":
       if keep_fc:
-        put(params, ("head", "kernel" if parts[1] == "weight" else "bias"),
+        put(params, (HEAD, "kernel" if parts[1] == "weight" else "bias"),
             value.T if parts[1] == "weight" else value)
       continue
     if parts[0].startswith("layer"):

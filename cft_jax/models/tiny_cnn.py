@@ -11,6 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cft_jax.peft import HEAD
 from cft_jax.peft.lora import LoRADense
 
 
@@ -42,4 +43,4 @@ class TinyCNN(nn.Module):
     x = nn.relu(LoRADense(4 * self.width, rank=self.lora_rank, dtype=self.dtype, name="fc")(x))
     if return_features:
       return x
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD)(x)

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cft_jax.peft import HEAD, is_head
 from cft_jax.peft.adapter import ADAPTER_POSITIONS, Adapter, adapter_param_count
 from cft_jax.peft.lora import dense_last_axis, lora_a_init
 from cft_jax.peft.prefix import Prefix, prefix_attention, prefix_param_count
@@ -516,7 +517,7 @@ class VisionTransformer(nn.Module):
       return x
     deterministic = not (train and self.head_dropout_rate > 0 and self.has_rng("dropout"))
     x = nn.Dropout(self.head_dropout_rate)(x, deterministic=deterministic)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=HEAD,
                       kernel_init=nn.initializers.normal(stddev=self.head_init_std),
                       bias_init=nn.initializers.zeros)(x)
     return logits.astype(jnp.float32)
@@ -673,15 +674,14 @@ def load_pretrained(module: VisionTransformer, path: Union[str, os.PathLike],
   shapes = traverse_util.flatten_dict(
       jax.eval_shape(module.init, rng, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))["params"],
       sep="/")
-  fresh = lambda k: ((k.split("/")[0] == "head" and not keep_head)
+  fresh = lambda k: ((is_head(k) and not keep_head)
                      or (_is_peft_key(k) and k not in ckpt))
   leaves = dict(shapes)
   leaves.update(init_leaves(module, rng, (h, w), fresh))
 
   out, missing, mismatched, used = {}, [], [], set()
   for key, ref in leaves.items():
-    is_head = key.split("/")[0] == "head"
-    if is_head and not keep_head:
+    if is_head(key) and not keep_head:
       out[key] = ref
       continue
     if key not in ckpt:
@@ -698,7 +698,7 @@ def load_pretrained(module: VisionTransformer, path: Union[str, os.PathLike],
       mismatched.append(f"{key}: file {tuple(arr.shape)} vs model {tuple(ref.shape)}")
       continue
     out[key] = jnp.asarray(arr, jnp.float32)
-  dropped = lambda k: ((k.split("/")[0] == "head" and not keep_head)
+  dropped = lambda k: ((is_head(k) and not keep_head)
                        or any(k.startswith(pre) for pre in ignore_keys))
   unexpected = sorted(k for k in ckpt if k not in used and not dropped(k))
   if missing or unexpected or mismatched:

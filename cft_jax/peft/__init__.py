@@ -15,7 +15,7 @@ so they get no gradient and no optimiser state (the memory saving of PEFT). Sele
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple, Union
 
 from flax import traverse_util
 
@@ -23,6 +23,32 @@ from cft_jax.peft.spec import NO_PEFT, PeftSpec  # pylint: disable=unused-import
 
 PyTree = Any
 PEFT_METHODS = ("lora", "adapter", "prefix", "linear_probe", "full")
+# Name of the classifier (the top-level ``params`` entry every backbone calls its last Dense).
+HEAD = "head"
+
+
+def is_head(path: Union[str, Sequence[Any]]) -> bool:
+  """Whether ``path`` is (inside) the classifier :data:`HEAD`.
+
+  Args:
+    path: a tuple of keys (``('head', 'kernel')``, as :func:`flax.traverse_util.flatten_dict`),
+      a jax key path (``DictKey`` entries, as ``jax.tree_util.tree_map_with_path``), a
+      ``/``-joined string (``'head/kernel'``) or a single top-level key (``'head'``).
+  """
+  if isinstance(path, str):
+    return path.split("/", 1)[0] == HEAD
+  if not path:
+    return False
+  first = path[0]
+  return str(getattr(first, "key", first)) == HEAD
+
+
+def copy_tree(tree: PyTree) -> PyTree:
+  """A fresh copy of a pytree of arrays (same dtypes; no aliasing with buffers the train step
+  donates). Usable inside ``jit``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def is_trainable(path: Tuple[str, ...], peft_name: str) -> bool:
@@ -34,11 +60,11 @@ def is_trainable(path: Tuple[str, ...], peft_name: str) -> bool:
   if peft_name == "full":
     return True
   if peft_name == "linear_probe":
-    return path[0] == "head"
+    return is_head(path)
   if peft_name == "lora":
-    return path[0] == "head" or any("lora" in p for p in path)
+    return is_head(path) or any("lora" in p for p in path)
   if peft_name in ("adapter", "prefix"):
-    return path[0] == "head" or any(peft_name in p for p in path)
+    return is_head(path) or any(peft_name in p for p in path)
   raise ValueError(f"unknown peft.name '{peft_name}'; known: {list(PEFT_METHODS)}")
 
 
