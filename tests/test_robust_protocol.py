@@ -50,8 +50,8 @@ def test_from_config_maps_the_user_keys(image_root):
 
 
 def test_l2sp_penalty_adds_to_the_method_loss(image_root):
-  """sequential + l2sp: the step's loss is the plain step's loss + alpha/2 ||theta - theta_0||^2 (head
-  excluded), with theta != theta_0 and the same batch and key."""
+  """sequential + l2sp: the step's loss is the plain step's loss + alpha/2 ||theta -
+  theta_0||^2 (head excluded), with theta != theta_0 and the same batch and key."""
   c = _config(image_root, "sequential", "l2sp")
   c.method.l2sp_alpha = 0.7
   exp = train.build_experiment(c)

@@ -20,9 +20,10 @@ checkpoint. The lifecycle, as in mammoth / LAMDA-PILOT:
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
+import numpy as np
 import optax
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ PyTree = Any
 @dataclasses.dataclass
 class TaskContext:
   """What host-side hooks may use: the model, the data of a task, the scenario geometry.
+
+  Typed fields, read as attributes (a hook that needs one checks it is not None).
 
   Attributes:
     task_id: current task (None in ``init_state``).
@@ -59,20 +62,20 @@ class TaskContext:
       ``forward``/``apply`` never change.
   """
 
-  task_id: Any = None
-  task_range: Any = None
+  task_id: Optional[int] = None
+  task_range: Optional[Tuple[int, int]] = None
   num_classes: int = 0
   classes_per_task: int = 0
-  image_shape: Any = None
-  forward: Any = None
-  preprocess: Any = None
-  batches: Any = None
+  image_shape: Optional[Tuple[int, ...]] = None
+  forward: Optional[Callable[[PyTree, jax.Array], jax.Array]] = None
+  preprocess: Optional[Callable[..., jax.Array]] = None
+  batches: Optional[Callable[[], Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]]] = None
   loss_name: str = "ce"
-  apply: Any = None
-  params0: Any = None
+  apply: Optional[Callable[..., jax.Array]] = None
+  params0: Optional[PyTree] = None
   linearize: Optional[str] = None
   loss_scope: str = "local"
-  jit_cache: Optional[dict] = None
+  jit_cache: Optional[Dict[Any, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
