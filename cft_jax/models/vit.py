@@ -38,26 +38,33 @@ to the blocks in ``peft.blocks`` only, default 0-4; indices
 
 At zero PEFT init every variant computes exactly the frozen model (tested). Trainable leaves are
 selected by path (``lora`` / ``adapter`` / ``prefix`` + ``head``, :mod:`cft_jax.peft`).
+
+Modules: the layers (attention, MLP, block, PEFT wiring) are in :mod:`cft_jax.models.vit_layers`,
+the ``.npz`` loading / lookup in :mod:`cft_jax.models.vit_checkpoint`; this module holds the model,
+its variants and :func:`build`, and re-exports the names of both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from cft_jax.peft import HEAD, is_head
-from cft_jax.peft.adapter import ADAPTER_POSITIONS, Adapter, adapter_param_count
-from cft_jax.peft.lora import dense_last_axis, lora_a_init
-from cft_jax.peft.prefix import Prefix, prefix_attention, prefix_param_count
+from cft_jax.models.vit_checkpoint import (  # noqa: F401  (re-exported)
+    AUGREG_FILES, AUGREG_URL, CHECKPOINT_FORMATS, I21K_FILES, I21K_URL, _as_size,
+    _normalise_checkpoint, detect_checkpoint_format, init_leaves, load_pretrained,
+    pretrained_path, resample_posemb, save_npz)
+from cft_jax.models.vit_layers import (  # noqa: F401  (re-exported)
+    LORA_TARGETS, Dense, Encoder1DBlock, LayerNorm, LoRADenseGeneral, MlpBlock,
+    MultiHeadDotProductAttention, attention, gelu_tanh, layer_norm, softmax)
+from cft_jax.peft import HEAD
+from cft_jax.peft.adapter import ADAPTER_POSITIONS, adapter_param_count
+from cft_jax.peft.prefix import prefix_param_count
 from cft_jax.peft.spec import NO_PEFT, PeftSpec
 
 __all__ = [
@@ -74,9 +81,6 @@ STD = 127.5
 
 PEFT_NAMES = ("none", "lora", "adapter", "prefix")
 PAPER_PEFT_BLOCKS = (0, 1, 2, 3, 4)
-# LoRA target letter -> attention sub-module name in the checkpoint layout.
-LORA_TARGETS = {"q": "query", "k": "key", "v": "value", "o": "out"}
-PEFT_KEYWORDS = ("lora", "adapter", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,291 +103,6 @@ VARIANTS: Dict[str, ViTSpec] = {
     "s4": ViTSpec(384, 12, 6, 1536, 4),
     "tiny": ViTSpec(32, 2, 2, 128, 4),  # tests and smoke runs
 }
-
-# Public augreg ImageNet-21k checkpoints (upstream models of the paper setup; no pre_logits).
-AUGREG_URL = "https://storage.googleapis.com/vit_models/augreg/"
-AUGREG_FILES: Dict[str, str] = {
-    "ti16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
-    "s16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
-    "b16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
-}
-# The original ImageNet-21k checkpoints (Dosovitskiy et al. 2021; the upstream of L2P / LAE),
-# with a ``pre_logits`` Dense(768) + tanh between ``encoder_norm`` and the 21,843-way head.
-I21K_URL = "https://storage.googleapis.com/vit_models/imagenet21k/"
-I21K_FILES: Dict[str, str] = {"b16": "ViT-B_16.npz"}
-CHECKPOINT_FORMATS = ("auto", "augreg", "i21k")
-
-
-def _is_peft_key(key: str) -> bool:
-  return any(w in key for w in PEFT_KEYWORDS)
-
-
-# --------------------------------------------------------------------------------- layers
-#
-# Memory-lean nonlinearities. Plain autodiff of tanh-GELU, LayerNorm and softmax keeps every
-# intermediate of their derivatives for the backward pass (5 [N, M] arrays per GELU, 4 [N, D] per
-# LayerNorm, 2 [H, N, N] per softmax; ``jax.ad_checkpoint.print_saved_residuals``). With a
-# ``custom_jvp`` whose tangent is a product with what is saved (GELU: ``g'(x)``; LayerNorm:
-# ``x_hat`` and ``1/sigma``; softmax: its output) a ViT-Ti/4 train step at 32 px, batch 64 needs
-# less memory (XLA's peak: full fine-tuning 1153 -> 998 MiB, LoRA 1184 -> 943 MiB) and runs ~5-10%
-# faster on the CPU (``benchmarks/step_throughput.py``). Values are those of ``nn.gelu`` /
-# ``nn.LayerNorm`` / ``jax.nn.softmax``; jvp (linearized models), grad, vmap and higher orders
-# work as before (the rules are differentiable; checked against plain autodiff in float64).
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-@jax.custom_jvp
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  """``nn.gelu(x, approximate=True)`` whose derivative saves one array (``g'(x)``)."""
-  return nn.gelu(x, approximate=True)
-
-
-@gelu_tanh.defjvp
-def _gelu_tanh_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  x3 = x ** 3
-  th = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x3))
-  cdf = 0.5 * (1.0 + th)
-  y = x * cdf
-  d = cdf + 0.5 * x * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-  return y, t * d.astype(t.dtype)
-
-
-def _is_zero(t) -> bool:
-  return isinstance(t, jax.custom_derivatives.SymbolicZero)
-
-
-def _ln_stats(x, eps):
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(xf, -1, keepdims=True)
-  var = jnp.maximum(jnp.mean(xf * xf, -1, keepdims=True) - mean * mean, 0.0)  # flax's fast var
-  return xf - mean, jax.lax.rsqrt(var + eps)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """LayerNorm over the last axis, as ``nn.LayerNorm`` (float32 statistics), whose derivative
-  saves ``x_hat`` and ``1/sigma`` only."""
-  xc, rstd = _ln_stats(x, eps)
-  return (xc * (rstd * scale) + bias).astype(x.dtype)
-
-
-def _layer_norm_jvp(eps, primals, tangents):
-  x, scale, bias = primals
-  tx, tscale, tbias = tangents
-  xc, rstd = _ln_stats(x, eps)
-  y = (xc * (rstd * scale) + bias).astype(x.dtype)
-  xhat = xc * rstd
-  dy = None
-  if not _is_zero(tx):
-    txf = tx.astype(xhat.dtype)
-    txc = txf - jnp.mean(txf, -1, keepdims=True)
-    dy = (rstd * (txc - xhat * jnp.mean(txf * xhat, -1, keepdims=True))) * scale
-  if not _is_zero(tscale):
-    dy = xhat * tscale if dy is None else dy + xhat * tscale
-  if not _is_zero(tbias):
-    dy = jnp.broadcast_to(tbias, y.shape) if dy is None else dy + tbias
-  if dy is None:
-    dy = jnp.zeros_like(y)
-  return y, dy.astype(y.dtype)
-
-
-layer_norm.defjvp(_layer_norm_jvp, symbolic_zeros=True)
-
-
-@jax.custom_jvp
-def softmax(z: jax.Array) -> jax.Array:
-  """``jax.nn.softmax(z, axis=-1)`` whose derivative saves its output only."""
-  e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z, -1, keepdims=True)))
-  return e / jnp.sum(e, -1, keepdims=True)
-
-
-@softmax.defjvp
-def _softmax_jvp(primals, tangents):
-  (z,), (t,) = primals, tangents
-  y = softmax(z)
-  return y, y * (t - jnp.sum(y * t, -1, keepdims=True))
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """Softmax attention ``q [B,Q,H,Dh], k, v [B,K,H,Dh] -> (out [B,Q,H,Dh], weights
-  [B,H,Q,K])``: :func:`cft_jax.peft.prefix.dot_product_attention` (float32 logits and softmax)
-  with the memory-lean :func:`softmax`."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  w = softmax(logits)
-  return jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), v), w
-
-
-class LayerNorm(nn.Module):
-  """``nn.LayerNorm`` (same ``scale``/``bias`` parameters, eps 1e-6 here) computed by
-  :func:`layer_norm`."""
-
-  epsilon: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-    return layer_norm(jnp.asarray(x, self.dtype), scale, bias, self.epsilon).astype(self.dtype)
-
-
-
-class LoRADenseGeneral(nn.Module):
-  """Dense layer contracting the last ``in_axes`` axes, with optional LoRA on the flattened axes.
-
-  ``x [..., *in_shape] -> y [..., *features]``; ``kernel [*in_shape, *features]``,
-  ``bias [*features]``. With ``lora_rank = r > 0``::
-
-      y = x W + b + (alpha / r) * lora_scale * (x lora_a) lora_b,
-      lora_a [prod(in), r], lora_b [r, prod(out)]
-
-  ``lora_a`` Kaiming-uniform (a = sqrt(5)), ``lora_b`` zero, ``lora_scale`` learnable, init 1
-  (LAE's ``Scaler``); ``alpha / r`` is the fixed LoRA scale of Hu et al. 2021, eq. 3
-  (``lora_alpha = None``: ``alpha = r``, scale 1).
-  """
-
-  features: Tuple[int, ...]
-  in_axes: int = 1
-  lora_rank: int = 0
-  lora_alpha: Optional[float] = None
-  kernel_init: Any = nn.initializers.xavier_uniform()
-  bias_init: Any = nn.initializers.zeros
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = tuple(self.features)
-    in_shape = tuple(x.shape[x.ndim - self.in_axes:])
-    lead = x.shape[:x.ndim - self.in_axes]
-    n_in, n_out = math.prod(in_shape), math.prod(features)
-
-    def kernel_init(key, shape, dtype=jnp.float32):  # fans of the flattened matrix (DenseGeneral)
-      return self.kernel_init(key, (n_in, n_out), dtype).reshape(shape)
-
-    kernel = self.param("kernel", kernel_init, in_shape + features, jnp.float32)
-    bias = self.param("bias", self.bias_init, features, jnp.float32)
-    xf = x.reshape(lead + (n_in,)).astype(self.dtype)
-    y = dense_last_axis(xf, kernel.reshape(n_in, n_out).astype(self.dtype))
-    if self.lora_rank > 0:
-      a = self.param("lora_a", lora_a_init, (n_in, self.lora_rank), jnp.float32)
-      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, n_out), jnp.float32)
-      s = self.param("lora_scale", nn.initializers.ones, (), jnp.float32)
-      if self.lora_alpha:
-        s = s * (float(self.lora_alpha) / self.lora_rank)
-      y = y + s.astype(self.dtype) * dense_last_axis(dense_last_axis(xf, a.astype(self.dtype)),
-                                                     b.astype(self.dtype))
-    y = y + bias.reshape(n_out).astype(self.dtype)
-    return y.reshape(lead + features)
-
-
-class Dense(nn.Dense):
-  """``nn.Dense`` (a subclass: same fields, parameters, init order and values; layer taps that
-  look for ``nn.Dense``, e.g. K-FAC, still see it) computed by
-  :func:`cft_jax.peft.lora.dense_last_axis`, whose kernel gradient ``(dy^T x)^T`` keeps XLA's
-  CPU backend from transposing the (large) cotangent ``dy``. Same values and derivatives (jvp,
-  vjp, vmap, any order)."""
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = dense_last_axis(inputs, kernel)
-    return y if bias is None else y + bias
-
-
-class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention ``[B, N, D] -> [B, N, D]`` with optional LoRA targets and prefix.
-
-  Sows ``intermediates/attention_weights [B, H, N, K]`` when that collection is mutable
-  (``K = N``, or ``L + N`` with a prefix: prefix keys first, see
-  :func:`cft_jax.peft.prefix.prefix_attention`).
-  """
-
-  num_heads: int
-  peft: PeftSpec = NO_PEFT  # this block's spec (``lora`` targets / ``prefix``; others ignored)
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    h = self.num_heads
-    if d % h:
-      raise ValueError(f"width {d} is not divisible by num_heads {h}")
-    dh = d // h
-
-    def proj(target: str, features: Tuple[int, ...], in_axes: int) -> LoRADenseGeneral:
-      rank = self.peft.lora_rank if target in self.peft.lora_targets else 0
-      return LoRADenseGeneral(features, in_axes=in_axes, lora_rank=rank,
-                              lora_alpha=self.peft.lora_alpha, dtype=self.dtype,
-                              name=LORA_TARGETS[target])
-
-    q = proj("q", (h, dh), 1)(x)
-    k = proj("k", (h, dh), 1)(x)
-    v = proj("v", (h, dh), 1)(x)
-    if self.peft.module == "prefix":
-      prefix = Prefix(num_heads=h, head_dim=dh, length=self.peft.prefix_length,
-                      gate_init=self.peft.prefix_gate_init,
-                      compensatory=self.peft.prefix_compensatory, name="prefix")
-      pk, pv, gate = prefix()
-      out, w = prefix_attention(q, k, v, pk, pv, gate, compensatory=prefix.compensatory)
-    else:
-      out, w = attention(q, k, v)
-    if self.is_mutable_collection("intermediates"):
-      self.sow("intermediates", "attention_weights", w)
-    return proj("o", (d,), 2)(out)
-
-
-class MlpBlock(nn.Module):
-  """``Dense_0 (D -> M) -> GELU (tanh approx.) -> Dense_1 (M -> D)`` with dropout."""
-
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    dense = lambda n, name: Dense(n, dtype=self.dtype, name=name,
-                                  kernel_init=nn.initializers.xavier_uniform(),
-                                  bias_init=nn.initializers.normal(stddev=1e-6))
-    y = gelu_tanh(dense(self.mlp_dim, "Dense_0")(x))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = dense(x.shape[-1], "Dense_1")(y)
-    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block with the PEFT module of ``peft`` (this block's spec, see
-  :meth:`cft_jax.peft.spec.PeftSpec.on_block`; ``name='none'``: no module)."""
-
-  num_heads: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  peft: PeftSpec = NO_PEFT
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    y = LayerNorm(dtype=self.dtype, name="LayerNorm_0")(x)
-    a = MultiHeadDotProductAttention(self.num_heads, peft=self.peft, dtype=self.dtype,
-                                     name="MultiHeadDotProductAttention_1")(y)
-    a = nn.Dropout(self.dropout_rate)(a, deterministic=deterministic)
-    adapter = self.peft.module == "adapter"
-    if adapter and self.peft.adapter_position == "attn":
-      a = a + Adapter(self.peft.adapter_hidden, dtype=self.dtype, name="adapter")(y)
-    x = x + a
-    y = LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
-    m = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name="MlpBlock_3")(
-        y, deterministic)
-    if adapter and self.peft.adapter_position == "mlp":
-      m = m + Adapter(self.peft.adapter_hidden, dtype=self.dtype, name="adapter")(y)
-    return x + m
 
 
 class AddPositionEmbs(nn.Module):
@@ -546,175 +265,6 @@ def peft_param_count(module: VisionTransformer) -> int:
   return blocks * per
 
 
-# -------------------------------------------------------------------------------- weights
-
-
-def resample_posemb(posemb: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-  """Position embeddings for another patch grid ("high-res fine-tuning", big_vision /
-  vit_jax ``resample_posemb``): the ``cls`` token's embedding is kept, the ``g x g`` grid of
-  patch embeddings is resized bilinearly to ``grid`` (``jax.image.resize``, half-pixel centres,
-  antialiased when shrinking; the reference uses ``scipy.ndimage.zoom(order=1)``, which differs
-  only in the placement of sample points).
-
-  Args:
-    posemb: ``[1, 1 + g*g, D]``.
-    grid: new ``(gh, gw)``.
-
-  Returns:
-    ``[1, 1 + gh*gw, D]`` float32.
-
-  Raises:
-    ValueError: the old number of patch tokens is not a square.
-  """
-  posemb = np.asarray(posemb, np.float32)
-  tok, old = posemb[:, :1], posemb[0, 1:]
-  g = int(round(math.sqrt(old.shape[0])))
-  if g * g != old.shape[0]:
-    raise ValueError(f"pos_embedding has {old.shape[0]} patch tokens, not a square grid")
-  gh, gw = grid
-  if (g, g) == (gh, gw):
-    return posemb
-  new = jax.image.resize(jnp.asarray(old.reshape(g, g, -1)), (gh, gw, old.shape[-1]),
-                         method="bilinear")
-  return np.concatenate([tok, np.asarray(new, np.float32).reshape(1, gh * gw, -1)], axis=1)
-
-
-_BV_RENAMES = (("MultiHeadDotProductAttention_0", "MultiHeadDotProductAttention_1"),
-               ("LayerNorm_1", "LayerNorm_2"), ("MlpBlock_0", "MlpBlock_3"))
-
-
-def _normalise_checkpoint(ckpt: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """Strips ``opt/target/`` or ``params/`` prefixes; maps big_vision names (``pos_embedding``,
-  ``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``, scanned
-  ``encoderblock/`` stacks) to the vit_jax names used here."""
-  for pre in ("opt/target/", "params/"):
-    if ckpt and all(k.startswith(pre) for k in ckpt):
-      ckpt = {k[len(pre):]: v for k, v in ckpt.items()}
-  if any("MlpBlock_0" in k for k in ckpt):  # big_vision naming
-    out = {}
-    for k, v in ckpt.items():
-      if k == "pos_embedding":
-        k = "Transformer/posembed_input/pos_embedding"
-      for old, new in _BV_RENAMES:
-        k = k.replace(f"/{old}/", f"/{new}/")
-      out[k] = v
-    ckpt = out
-  scanned = [k for k in ckpt if k.startswith("Transformer/encoderblock/")]
-  if scanned:  # big_vision scan_layers: leading axis = block
-    out = {k: v for k, v in ckpt.items() if k not in scanned}
-    for k in scanned:
-      rest = k[len("Transformer/encoderblock/"):]
-      for i, v in enumerate(ckpt[k]):
-        out[f"Transformer/encoderblock_{i}/{rest}"] = v
-    ckpt = out
-  return ckpt
-
-
-def _as_size(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-  if isinstance(image_size, int):
-    return image_size, image_size
-  h, w = image_size
-  return int(h), int(w)
-
-
-def init_leaves(module: nn.Module, rng: jax.Array, image_size: Union[int, Sequence[int]],
-                keep: Callable[[str], bool]) -> Dict[str, jax.Array]:
-  """The initial values of the ``params`` leaves whose ``/``-joined path satisfies ``keep``.
-
-  Runs ``module.init`` under ``jit`` returning only those leaves, so XLA drops the rest of the
-  initialisation (no 86M random numbers to fill a head and a few PEFT leaves of ViT-B/16).
-  """
-  h, w = _as_size(image_size)
-
-  def f(rng):
-    flat = traverse_util.flatten_dict(module.init(rng, jnp.zeros((1, h, w, 3)))["params"],
-                                      sep="/")
-    return {k: v for k, v in flat.items() if keep(k)}
-  return jax.jit(f)(rng)
-
-
-def load_pretrained(module: VisionTransformer, path: Union[str, os.PathLike],
-                    image_size: Union[int, Sequence[int]] = 224, rng: Optional[jax.Array] = None,
-                    *, keep_head: bool = False, ignore_keys: Sequence[str] = ()
-                    ) -> Dict[str, Any]:
-  """Variables ``{'params': ...}`` of ``module`` from a ViT ``.npz`` checkpoint.
-
-  Every checkpoint array goes to the leaf of the same ``/``-joined path (after
-  :func:`_normalise_checkpoint`); ``pos_embedding`` is resampled to the grid of ``image_size``
-  (:func:`resample_posemb`); the ``head`` is dropped and replaced by a fresh one
-  (``N(0, head_init_std)``, zero bias) unless ``keep_head``; PEFT leaves (paths containing
-  ``lora``/``adapter``/``prefix``) come from ``module.init(rng)`` unless the file has them
-  (files written by :func:`save_npz`). Arrays are cast to float32.
-
-  Args:
-    module: the target :class:`VisionTransformer` (its fields decide the tree).
-    path: ``.npz`` with ``/``-separated keys (vit_jax / big_vision layout).
-    image_size: input side (int or ``(h, w)``) the variables are made for.
-    rng: PRNG key for the head and the PEFT leaves (default ``PRNGKey(0)``).
-    keep_head: keep the checkpoint's ``head`` (shapes must match).
-    ignore_keys: checkpoint key prefixes to drop silently (e.g. ``("pre_logits",)``).
-
-  Returns:
-    ``{'params': nested dict of jax arrays}``.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: naming every missing key (model leaf not in the file), unexpected key (file
-      array the model has no leaf for) and shape mismatch.
-  """
-  module.validate()
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  h, w = _as_size(image_size)
-  p = module.spec.patch
-  if h % p or w % p:
-    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-  with np.load(path, allow_pickle=False) as f:
-    ckpt = {k: np.asarray(f[k]) for k in f.files}
-  ckpt = _normalise_checkpoint(ckpt)
-  shapes = traverse_util.flatten_dict(
-      jax.eval_shape(module.init, rng, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))["params"],
-      sep="/")
-  fresh = lambda k: ((is_head(k) and not keep_head)
-                     or (_is_peft_key(k) and k not in ckpt))
-  leaves = dict(shapes)
-  leaves.update(init_leaves(module, rng, (h, w), fresh))
-
-  out, missing, mismatched, used = {}, [], [], set()
-  for key, ref in leaves.items():
-    if is_head(key) and not keep_head:
-      out[key] = ref
-      continue
-    if key not in ckpt:
-      if _is_peft_key(key):
-        out[key] = ref
-      else:
-        missing.append(key)
-      continue
-    arr = ckpt[key]
-    used.add(key)
-    if key.endswith("posembed_input/pos_embedding") and arr.shape != ref.shape:
-      arr = resample_posemb(arr, (h // p, w // p))
-    if arr.shape != ref.shape:
-      mismatched.append(f"{key}: file {tuple(arr.shape)} vs model {tuple(ref.shape)}")
-      continue
-    out[key] = jnp.asarray(arr, jnp.float32)
-  dropped = lambda k: ((is_head(k) and not keep_head)
-                       or any(k.startswith(pre) for pre in ignore_keys))
-  unexpected = sorted(k for k in ckpt if k not in used and not dropped(k))
-  if missing or unexpected or mismatched:
-    lines = [f"{path}: checkpoint does not match ViT-{module.variant} (peft={module.peft.name!r}):"]
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("shape mismatches", mismatched)):
-      if items:
-        lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                     + (" ..." if len(items) > 20 else ""))
-    if any(k.startswith("pre_logits/") for k in unexpected):
-      lines.append("  the file has pre_logits: pass representation_size=<its width> to keep it, "
-                   "or ignore_keys=('pre_logits',) to drop it")
-    raise ValueError("\n".join(lines))
-  return {"params": traverse_util.unflatten_dict(out, sep="/")}
-
-
 def load_npz(path: Union[str, os.PathLike], variant: str, num_classes: int,
              image_size: Union[int, Sequence[int]] = 224, *, rng: Optional[jax.Array] = None,
              keep_head: bool = False, ignore_keys: Sequence[str] = (), **module_kwargs
@@ -725,82 +275,6 @@ def load_npz(path: Union[str, os.PathLike], variant: str, num_classes: int,
   module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)
   return load_pretrained(module, path, image_size, rng, keep_head=keep_head,
                          ignore_keys=ignore_keys)
-
-
-def save_npz(variables: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
-  """Writes ``variables['params']`` (or a bare params dict) as an ``.npz`` with ``/``-joined
-  keys (the checkpoint layout; PEFT leaves included), readable by :func:`load_pretrained`."""
-  params = variables.get("params", variables)
-  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
-
-
-def _not_found(message: str) -> Exception:
-  """A missing checkpoint: ``cft_jax.data.DatasetNotFoundError`` (a FileNotFoundError), which
-  the CLI prints as one line."""
-  from cft_jax.data.sources import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
-  return DatasetNotFoundError(message)
-
-
-def detect_checkpoint_format(path: Union[str, os.PathLike]) -> str:
-  """``"i21k"`` for a file with ``pre_logits`` (the original ``ViT-B_16.npz``), else
-  ``"augreg"`` (reads the key names only).
-
-  Raises:
-    FileNotFoundError: no such file (``DatasetNotFoundError``).
-  """
-  if not os.path.isfile(path):
-    raise _not_found(f"model.checkpoint: {path} does not exist (a ViT .npz file or the folder "
-                     f"holding it)")
-  with np.load(path, allow_pickle=False) as f:
-    return "i21k" if any("pre_logits/" in k for k in f.files) else "augreg"
-
-
-def _candidates(variant: str, fmt: str) -> Dict[str, str]:
-  files = {}
-  if fmt in ("auto", "augreg") and variant in AUGREG_FILES:
-    files[AUGREG_FILES[variant]] = AUGREG_URL + AUGREG_FILES[variant]
-  if fmt in ("auto", "i21k") and variant in I21K_FILES:
-    files[I21K_FILES[variant]] = I21K_URL + I21K_FILES[variant]
-  return files
-
-
-def pretrained_path(variant: str, directory: Optional[str] = None,
-                    checkpoint_format: str = "auto") -> str:
-  """Local path of the ImageNet-21k ``.npz`` of ``variant``.
-
-  ``checkpoint_format`` (``model.checkpoint_format``): ``augreg`` (Steiner et al. 2022,
-  ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz`` from
-  ``gs://vit_models/augreg/``), ``i21k`` (Dosovitskiy et al. 2021, ``ViT-B_16.npz`` with
-  ``pre_logits`` from ``gs://vit_models/imagenet21k/``) or ``auto`` (the first of those present).
-  Looked up in ``directory``, else ``$CFT_JAX_VIT_DIR``, else ``~/.cache/cft_jax/vit``.
-
-  Raises:
-    ValueError: no public checkpoint for ``variant`` (patch-4 and ``tiny`` variants) or an
-      unknown format.
-    FileNotFoundError: the file is absent; the message gives the download command.
-  """
-  if checkpoint_format not in CHECKPOINT_FORMATS:
-    raise ValueError(f"model.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
-                     f"{checkpoint_format!r}")
-  files = _candidates(variant, checkpoint_format)
-  if not files:
-    kind = "i21k" if checkpoint_format == "i21k" else "augreg"
-    raise ValueError(f"no public {kind} checkpoint for ViT variant {variant!r} "
-                     f"(augreg: {sorted(AUGREG_FILES)}, i21k: {sorted(I21K_FILES)}); use "
-                     f"pretrained=False")
-  directory = (directory or os.environ.get("CFT_JAX_VIT_DIR")
-               or os.path.join(os.path.expanduser("~"), ".cache", "cft_jax", "vit"))
-  for name in files:
-    path = os.path.join(directory, name)
-    if os.path.exists(path):
-      return path
-  cmds = "\n".join(f"  mkdir -p {directory} && wget -P {directory} {url}"
-                   for url in files.values())
-  raise _not_found(
-      f"none of {list(files)} in {directory}. Download one with\n{cmds}\n(or set "
-      f"CFT_JAX_VIT_DIR / model.checkpoint to the file or the folder holding it)")
-
 
 def build(variant: str, num_classes: int, *, pretrained: bool = True,
           image_size: Union[int, Sequence[int]] = 224, rng: Optional[jax.Array] = None,
