@@ -66,31 +66,40 @@ NP_REF = {
 }
 
 
-def test_matches_numpy_reference():
-  z, y = _inputs(seed=1)
-  # One jit for all objectives (compile time dominates on CPU).
-  outs = jax.jit(lambda zz, yy: {k: fn(zz, yy, **kw) for k, (fn, kw, _) in NP_REF.items()})(z, y)
-  for key, (_, _, ref) in NP_REF.items():
-    out = outs[key]
-    chex.assert_shape(out, (B,))
-    assert out.dtype == jnp.float32, key
-    np.testing.assert_allclose(np.asarray(out), ref(z, y), rtol=2e-5, atol=2e-6, err_msg=key)
+class ObjectiveValuesTest(chex.TestCase):
+  """Values against the float64 NumPy references, jitted and not (``chex.variants``)."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_numpy_reference(self):
+    z, y = _inputs(seed=1)
+    all_objectives = self.variant(
+        lambda zz, yy: {k: fn(zz, yy, **kw) for k, (fn, kw, _) in NP_REF.items()})
+    outs = all_objectives(z, y)
+    for key, (_, _, ref) in NP_REF.items():
+      out = outs[key]
+      chex.assert_shape(out, (B,))
+      assert out.dtype == jnp.float32, key
+      np.testing.assert_allclose(np.asarray(out), ref(z, y), rtol=2e-5, atol=2e-6, err_msg=key)
 
-def test_entropy_matches_numpy_and_bounds():
-  z, _ = _inputs(seed=2)
-  h = obj.entropy(z)
-  np.testing.assert_allclose(np.asarray(h), np_entropy(z), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(obj.entropy(jnp.zeros((2, C))), [math.log(C)] * 2, rtol=1e-6)
-  np.testing.assert_allclose(obj.entropy(jnp.array([[1e4, 0., 0.]])), [0.0], atol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_entropy_matches_numpy_and_bounds(self):
+    z, _ = _inputs(seed=2)
+    entropy = self.variant(obj.entropy)
+    h = entropy(z)
+    chex.assert_shape(h, (B,))
+    chex.assert_trees_all_close(h, np_entropy(z).astype(np.float32), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(entropy(jnp.zeros((2, C))), jnp.full((2,), math.log(C)),
+                                rtol=1e-6)
+    chex.assert_trees_all_close(entropy(jnp.array([[1e4, 0., 0.]])), jnp.zeros((1,)), atol=1e-6)
 
-
-def test_label_smoothing_is_smoothed_target_ce_minus_constant():
-  z, y = _inputs(seed=3)
-  g = 0.1
-  q = (1 - g) * np.eye(C)[y] + g / C
-  ref = -(q * np_logp(z)).sum(-1) - g * math.log(C)
-  np.testing.assert_allclose(np.asarray(obj.label_smoothing(z, y, g)), ref, rtol=1e-5)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_label_smoothing_is_smoothed_target_ce_minus_constant(self):
+    z, y = _inputs(seed=3)
+    g = 0.1
+    q = (1 - g) * np.eye(C)[y] + g / C
+    ref = -(q * np_logp(z)).sum(-1) - g * math.log(C)
+    out = self.variant(obj.label_smoothing)(z, y, g)
+    chex.assert_trees_all_close(out, ref.astype(np.float32), rtol=1e-5)
 
 
 def test_bf16_input_gives_float32():
@@ -118,23 +127,6 @@ def _logit_grad(fn, z, y, **kw):
   return np.asarray(jax.grad(lambda zz: jnp.sum(fn(zz, y, **kw)))(jnp.asarray(z)), np.float64)
 
 
-def test_ce_grad_is_p_minus_onehot():
-  z, y = _inputs(seed=5)
-  p = np.exp(np_logp(z))
-  np.testing.assert_allclose(_logit_grad(obj.ce, z, y), p - np.eye(C)[y], atol=2e-6)
-
-
-def test_epg_grad_is_py_times_ce_grad():
-  z, y = _inputs(seed=6)
-  p = np.exp(np_logp(z))
-  py = np_py(z, y)[:, None]
-  g_epg = _logit_grad(obj.epg, z, y)
-  np.testing.assert_allclose(g_epg, py * (p - np.eye(C)[y]), atol=2e-6)
-  np.testing.assert_allclose(g_epg, py * _logit_grad(obj.ce, z, y), atol=2e-6)
-  # Not trivially equal to CE's gradient.
-  assert np.abs(g_epg - _logit_grad(obj.ce, z, y)).max() > 0.1
-
-
 def test_epg_param_grad_is_py_times_ce_param_grad():
   """Per sample, grad_theta L_EPG = p_y grad_theta L_CE for any parameterisation (aEPG paper)."""
   rng = np.random.default_rng(7)
@@ -155,23 +147,51 @@ def test_epg_param_grad_is_py_times_ce_param_grad():
   assert np.abs(np.asarray(g_epg - g_ce)).max() > 0.05
 
 
-def test_aepg_endpoints_and_grad():
-  z, y = _inputs(seed=8)
-  np.testing.assert_allclose(obj.aepg(z, y, 1.0), obj.ce(z, y), rtol=1e-6)
-  np.testing.assert_allclose(obj.aepg(z, y, 0.0), obj.epg(z, y), rtol=1e-6)
-  a = 0.25
-  p = np.exp(np_logp(z))
-  py = np_py(z, y)[:, None]
-  np.testing.assert_allclose(_logit_grad(obj.aepg, z, y, alpha=a),
-                             (a + (1 - a) * py) * (p - np.eye(C)[y]), atol=2e-6)
-  # alpha may be traced.
-  out = jax.jit(obj.aepg)(z, y, jnp.float32(a))
-  np.testing.assert_allclose(out, a * np_ce(z, y) - (1 - a) * np_py(z, y), rtol=1e-5)
+class LogitGradientTest(chex.TestCase):
+  """Closed-form logit gradients (aEPG paper), jitted and not (``chex.variants``)."""
 
+  def _grad(self, fn, z, y, **kw):
+    g = self.variant(jax.grad(lambda zz: jnp.sum(fn(zz, y, **kw))))(jnp.asarray(z))
+    chex.assert_shape(g, (B, C))
+    return np.asarray(g, np.float64)
 
-def test_focal_gamma0_is_ce():
-  z, y = _inputs(seed=9)
-  np.testing.assert_allclose(obj.focal(z, y, 0.0), obj.ce(z, y), rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ce_grad_is_p_minus_onehot(self):
+    z, y = _inputs(seed=5)
+    p = np.exp(np_logp(z))
+    chex.assert_trees_all_close(self._grad(obj.ce, z, y), p - np.eye(C)[y], atol=2e-6, rtol=0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_epg_grad_is_py_times_ce_grad(self):
+    z, y = _inputs(seed=6)
+    p = np.exp(np_logp(z))
+    py = np_py(z, y)[:, None]
+    g_epg, g_ce = self._grad(obj.epg, z, y), self._grad(obj.ce, z, y)
+    chex.assert_trees_all_close(g_epg, py * (p - np.eye(C)[y]), atol=2e-6, rtol=0)
+    chex.assert_trees_all_close(g_epg, py * g_ce, atol=2e-6, rtol=0)
+    # Not trivially equal to CE's gradient.
+    assert np.abs(g_epg - g_ce).max() > 0.1
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_aepg_endpoints_and_grad(self):
+    z, y = _inputs(seed=8)
+    aepg = self.variant(obj.aepg)
+    chex.assert_trees_all_close(aepg(z, y, 1.0), obj.ce(z, y), rtol=1e-6)
+    chex.assert_trees_all_close(aepg(z, y, 0.0), obj.epg(z, y), rtol=1e-6)
+    a = 0.25
+    p = np.exp(np_logp(z))
+    py = np_py(z, y)[:, None]
+    chex.assert_trees_all_close(self._grad(obj.aepg, z, y, alpha=a),
+                                (a + (1 - a) * py) * (p - np.eye(C)[y]), atol=2e-6, rtol=0)
+    # alpha may be traced (a jnp scalar under the jit variant).
+    out = aepg(z, y, jnp.float32(a))
+    chex.assert_trees_all_close(out, (a * np_ce(z, y) - (1 - a) * np_py(z, y)).astype(np.float32),
+                                rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_focal_gamma0_is_ce(self):
+    z, y = _inputs(seed=9)
+    chex.assert_trees_all_close(self.variant(obj.focal)(z, y, 0.0), obj.ce(z, y), rtol=1e-6)
 
 
 # ------------------------------------------ stability --------------------------------------
