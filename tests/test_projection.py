@@ -1,5 +1,6 @@
 """Tests for cft_jax.projection (TPGM, FTP, L2-SP, WiSE-FT: docs/methods.md#robust-ft)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,23 +50,31 @@ def test_norms_l2_and_mars():
     P.norms(tree, "linf")
 
 
-def test_project_l2_scales_each_tensor():
-  anchor = {"a": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-  params = {"a": anchor["a"] + D_KERNEL, "b": jnp.array([0.3, 0.4])}  # norms sqrt(31), 0.5
-  out = P.project(params, anchor, {"a": jnp.float32(2.0), "b": jnp.float32(1.0)}, "l2")
-  np.testing.assert_allclose(out["a"], anchor["a"] + 2.0 / np.sqrt(31.0) * D_KERNEL, rtol=1e-5)
-  np.testing.assert_allclose(out["b"], params["b"], rtol=1e-6)  # inside its ball: unchanged
-  both = P.project(params, anchor, 0.25, "l2")  # one scalar for every leaf
-  np.testing.assert_allclose(both["b"], 0.5 * params["b"], rtol=1e-5)
+class ProjectTest(chex.TestCase):
+  """Projection onto the per-tensor / per-row balls, jitted and not (``chex.variants``)."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_project_l2_scales_each_tensor(self):
+    anchor = {"a": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    params = {"a": anchor["a"] + D_KERNEL, "b": jnp.array([0.3, 0.4])}  # norms sqrt(31), 0.5
+    project = self.variant(lambda p, a, r: P.project(p, a, r, "l2"))
+    out = project(params, anchor, {"a": jnp.float32(2.0), "b": jnp.float32(1.0)})
+    chex.assert_trees_all_close(out["a"], anchor["a"] + 2.0 / np.sqrt(31.0) * D_KERNEL,
+                                rtol=1e-5)
+    chex.assert_trees_all_close(out["b"], params["b"], rtol=1e-6)  # inside its ball: unchanged
+    both = project(params, anchor, jnp.float32(0.25))  # one scalar for every leaf
+    chex.assert_trees_all_close(both["b"], 0.5 * params["b"], rtol=1e-5)
 
-def test_project_mars_scales_each_row():
-  anchor = jnp.zeros((3, 2))
-  out = P.project(jnp.asarray(D_KERNEL), anchor, jnp.float32(5.0), "mars")  # rows 4, 7
-  np.testing.assert_allclose(out[:, 0], D_KERNEL[:, 0], rtol=1e-6)
-  np.testing.assert_allclose(out[:, 1], 5.0 / 7.0 * D_KERNEL[:, 1], rtol=1e-6)
-  per_row = P.project(jnp.asarray(D_KERNEL), anchor, jnp.array([2.0, 10.0]), "mars")
-  np.testing.assert_allclose(per_row, D_KERNEL * np.array([0.5, 1.0]), rtol=1e-6)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_project_mars_scales_each_row(self):
+    anchor = jnp.zeros((3, 2))
+    project = self.variant(lambda p, a, r: P.project(p, a, r, "mars"))
+    out = project(jnp.asarray(D_KERNEL), anchor, jnp.float32(5.0))  # rows 4, 7
+    chex.assert_shape(out, (3, 2))
+    chex.assert_trees_all_close(out, D_KERNEL * np.array([1.0, 5.0 / 7.0], np.float32),
+                                rtol=1e-6)
+    per_row = project(jnp.asarray(D_KERNEL), anchor, jnp.array([2.0, 10.0]))
+    chex.assert_trees_all_close(per_row, D_KERNEL * np.array([0.5, 1.0], np.float32), rtol=1e-6)
 
 
 def test_project_zero_displacement_and_none_radius():
@@ -220,7 +229,7 @@ def test_ftp_chained_with_grads_equals_wrapper():
     uw, sw = wrapped.update(gw, sw, pw)
     uc, sc = chained.update(gc, sc, pc, grads=gc)
     pw, pc = optax.apply_updates(pw, uw), optax.apply_updates(pc, uc)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), pw, pc)
+  chex.assert_trees_all_close(pw, pc, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="grads"):
     chained.update(gc, sc, pc)
 
@@ -228,19 +237,28 @@ def test_ftp_chained_with_grads_equals_wrapper():
 # --------------------------------------------- baselines ----------------------------------
 
 
-def test_l2sp_penalty_closed_form():
-  a = {"body": jnp.array([1.0, 2.0]), "head": jnp.array([5.0])}
-  p = {"body": jnp.array([2.0, 0.0]), "head": jnp.array([3.0])}
-  # alpha/2 * (1 + 4) over the backbone, beta/2 * 9 on the excluded head.
-  assert float(P.l2sp_penalty(p, a, alpha=0.1, exclude=P.is_head)) == pytest.approx(0.25)
-  assert float(P.l2sp_penalty(p, a, alpha=0.1, exclude=P.is_head, beta=0.2)) == pytest.approx(
-      0.25 + 0.9)
-  assert float(P.l2sp_penalty(p, a, alpha=0.1)) == pytest.approx(0.05 * (5 + 4))
+class L2spTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_l2sp_penalty_closed_form(self):
+    a = {"body": jnp.array([1.0, 2.0]), "head": jnp.array([5.0])}
+    p = {"body": jnp.array([2.0, 0.0]), "head": jnp.array([3.0])}
+    penalty = self.variant(lambda p_, a_, beta: P.l2sp_penalty(p_, a_, alpha=0.1,
+                                                               exclude=P.is_head, beta=beta))
+    # alpha/2 * (1 + 4) over the backbone, beta/2 * 9 on the excluded head.
+    chex.assert_shape(penalty(p, a, 0.0), ())
+    assert float(penalty(p, a, 0.0)) == pytest.approx(0.25)
+    assert float(penalty(p, a, 0.2)) == pytest.approx(0.25 + 0.9)
+    assert float(self.variant(P.l2sp_penalty)(p, a, 0.1)) == pytest.approx(0.05 * (5 + 4))
 
 
-def test_wise_ft_closed_form():
-  ft = {"w": jnp.array([4.0, 8.0])}
-  zs = {"w": jnp.array([0.0, 4.0])}
-  np.testing.assert_allclose(P.wise_ft(ft, zs, 0.25)["w"], [1.0, 5.0])
-  np.testing.assert_allclose(P.wise_ft(ft, zs, 0.0)["w"], zs["w"])
-  np.testing.assert_allclose(P.wise_ft(ft, zs, 1.0)["w"], ft["w"])
+class WiseFtTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_wise_ft_closed_form(self):
+    ft = {"w": jnp.array([4.0, 8.0])}
+    zs = {"w": jnp.array([0.0, 4.0])}
+    wise_ft = self.variant(P.wise_ft)
+    chex.assert_trees_all_close(wise_ft(ft, zs, 0.25), {"w": jnp.array([1.0, 5.0])})
+    chex.assert_trees_all_close(wise_ft(ft, zs, 0.0), zs)
+    chex.assert_trees_all_close(wise_ft(ft, zs, 1.0), ft)
