@@ -1,5 +1,6 @@
 """Tests for cft_jax.linearize, the ResNet-18 model and BatchNorm folding."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,6 @@ class SmoothMLP(nn.Module):
 
 def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _tree_close(a, b, **kw):
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
 
 
 def _random_like(tree, seed, scale=1.0):
@@ -76,29 +73,6 @@ def _randomize_bn(variables, seed):
 # ------------------------------------------------------------------------------------------
 
 
-def test_linearize_matches_finite_differences_and_is_linear():
-  with jax.enable_x64(True):
-    model = SmoothMLP()
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)))
-    p0 = model.init(KEY, x)["params"]
-    p0 = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), p0)
-    apply_fn = lambda p, xx: model.apply({"params": p}, xx)
-    apply_lin = lin.linearize(apply_fn, p0)
-    d = _random_like(p0, 2)
-    f0 = apply_fn(p0, x)
-    np.testing.assert_allclose(apply_lin(p0, x), f0, rtol=0, atol=1e-14)
-    eps = 1e-5
-    fd = (apply_fn(_axpy(eps, d, p0), x) - apply_fn(_axpy(-eps, d, p0), x)) / (2 * eps)
-    jd = apply_lin(_axpy(1.0, d, p0), x) - f0
-    np.testing.assert_allclose(jd, fd, rtol=1e-7, atol=1e-9)
-    _, jd_ref = jax.jvp(lambda p: apply_fn(p, x), (p0,), (d,))
-    for a in (0.5, -3.0):
-      np.testing.assert_allclose(apply_lin(_axpy(a, d, p0), x), f0 + a * jd_ref, rtol=1e-12,
-                                 atol=1e-12)
-    # The nonlinear model is not linear: the check above is not vacuous.
-    assert np.max(np.abs(apply_fn(_axpy(-3.0, d, p0), x) - (f0 - 3.0 * jd_ref))) > 1e-3
-
-
 def test_linearize_resnet_eval_bn():
   # float64 so that central differences are exact to ~1e-8 (no LeakyReLU kink is crossed).
   # Two stages keep compilation short; BN (eval), LeakyReLU, projection shortcut all present.
@@ -128,23 +102,52 @@ def test_linearize_resnet_eval_bn():
     np.testing.assert_allclose(jd, fd, rtol=1e-6, atol=1e-8)
 
 
-def test_linearize_features_dlcft_head():
-  model = SmoothMLP()
-  x = _normal((4, 3))
-  p0 = model.init(KEY, x)["params"]
-  feature_fn = lambda p, xx: model.apply({"params": p}, xx, return_features=True)
-  apply = lin.linearize_features(feature_fn, p0)
-  np.testing.assert_allclose(apply(p0, x), model.apply({"params": p0}, x), rtol=1e-5, atol=1e-6)
-  d = _random_like(p0, 2)
-  psi0, _ = lin.split_head(p0)
-  dpsi, _ = lin.split_head(d)
-  _, jz = jax.jvp(lambda p: feature_fn(p, x), (psi0,), (dpsi,))
-  p = _axpy(0.7, d, p0)
-  z = feature_fn(psi0, x) + 0.7 * jz
-  np.testing.assert_allclose(apply(p, x), z @ p["head"]["kernel"] + p["head"]["bias"],
-                             rtol=1e-5, atol=1e-5)
-  with pytest.raises(KeyError):
-    lin.split_head({"fc": {}})
+class LinearizeTest(chex.TestCase):
+  """``linearize`` / ``linearize_features`` jitted and not (``chex.variants``)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_linearize_matches_finite_differences_and_is_linear(self):
+    with jax.enable_x64(True):
+      model = SmoothMLP()
+      x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+      p0 = model.init(KEY, x)["params"]
+      p0 = jax.tree_util.tree_map(lambda v: v.astype(jnp.float64), p0)
+      apply_fn = lambda p, xx: model.apply({"params": p}, xx)
+      apply_lin = self.variant(lin.linearize(apply_fn, p0))
+      d = _random_like(p0, 2)
+      f0 = apply_fn(p0, x)
+      chex.assert_shape(apply_lin(p0, x), (4, 3))
+      chex.assert_trees_all_close(apply_lin(p0, x), f0, rtol=0, atol=1e-14)
+      eps = 1e-5
+      fd = (apply_fn(_axpy(eps, d, p0), x) - apply_fn(_axpy(-eps, d, p0), x)) / (2 * eps)
+      jd = apply_lin(_axpy(1.0, d, p0), x) - f0
+      chex.assert_trees_all_close(jd, fd, rtol=1e-7, atol=1e-9)
+      _, jd_ref = jax.jvp(lambda p: apply_fn(p, x), (p0,), (d,))
+      for a in (0.5, -3.0):
+        chex.assert_trees_all_close(apply_lin(_axpy(a, d, p0), x), f0 + a * jd_ref, rtol=1e-12,
+                                    atol=1e-12)
+      # The nonlinear model is not linear: the check above is not vacuous.
+      assert np.max(np.abs(apply_fn(_axpy(-3.0, d, p0), x) - (f0 - 3.0 * jd_ref))) > 1e-3
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_linearize_features_dlcft_head(self):
+    model = SmoothMLP()
+    x = _normal((4, 3))
+    p0 = model.init(KEY, x)["params"]
+    feature_fn = lambda p, xx: model.apply({"params": p}, xx, return_features=True)
+    apply = self.variant(lin.linearize_features(feature_fn, p0))
+    chex.assert_trees_all_close(apply(p0, x), model.apply({"params": p0}, x), rtol=1e-5,
+                                atol=1e-6)
+    d = _random_like(p0, 2)
+    psi0, _ = lin.split_head(p0)
+    dpsi, _ = lin.split_head(d)
+    _, jz = jax.jvp(lambda p: feature_fn(p, x), (psi0,), (dpsi,))
+    p = _axpy(0.7, d, p0)
+    z = feature_fn(psi0, x) + 0.7 * jz
+    chex.assert_trees_all_close(apply(p, x), z @ p["head"]["kernel"] + p["head"]["bias"],
+                                rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError):
+      lin.split_head({"fc": {}})
 
 
 def test_trainer_forward_features_mode_is_dlcft_eqs_6_7():
@@ -269,8 +272,8 @@ def test_from_torchvision_names_and_layouts():
   sd["bn1.num_batches_tracked"] = np.array(0)
   assert "layer2.0.downsample.0.weight" in sd and "layer1.1.conv2.weight" in sd
   back = resnet.from_torchvision(sd)
-  _tree_close(back["params"], variables["params"], rtol=0, atol=0)
-  _tree_close(back["batch_stats"], variables["batch_stats"], rtol=0, atol=0)
+  chex.assert_trees_all_equal(back["params"], variables["params"])
+  chex.assert_trees_all_equal(back["batch_stats"], variables["batch_stats"])
   assert "head" not in resnet.from_torchvision(sd, keep_fc=False)["params"]
 
 
