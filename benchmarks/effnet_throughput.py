@@ -26,6 +26,7 @@ import optax  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from cft_jax.models.efficientnet_lite import EfficientNetLite, load_pretrained  # noqa: E402
+from cft_jax.peft import PeftSpec  # noqa: E402
 
 
 def is_trainable(path: tuple) -> bool:
@@ -53,7 +54,7 @@ def timeit(fn, repeats: int) -> tuple[float, float]:
 
 def bench(impl: str, variables, args) -> tuple[tuple[float, float], tuple[float, float]]:
     model = EfficientNetLite(variant=args.variant, num_classes=args.num_classes,
-                             lora_rank=args.lora_rank, depthwise_impl=impl)
+                             peft=PeftSpec.lora(args.lora_rank), depthwise_impl=impl)
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (args.batch, args.size, args.size, 3), jnp.float32)
     y = jax.random.randint(key, (args.batch,), 0, args.num_classes)
@@ -100,11 +101,11 @@ def main() -> None:
     args = p.parse_args()
 
     try:  # speed does not depend on the values; this is just the quickest way to get them
-        variables = load_pretrained(args.variant, args.num_classes, args.lora_rank)
+        variables = load_pretrained(args.variant, args.num_classes, PeftSpec.lora(args.lora_rank))
     except (ImportError, ValueError):  # weights package missing / no weights for the variant
         print("no pretrained weights: random init (jitted model.init, slow to compile)")
         model = EfficientNetLite(variant=args.variant, num_classes=args.num_classes,
-                                 lora_rank=args.lora_rank)
+                                 peft=PeftSpec.lora(args.lora_rank))
         variables = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
 
     print(f"EfficientNet-{args.variant}, batch {args.batch}, {args.size}px, LoRA rank "

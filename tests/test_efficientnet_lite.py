@@ -76,7 +76,7 @@ def test_pretrained_tree_and_fresh_head(pretrained):
 
 
 def test_lora_at_init_matches_pretrained(pretrained):
-    v4 = load_pretrained("lite0", lora_rank=4, rng=jax.random.PRNGKey(3))
+    v4 = load_pretrained("lite0", peft=PeftSpec.lora(4), rng=jax.random.PRNGKey(3))
     flat4 = flatten_dict(v4["params"])
     lora = {k: v for k, v in flat4.items() if any("lora" in p for p in k)}
     assert len(lora) == 2 * (15 + 16 + 1)  # (expand, project, conv_top) x (lora_a, lora_b)
@@ -90,7 +90,7 @@ def test_lora_at_init_matches_pretrained(pretrained):
         return jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, return_features=True)))(v, x)
 
     y0, f0 = run(EfficientNetLite(), pretrained)
-    y4, f4 = run(EfficientNetLite(lora_rank=4), v4)
+    y4, f4 = run(EfficientNetLite(peft=PeftSpec.lora(4)), v4)
     np.testing.assert_array_equal(np.asarray(y0), np.asarray(y4))
     np.testing.assert_array_equal(np.asarray(f0), np.asarray(f4))
     assert y0.shape == (2, 1000) and f0.shape == (2, 1280)

@@ -87,25 +87,20 @@ def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = Tr
       name.startswith("vit_") or (peft.module == "adapter" and name.startswith("efficientnet"))):
     raise ValueError(f"peft.name='{peft.name}' is implemented for the ViT backbones (and "
                      f"adapter for EfficientNet-Lite); {name} supports lora | linear_probe | full")
-  lora_rank, lora_alpha = peft.lora_rank, peft.lora_alpha
-  adapter_hidden = peft.adapter_hidden if peft.module == "adapter" else 0
   if model_kwargs and not name.startswith("vit_"):
     raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
     from cft_jax.models.tiny_cnn import TinyCNN  # pylint: disable=g-import-not-at-top
-    module = TinyCNN(num_classes=num_classes, lora_rank=lora_rank)
+    module = TinyCNN(num_classes=num_classes, lora_rank=peft.lora_rank)
     variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=127.5, std=127.5)
   if name.startswith("efficientnet_lite"):
     from cft_jax.models import efficientnet_lite as eff  # pylint: disable=g-import-not-at-top
     variant = name[len("efficientnet_"):]
-    module = eff.EfficientNetLite(variant=variant, num_classes=num_classes, lora_rank=lora_rank,
-                                  lora_alpha=lora_alpha, dropout_rate=dropout_rate,
-                                  adapter_hidden=adapter_hidden)
+    module = eff.EfficientNetLite(variant=variant, num_classes=num_classes, peft=peft,
+                                  dropout_rate=dropout_rate)
     if pretrained:
-      variables = eff.load_pretrained(variant, num_classes=num_classes, lora_rank=lora_rank,
-                                      rng=rng, lora_alpha=lora_alpha,
-                                      adapter_hidden=adapter_hidden)
+      variables = eff.load_pretrained(variant, num_classes=num_classes, peft=peft, rng=rng)
     else:
       variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=eff.MEAN, std=eff.STD)

@@ -19,7 +19,7 @@ Made for a *frozen* pretrained backbone on CPU:
 * Every 1x1 convolution (expand, project, conv_top) is a
   :class:`~cft_jax.peft.lora.LoRADense` (an einsum on the channel axis,
   ``dense_last_axis``, whose kernel gradient is ordered for XLA's CPU dot);
-  that is where LoRA adapters go (``lora_rank > 0``).
+  that is where LoRA adapters go (``peft.name == 'lora'``).
 * Measured on a 2-core CPU (Lite0, batch 64, 96 px, LoRA rank 4, only LoRA +
   head trained): forward ~400 img/s, train step ~115 img/s, against ~36 and
   ~13 with the XLA grouped conv (``benchmarks/effnet_throughput.py``).
@@ -57,6 +57,7 @@ from jax.interpreters import ad, batching, mlir
 from cft_jax.peft import HEAD
 from cft_jax.peft.adapter import Adapter
 from cft_jax.peft.lora import LoRADense
+from cft_jax.peft.spec import NO_PEFT, PeftSpec
 
 __all__ = [
     "MEAN",
@@ -348,30 +349,29 @@ class MBConvBlock(nn.Module):
     expand: int
     kernel_size: int
     stride: int
-    lora_rank: int = 0
-    lora_alpha: float | None = None
+    peft: PeftSpec = NO_PEFT
     depthwise_impl: str = "shift"
     dtype: Any = jnp.float32
-    adapter_hidden: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         inp = x
+        rank, alpha = self.peft.lora_rank, self.peft.lora_alpha
         if self.expand != 1:
-            x = LoRADense(self.cin * self.expand, rank=self.lora_rank, alpha=self.lora_alpha,
+            x = LoRADense(self.cin * self.expand, rank=rank, alpha=alpha,
                           use_bias=False, kernel_init=nn.initializers.he_normal(),
                           dtype=self.dtype, name="expand_conv")(x)
             x = nn.relu6(_bn("bn0", self.dtype)(x))
         x = DepthwiseConv2D(self.kernel_size, self.stride, self.depthwise_impl, self.dtype,
                             name="depthwise_conv")(x)
         x = nn.relu6(_bn("bn1", self.dtype)(x))
-        x = LoRADense(self.cout, rank=self.lora_rank, alpha=self.lora_alpha, use_bias=False,
+        x = LoRADense(self.cout, rank=rank, alpha=alpha, use_bias=False,
                       kernel_init=nn.initializers.he_normal(), dtype=self.dtype,
                       name="project_conv")(x)
         x = _bn("bn2", self.dtype)(x)
-        if self.adapter_hidden:  # parallel adapter: block(x) + adapter(x), zero at init
+        if self.peft.module == "adapter":  # parallel adapter: block(x) + adapter(x), zero at init
             a = inp[:, ::self.stride, ::self.stride] if self.stride > 1 else inp
-            x = x + Adapter(self.adapter_hidden, out_features=self.cout, dtype=self.dtype,
+            x = x + Adapter(self.peft.adapter_hidden, out_features=self.cout, dtype=self.dtype,
                             name="adapter")(a)
         if self.stride == 1 and self.cin == self.cout:
             x = x + inp  # (no drop-connect: the backbone is frozen / LoRA-tuned)
@@ -384,15 +384,15 @@ class EfficientNetLite(nn.Module):
     Attributes:
       variant: "lite0" .. "lite4".
       num_classes: classifier width (top-level ``head`` nn.Dense, zero-initialised).
-      lora_rank: LoRA rank on every 1x1 conv (0: no adapters).
-      lora_alpha: LoRA alpha (None: = rank, scale 1).
+      peft: the run's :class:`cft_jax.peft.spec.PeftSpec`: ``lora`` puts LoRA (rank ``r``,
+        scale ``alpha / r``; unset alpha: 1) on every 1x1 conv; ``adapter`` adds a parallel
+        bottleneck Adapter (:class:`cft_jax.peft.adapter.Adapter`, hidden ``adapter_hidden``,
+        up-projection zero-initialised) to every MBConv block: ``block(x) + adapter(x)`` with
+        the adapter's input subsampled by the block's stride; other names: no module.
       dropout_rate: dropout before the head; active only when ``train=True``
         and a ``'dropout'`` rng is given.
       dtype: computation dtype (params stay float32).
       depthwise_impl: "shift" (fast on CPU) or "xla" (grouped conv reference).
-      adapter_hidden: >0 adds a parallel bottleneck Adapter (:class:`cft_jax.peft.adapter.Adapter`,
-        up-projection zero-initialised) to every MBConv block: ``block(x) + adapter(x)`` with the
-        adapter's input subsampled by the block's stride (0: none).
 
     ``__call__(x, train=False, return_features=False)``: ``x`` float
     ``[B, H, W, 3]`` already normalised with ``(x - MEAN) / STD``; returns
@@ -402,12 +402,10 @@ class EfficientNetLite(nn.Module):
 
     variant: str = "lite0"
     num_classes: int = 1000
-    lora_rank: int = 0
-    lora_alpha: float | None = None
+    peft: PeftSpec = NO_PEFT
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
     depthwise_impl: str = "shift"
-    adapter_hidden: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False) -> jax.Array:
@@ -416,10 +414,10 @@ class EfficientNetLite(nn.Module):
         x = nn.relu6(_bn("stem_bn", self.dtype)(x))
         for i, cfg in enumerate(block_config(self.variant)):
             x = MBConvBlock(cfg["cin"], cfg["cout"], cfg["expand"], cfg["kernel"], cfg["stride"],
-                            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                            depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                            adapter_hidden=self.adapter_hidden, name=f"block_{i}")(x)
-        x = LoRADense(HEAD_FEATURES, rank=self.lora_rank, alpha=self.lora_alpha, use_bias=False,
+                            peft=self.peft, depthwise_impl=self.depthwise_impl,
+                            dtype=self.dtype, name=f"block_{i}")(x)
+        x = LoRADense(HEAD_FEATURES, rank=self.peft.lora_rank, alpha=self.peft.lora_alpha,
+                      use_bias=False,
                       kernel_init=nn.initializers.he_normal(), dtype=self.dtype,
                       name="conv_top")(x)
         x = nn.relu6(_bn("bn_top", self.dtype)(x))
@@ -529,15 +527,14 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
 def load_pretrained(
     variant: str = "lite0",
     num_classes: int = 1000,
-    lora_rank: int = 0,
+    peft: PeftSpec = NO_PEFT,
     rng: jax.Array | None = None,
     *,
-    lora_alpha: float | None = None,
     path: str | os.PathLike | None = None,
-    adapter_hidden: int = 0,
 ) -> dict[str, Any]:
     """ImageNet EfficientNet-Lite variables ``{'params', 'batch_stats'}`` for
-    ``EfficientNetLite(variant, num_classes, lora_rank, lora_alpha)``.
+    ``EfficientNetLite(variant, num_classes, peft)`` (``peft``: a
+    :class:`cft_jax.peft.spec.PeftSpec`; LoRA and adapter leaves initialised as below).
 
     Weights are ported from the PyTorch ``.pth`` (read without torch): conv
     OIHW -> HWIO, depthwise (C,1,k,k) -> [k,k,C], 1x1 convs (out,in,1,1) ->
@@ -562,14 +559,13 @@ def load_pretrained(
         raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}")
     state = load_torch_state_dict(path)
 
-    model = EfficientNetLite(variant=variant, num_classes=num_classes, lora_rank=lora_rank,
-                             lora_alpha=lora_alpha, adapter_hidden=adapter_hidden)
+    model = EfficientNetLite(variant=variant, num_classes=num_classes, peft=peft)
     if rng is None:
         rng = jax.random.PRNGKey(0)
     dummy = jnp.zeros((1, 32, 32, 3), jnp.float32)
     shapes = jax.eval_shape(model.init, rng, dummy)
     leaves = {k: np.zeros(v.shape, v.dtype) for k, v in _flatten(shapes).items()}
-    if lora_rank > 0:
+    if peft.lora_rank > 0:
         # lora_b stays zero. lora_a: the distribution of LoRADense's init
         # (U(-1/sqrt(fan_in), 1/sqrt(fan_in))) from ONE uniform draw split over
         # the leaves: jitting model.init (one threefry per parameter) costs
@@ -581,7 +577,7 @@ def load_pretrained(
             fan_in = leaves[k].shape[0]
             leaves[k] = (chunk.reshape(leaves[k].shape) / np.sqrt(fan_in)).astype(np.float32)
 
-    if adapter_hidden > 0:
+    if peft.module == "adapter":
         # Adapters (same laws as Adapter's init): down kernel U(+-1/sqrt(fan_in)), biases and
         # the up-projection zero (the adapted model equals the pretrained one), scale 1.
         rng_ad = jax.random.fold_in(rng, 1)
