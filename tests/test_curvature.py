@@ -1,5 +1,6 @@
 """Tests for cft_jax.curvature: diagonal Fisher, MAS, K-FAC / TK-FAC, penalties, class-IL head."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -230,37 +231,54 @@ def test_kfac_is_exact_for_a_linear_layer_with_mse_and_extends_to_new_classes():
 # ------------------------------------------------------------------------------------------
 
 
-def test_kfac_penalty_equals_explicit_kronecker_form():
-  rng = np.random.default_rng(0)
+class KfacPenaltyTest(chex.TestCase):
+  """K-FAC / TK-FAC / EWC penalties against explicit forms, jitted and not (``chex.variants``)."""
 
-  def spd(n):
-    m = rng.standard_normal((n, n))
-    return jnp.asarray(m @ m.T / n + np.eye(n) * 0.1, jnp.float32)
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_kfac_penalty_equals_explicit_kronecker_form(self):
+    rng = np.random.default_rng(0)
 
-  layers = {
-      ("dense",): ({"kernel": (4, 3), "bias": (3,)}, 5),
-      ("conv",): ({"kernel": (2, 3, 2, 4), "bias": (4,)}, 2 * 2 * 3 + 1),
-      ("conv_nobias",): ({"kernel": (3, 3, 2, 4)}, 2 * 3 * 3),
-  }
-  for path, (shapes, din) in layers.items():
-    params = {path[0]: {k: _normal(s, 1) for k, s in shapes.items()}}
-    anchor = {path[0]: {k: _normal(s, 2) for k, s in shapes.items()}}
-    dout = shapes["kernel"][-1]
-    f = cv.LayerFactors(spd(din), spd(dout), jnp.asarray(7.0))
-    # V = [W | b] - anchor in the math layout [out, in'], conv inputs ordered (c_in, kh, kw).
-    def math_v(layer):
-      k = layer["kernel"]
-      w = k.T if k.ndim == 2 else jnp.transpose(k, (3, 2, 0, 1)).reshape(k.shape[-1], -1)
-      return jnp.concatenate([w, layer["bias"][:, None]], 1) if "bias" in layer else w
-    v = math_v(params[path[0]]) - math_v(anchor[path[0]])
-    vec = v.T.reshape(-1)  # column-major vec
-    explicit = 0.5 * vec @ jnp.kron(f.A, f.G) @ vec
-    np.testing.assert_allclose(cv.kfac_penalty(params, anchor, {path: f}), explicit, rtol=1e-4)
-    np.testing.assert_allclose(cv.kronecker_matrix(f), jnp.kron(f.A, f.G))
-    s = cv.tkfac_scale(f)
-    np.testing.assert_allclose(s, 7.0 / (jnp.trace(f.A) * jnp.trace(f.G)), rtol=1e-6)
-    np.testing.assert_allclose(cv.tkfac_penalty(params, anchor, {path: f}), s * explicit,
-                               rtol=1e-4)
+    def spd(n):
+      m = rng.standard_normal((n, n))
+      return jnp.asarray(m @ m.T / n + np.eye(n) * 0.1, jnp.float32)
+
+    layers = {
+        ("dense",): ({"kernel": (4, 3), "bias": (3,)}, 5),
+        ("conv",): ({"kernel": (2, 3, 2, 4), "bias": (4,)}, 2 * 2 * 3 + 1),
+        ("conv_nobias",): ({"kernel": (3, 3, 2, 4)}, 2 * 3 * 3),
+    }
+    for path, (shapes, din) in layers.items():
+      params = {path[0]: {k: _normal(s, 1) for k, s in shapes.items()}}
+      anchor = {path[0]: {k: _normal(s, 2) for k, s in shapes.items()}}
+      dout = shapes["kernel"][-1]
+      f = cv.LayerFactors(spd(din), spd(dout), jnp.asarray(7.0))
+      # V = [W | b] - anchor in the math layout [out, in'], conv inputs ordered (c_in, kh, kw).
+      def math_v(layer):
+        k = layer["kernel"]
+        w = k.T if k.ndim == 2 else jnp.transpose(k, (3, 2, 0, 1)).reshape(k.shape[-1], -1)
+        return jnp.concatenate([w, layer["bias"][:, None]], 1) if "bias" in layer else w
+      v = math_v(params[path[0]]) - math_v(anchor[path[0]])
+      vec = v.T.reshape(-1)  # column-major vec
+      explicit = 0.5 * vec @ jnp.kron(f.A, f.G) @ vec
+      kfac_penalty = self.variant(cv.kfac_penalty)
+      chex.assert_shape(kfac_penalty(params, anchor, {path: f}), ())
+      chex.assert_trees_all_close(kfac_penalty(params, anchor, {path: f}), explicit, rtol=1e-4)
+      np.testing.assert_allclose(cv.kronecker_matrix(f), jnp.kron(f.A, f.G))
+      s = cv.tkfac_scale(f)
+      np.testing.assert_allclose(s, 7.0 / (jnp.trace(f.A) * jnp.trace(f.G)), rtol=1e-6)
+      chex.assert_trees_all_close(self.variant(cv.tkfac_penalty)(params, anchor, {path: f}),
+                                  s * explicit, rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_ewc_penalty_is_half_weighted_square(self):
+    params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+    anchor = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([[2.5]])}
+    omega = {"a": jnp.array([2.0, 0.5]), "b": jnp.array([[3.0]])}
+    ewc = self.variant(cv.ewc_penalty)
+    chex.assert_shape(ewc(params, anchor, omega), ())
+    # 1/2 (2 * 1 + 0.5 * 9 + 3 * 4) = 9.25
+    chex.assert_trees_all_close(ewc(params, anchor, omega), jnp.float32(9.25), rtol=1e-6)
+    chex.assert_trees_all_close(ewc(anchor, anchor, omega), jnp.float32(0.0), atol=0)
 
 
 def test_kfac_single_example_matches_gradient_outer_product():
@@ -423,8 +441,7 @@ def test_kfac_treats_rank0_lora_dense_as_a_1x1_conv():
   f_conv = cv.kfac_factors(lambda p, xx: conv_net.apply({"params": p}, xx), conv_params,
                            [(x, y)], loss="ce", fisher_type="empirical")
   assert set(f_lora) == {("pw",), ("head",)}
-  for a, b in zip(f_lora[("pw",)], f_conv[("pw",)]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(f_lora[("pw",)], f_conv[("pw",)], rtol=1e-5, atol=1e-7)
   exact = _exact_layer_traces(_ce, lambda p, xx: lora_net.apply({"params": p}, xx), params, x, y)
   np.testing.assert_allclose(f_lora[("pw",)].fisher_trace, exact["pw"], rtol=1e-4)
   with_lora = net(lambda name: LoRADense(6, rank=2, name=name))
@@ -449,7 +466,7 @@ def test_jit_cache_reuses_one_compilation_with_new_values():
     got = cv.kfac_factors(apply_fn, p, [(x, y)], loss="ce", fisher_type="empirical",
                           jit_cache=cache)
     want = cv.kfac_factors(apply_fn, p, [(x, y)], loss="ce", fisher_type="empirical")
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
   (fn,) = cache.values()
   assert fn._cache_size() == 1  # pylint: disable=protected-access
 
@@ -463,6 +480,6 @@ def test_jit_cache_reuses_one_compilation_with_new_values():
                              const=p["head"], jit_cache=cache)
     want = cv.diagonal_fisher(lambda s, xx, h=p["head"]: apply_fn({"fc1": s, "head": h}, xx),
                               p["fc1"], [(x, y)], loss="ce", fisher_type="empirical")
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
   (fn,) = cache.values()
   assert fn._cache_size() == 1  # pylint: disable=protected-access
