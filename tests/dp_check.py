@@ -1,9 +1,10 @@
-"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see
-test_reliability.py): pmapped steps on 2 and 4 CPU devices against the single-device step."""
+"""Run in a subprocess (see test_reliability.py); it forces 4 CPU devices with
+``chex.set_n_cpu_devices(4)`` before any JAX operation: pmapped steps on 2 and 4 CPU devices against the single-device step."""
 
 import json
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,7 @@ def params_after_steps(num_devices: int, steps: int = 4):
 
 
 def main():
+  chex.set_n_cpu_devices(4)  # before any JAX operation
   out = {"devices": jax.local_device_count()}
   p1, l1, _ = params_after_steps(1)
   for n in (2, 4):

@@ -1,10 +1,11 @@
-"""Run in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (see
-test_parallel.py): the train step under the sharded-jit and pmap layouts on N CPU devices against
+"""Run in a subprocess as ``parallel_check.py CASE N`` (see test_parallel.py); it forces N CPU
+devices with ``chex.set_n_cpu_devices(N)`` before any JAX operation: the train step under the sharded-jit and pmap layouts on N CPU devices against
 the one-device step, with augmentation, dropout and a sampling loss (reinforce) all on."""
 
 import json
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,12 @@ def run(kind: str, n: int, loss: str, augment: str, steps_: int = 3, key_offset:
 
 
 def main():
+  if len(sys.argv) > 2:
+    chex.set_n_cpu_devices(int(sys.argv[2]))  # before any JAX operation
   out = {"devices": jax.local_device_count()}
   n = jax.local_device_count()
   cases = {"ce": (("ce", "crop_flip"),), "reinforce": (("reinforce", "rrc_flip"),)}
-  for loss, augment in cases[sys.argv[1]] if len(sys.argv) > 1 else sum(cases.values(), ()):
+  for loss, augment in cases[sys.argv[1]] if len(sys.argv) > 1 and sys.argv[1] != "all" else sum(cases.values(), ()):
     p1, l1, _, k1 = run("auto", 1, loss, augment)
     out[f"{loss}_kind_1"] = k1
     for kind in ("sharding", "pmap"):

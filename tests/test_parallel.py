@@ -29,9 +29,9 @@ def _env(**extra):
 def test_sharding_and_pmap_equal_one_device(n, case):
   """Augmentation (crop_flip / rrc_flip), dropout and a sampling loss: on n forced CPU devices
   both layouts give the one-device parameters after 3 Adam steps (one batch padded)."""
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_check.py"), case],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"))
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "parallel_check.py"), case,
+                        str(n)],  # the script forces n devices with chex.set_n_cpu_devices
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads(out.stdout.split("RESULT ")[-1])
   assert res["devices"] == n and res[f"{case}_kind_1"] == "single"
