@@ -91,7 +91,7 @@ def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = Tr
     raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
     from cft_jax.models.tiny_cnn import TinyCNN  # pylint: disable=g-import-not-at-top
-    module = TinyCNN(num_classes=num_classes, lora_rank=peft.lora_rank)
+    module = TinyCNN(num_classes=num_classes, peft=peft)
     variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=127.5, std=127.5)
   if name.startswith("efficientnet_lite"):
