@@ -457,8 +457,7 @@ def test_remat_from_config_same_values_and_gradients(images):
     outs.append((built.module.apply({"params": params}, x),
                  jax.grad(lambda t: loss(peft.merge_params(t, frozen)))(trainable)))
   np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                         outs[1][1], outs[0][1])
+  chex.assert_trees_all_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-6)
   bad = config_lib.base_config()
   bad.model.remat = True  # default backbone: EfficientNet-Lite0
   with pytest.raises(config_lib.ConfigError, match="model.remat"):
