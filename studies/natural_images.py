@@ -30,6 +30,12 @@ can be stopped and restarted; ``--phase report`` only aggregates. Commands::
     python studies/natural_images.py --study objectives --phase tune --arms ce aepg
     python studies/natural_images.py --study robust_ft --phase report
 
+Smoke check of the whole pipeline (minutes; tiny random CNN, numbers meaningless)::
+
+    python studies/natural_images.py --study robust_ft --arms ft tpgm --tune-seeds 100 \
+        --seeds 0 1 --extra-seeds --set model.name=tiny_cnn --set model.pretrained=False \
+        --image-size 16 --train-limit 20 --test-limit 10 --epochs 1 --out /tmp/ni --workdir-root /tmp/ni
+
 CPU cost: see ``docs/results/cifar10_pilot.md`` (per-run wall time on the 2-core machine) and
 ``--dry-run``, which prints the number of runs of each phase without training.
 """
