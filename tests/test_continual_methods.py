@@ -337,8 +337,11 @@ def _tiny(method, **overrides):
   c.train.batch_size, c.train.epochs = 8, 1
   c.train.progress = c.train.verbose = c.train.plots = False
   c.eval.batch_size = 40
-  c.method = ml_collections.ConfigDict({"name": method, "buffer_size": 12,
-                                        "replay_batch_size": 4, "curvature_batches": 1})
+  name = overrides.get("method.name", method)
+  small = {"buffer_size": 12, "replay_batch_size": 4, "curvature_batches": 1}
+  fields = methods.method_config_fields(name) or {}
+  c.method = ml_collections.ConfigDict(
+      {"name": name, **{k: v for k, v in small.items() if k in fields}})
   for k, v in overrides.items():
     section, key = k.split(".")
     c[section][key] = v
