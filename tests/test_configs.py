@@ -33,7 +33,7 @@ def test_imagenet_r_config_values():
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-  from tests.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
+  from tests.data.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
   return make_image_folder(str(tmp_path_factory.mktemp("imgs")),
                            classes=("a", "b", "c", "d"), n_train=4, n_test=2, size=12)
 

@@ -18,7 +18,7 @@ from cft_jax.models import build_model
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory):
-  from tests.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
+  from tests.data.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
   return make_image_folder(str(tmp_path_factory.mktemp("imgs")), classes=("a", "b", "c", "d"),
                            n_train=20, n_test=2, size=12)
 

@@ -109,7 +109,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_cli_on_image_folder(tmp_path):
-  from tests.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
+  from tests.data.test_data import make_image_folder  # pylint: disable=g-import-not-at-top
   root = make_image_folder(str(tmp_path / "imgs"), classes=("ant", "bee", "cat", "dog"),
                            n_train=6, n_test=3)
   workdir = str(tmp_path / "run")

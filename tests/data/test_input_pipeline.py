@@ -409,7 +409,7 @@ def test_explicit_class_order_from_the_config():
 def test_cli_bad_data_is_one_clean_line(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   root = _folder(str(tmp_path / "f"), classes=("a", "b"), n=(4, 2))
   bad = os.path.join(root, "train", "b", "001.jpg")
   with open(bad, "rb") as f:

@@ -17,7 +17,7 @@ from cft_jax import knn, methods, train
 from cft_jax.methods import lwf as lwf_lib
 from cft_jax.methods import regularizers, replay
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 import default as default_config  # pylint: disable=g-import-not-at-top
 
 HAS_FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")

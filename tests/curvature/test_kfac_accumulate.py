@@ -9,7 +9,7 @@ import pytest
 
 from cft_jax import curvature
 from cft_jax.methods import regularizers
-from tests.test_continual_methods import _ctx, _Head
+from tests.methods.test_continual_methods import _ctx, _Head
 
 
 def _aug(x):

@@ -1,0 +1,1 @@
+"""Tests of cft_jax.peft."""
