@@ -24,7 +24,7 @@ training image (2,000 per task) of which ``data.val_fraction`` 0.1 (200 per task
 LoRA rank 4 on every 1x1 convolution, local loss (the current task's classes).
 
 Measured (pilot, seed 0, ``docs/results/cifar10_pilot.md``; commits b948b5b / b78652c, image folder
-streamed through grain) on this project's 2-core Xeon CPU while five other jobs shared it (load
+streamed through grain) on this project's 2-core AMD EPYC CPU while five other jobs shared it (load
 average 6-9)::
 
     python -m cft_jax.main --config configs/cifar10.py:ce --workdir runs/c10_ce
