@@ -275,17 +275,17 @@ def make_layout(parallelism: str = "auto", num_devices: int = 1,
 
 
 def layout_from_config(config: ml_collections.ConfigDict) -> SingleLayout:
-  """Reads ``train.num_devices`` (0: all local devices) and ``train.parallelism``, and checks
+  """From the resolved config (:func:`cft_jax.config.validate_config`): reads ``train.num_devices`` (0: all local devices) and ``train.parallelism``, and checks
   that the batch sizes split evenly over every device of every process.
 
   Raises:
     ValueError: more devices requested than present, or batch sizes not divisible.
   """
   local = jax.local_device_count()
-  n = int(config.train.get("num_devices", 1) or local)
+  n = int(config.train.num_devices or local)
   if n > local:
     raise ValueError(f"train.num_devices={n} but only {local} local devices exist")
-  layout = make_layout(config.train.get("parallelism", "auto") or "auto", n)
+  layout = make_layout(config.train.parallelism, n)
   for key, b in (("train.batch_size", config.train.batch_size),
                  ("eval.batch_size", config.eval.batch_size)):
     if b % layout.num_devices:

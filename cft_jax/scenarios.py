@@ -321,8 +321,8 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
   """
   spec = make_scenario(config.scenario.type, num_classes, config.scenario.num_tasks,
                        seed=config.scenario.seed, shuffle_classes=config.scenario.shuffle_classes,
-                       class_order=tuple(config.scenario.get("class_order", ()) or ()),
-                       first_task_classes=int(config.scenario.get("first_task_classes", 0) or 0))
+                       class_order=tuple(config.scenario.class_order),
+                       first_task_classes=int(config.scenario.first_task_classes))
   tr_labels, te_labels = spec.relabel(train_labels), spec.relabel(test_labels)
   train_idx, val_idx, test_idx = [], [], []
   seed = config.seed
