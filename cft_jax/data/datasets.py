@@ -169,20 +169,17 @@ def _load_idx_dir(root: str, name: str, class_names: Sequence[str]) -> Optional[
 
 
 def _load_tfds(name: str, data_dir: Optional[str] = None) -> ImageDataset:
-  """Reads a tfds dataset with ``image``/``label`` features via ``tfds.data_source``."""
+  """Reads a small tfds dataset with ``image``/``label`` features into memory via
+  ``tfds.data_source`` (the in-memory fallback of fashion_mnist / mnist).
+
+  Raises:
+    DatasetNotFoundError: tfds missing or unable to provide the dataset (with what to do).
+  """
+  builder = _tfds_builder(name, data_dir)
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise DatasetNotFoundError(f"tfds:{name} needs `pip install tensorflow-datasets`") from e
-  try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
     sources = builder.as_data_source()
-  except Exception as e:  # tfds raises many types (network, missing TF, ...)
-    raise DatasetNotFoundError(
-        f"tfds could not provide '{name}' ({type(e).__name__}: {e}). On a machine without "
-        f"internet, prepare it elsewhere and copy the tfds data_dir (set data.root), or export the "
-        f"images as root/{{train,test}}/<class>/*.png and use data.name=image_folder.") from e
+  except Exception as e:  # tfds raises many types (missing files, format, ...)
+    raise DatasetNotFoundError(f"tfds could not open '{name}' ({type(e).__name__}: {e})") from e
   out = {}
   for split in ("train", "test"):
     src = sources[split]
