@@ -814,6 +814,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     init_distributed(config.distributed)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if jax.process_index() != 0:  # one process prints (tables, bars); the others run quietly
+    config.train.verbose = False
   if jax.process_index() == 0:  # one process prepares the (shared) workdir
     _prepare_workdir(workdir, overwrite)
   if jax.process_count() > 1:

@@ -131,4 +131,5 @@ def test_two_processes_sigkill_both_then_restart_resumes(reference, tmp_path):
   assert not (tmp_path / "metrics.json").exists()
   outs = wait_all(launch(tmp_path, 2, "--config.train.verbose=True"))
   assert "resuming from" in outs[0], outs[0][-2000:]  # from the mid-task checkpoint
+  assert "resuming from" not in outs[1] and "class-IL" not in outs[1]  # process 1 runs quietly
   assert_same_run(results(tmp_path), reference)
