@@ -45,7 +45,9 @@ def test_offline_copy_made_when_task_1_begins():
   np.testing.assert_allclose(state2["offline"]["lora"]["a"], d * 2.0 + (1 - d) * 3.0, rtol=1e-6)
 
 
-def test_frozen_peft_step_leaves_adam_moments_untouched():
+def _lae_tiny_lora():
+  """A tiny CNN with LoRA rank 2 (B moved off zero so every leaf has a gradient), LAE with one
+  frozen epoch, and a batch of 8 images of classes 2 and 3 (task 1 of 2-class tasks)."""
   built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
                       rng=jax.random.PRNGKey(1))
   variables = dict(built.variables)
@@ -54,13 +56,18 @@ def test_frozen_peft_step_leaves_adam_moments_untouched():
       lambda p, x: x + 0.1 if "lora_b" in str(p) else x, trainable)
   frozen = {"params": frozen_params, "collections": variables}
   method = methods.get_method(ml_collections.ConfigDict(dict(name="lae", freeze_epochs=1)))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+  labels = np.array([2, 3] * 4, np.int32)
+  return built, trainable, frozen, method, images, labels
+
+
+def test_frozen_peft_step_leaves_adam_moments_untouched():
+  built, trainable, frozen, method, images, labels = _lae_tiny_lora()
   tx = make_optimizer(ml_collections.ConfigDict(dict(name="adam", learning_rate=1e-2,
                                                      grad_clip=1.0)))
   step = train.make_train_step(built.module.apply, Preprocess(16), objectives.make_loss_fn("ce"),
                                tx, 2, method)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-  labels = np.array([2, 3] * 4, np.int32)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=tx.init(trainable),
                            method_state=method.init_state(trainable))
@@ -91,22 +98,12 @@ def test_split_head_optimizer_restarts_backbone_adam_after_frozen_epochs():
   first unfrozen PEFT step is a bias-corrected first Adam step, ``|delta| = lr`` per entry (a
   shared count would give ~3.2 lr: ``(1 - b1) / sqrt(1 - b2)``)."""
   lr = 1e-2
-  built = build_model("tiny_cnn", 4, peft=peft.PeftSpec.lora(2), image_size=16,
-                      rng=jax.random.PRNGKey(1))
-  variables = dict(built.variables)
-  trainable, frozen_params = peft.split_params(variables.pop("params"), "lora")
-  trainable = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 if "lora_b" in str(p) else x, trainable)
-  frozen = {"params": frozen_params, "collections": variables}
-  method = methods.get_method(ml_collections.ConfigDict(dict(name="lae", freeze_epochs=1)))
+  built, trainable, frozen, method, images, labels = _lae_tiny_lora()
   assert method.freezes_peft and not methods.Method().freezes_peft
   tx = make_optimizer(ml_collections.ConfigDict(dict(name="adam", learning_rate=lr)),
                       split_head=method.freezes_peft)
   step = train.make_train_step(built.module.apply, Preprocess(16), objectives.make_loss_fn("ce"),
                                tx, 2, method)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
-  labels = np.array([2, 3] * 4, np.int32)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                            opt_state=tx.init(trainable),
                            method_state=method.init_state(trainable))
