@@ -26,7 +26,7 @@ use the same code after ``jax.distributed.initialize``.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -353,25 +353,14 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     grads = psum(grads)
     keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
     if can_freeze:  # frozen PEFT leaves: no gradient (global-norm clipping) and held moments
-      grads = {key: (g if key == HEAD else jax.tree_util.tree_map(lambda x: x * keep, g))
-               for key, g in grads.items()}
-    extra = {}
-    if needs_val_batch:
-      vx, vy, vm = val_batch
-      extra["val_batch"] = {"frozen": frozen, "x": preprocess(vx, train=False),
-                            "labels": vy - task_lo, "mask": vm.astype(jnp.float32),
-                            "task_lo": task_lo}
-    if lin_mode:  # weight decay of a linearized model pulls toward psi_0 (an ordinary head: 0)
-      a0 = frozen["params0"]
-      if lin_mode == "features" and HEAD in a0:
-        a0 = {**a0, HEAD: jax.tree_util.tree_map(jnp.zeros_like, a0[HEAD])}
-      extra["decay_anchor"] = a0
+      grads = _scale_non_head(grads, keep)
+    extra = _optimizer_extra_args(frozen, val_batch if needs_val_batch else None, task_lo,
+                                  preprocess, lin_mode)
     updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
     if can_freeze:
       from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
       opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
-    updates = {key: (u if key == HEAD else jax.tree_util.tree_map(lambda x: x * keep, u))
-               for key, u in updates.items()}
+    updates = _scale_non_head(updates, keep)
     params = optax.apply_updates(state.params, updates)
     batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
              "logits": m["logits"]}
@@ -389,6 +378,38 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          method_state=method_state), metrics
 
+  return _compile_train_step(train_step, axis_name, shardings)
+
+
+def _scale_non_head(tree: Dict[str, Any], keep: jax.Array) -> Dict[str, Any]:
+  """``tree`` with every non-head top-level entry multiplied by ``keep`` (0: frozen, 1: free)."""
+  return {key: (v if key == HEAD else jax.tree_util.tree_map(lambda x: x * keep, v))
+          for key, v in tree.items()}
+
+
+def _optimizer_extra_args(frozen, val_batch, task_lo, preprocess, lin_mode) -> Dict[str, Any]:
+  """Extra ``tx.update`` arguments: TPGM's validation batch (``val_batch = (images, labels,
+  mask)`` or None) and, for a linearized model, the weight-decay anchor ``psi_0`` (an ordinary
+  head of the ``features`` mode decays toward 0)."""
+  extra = {}
+  if val_batch is not None:
+    vx, vy, vm = val_batch
+    extra["val_batch"] = {"frozen": frozen, "x": preprocess(vx, train=False),
+                          "labels": vy - task_lo, "mask": vm.astype(jnp.float32),
+                          "task_lo": task_lo}
+  if lin_mode:
+    a0 = frozen["params0"]
+    if lin_mode == "features" and HEAD in a0:
+      a0 = {**a0, HEAD: jax.tree_util.tree_map(jnp.zeros_like, a0[HEAD])}
+    extra["decay_anchor"] = a0
+  return extra
+
+
+def _compile_train_step(train_step: Callable, axis_name: Optional[str],
+                        shardings: Optional[Tuple[Any, Any]]) -> Callable:
+  """``train_step`` under ``pmap`` (``axis_name``), sharded ``jit`` (``shardings = (replicated,
+  batch)``) or plain ``jit``; the state argument is donated. The returned step carries
+  ``num_traces()`` (compilations), ``pmapped``, ``sharded`` and ``lower``."""
   counted = _TraceCounter(train_step)
   if axis_name:
     compiled = jax.pmap(counted, axis_name=axis_name,
