@@ -261,6 +261,8 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
       log(f"tune {arm.name} {_setting_name(arm, lr, value)} seed {seed}: val class-IL final "
           f"{scores[(lr, value)][-1]:.2f} ({time.time() - t:.0f}s)")
     lr, value = select_best(scores)
+    # Re-read before writing: several processes may tune disjoint --arms of one study at once.
+    selected = json.load(open(path)) if os.path.exists(path) else {}
     selected[arm.name] = {
         "learning_rate": lr, **({arm.key: value} if arm.key else {}),
         "tune_seeds": list(args.tune_seeds), "val_fraction": args.val_fraction,
@@ -280,6 +282,8 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
     if any(r["arm"] == arm.name and r["seed"] == seed for r in runs):
       return
     sel = selected.get(arm.name)
+    if sel is None and args.phase == "report":  # not tuned yet: nothing to aggregate
+      return
     if sel is None:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
     wd = os.path.join(args.workdir_root, study, "final", arm.name, f"seed{seed}")
@@ -330,6 +334,28 @@ def compare(runs: List[Dict[str, Any]], claim: Claim) -> Optional[Dict[str, Any]
   return out
 
 
+def _tune_seeds(arms: List[Arm], selected: Dict[str, Any]) -> List[int]:
+  return sorted({s for a in arms for s in selected.get(a.name, {}).get("tune_seeds", ())})
+
+
+def _seed_args(arms: List[Arm], selected: Dict[str, Any]) -> str:
+  """`` --tune-seeds ...`` when the study was tuned with other than the default seeds."""
+  seeds = _tune_seeds(arms, selected)
+  return f" --tune-seeds {' '.join(map(str, seeds))}" if seeds and seeds != [100, 101] else ""
+
+
+def _setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
+  """One line: the runs' budget (from the first arm's config) and the tuning seeds used."""
+  c = natural_config(arms[0], 0, args)
+  seeds = _tune_seeds(arms, selected)
+  limit = (f"{c.data.train_limit} training images per task" if c.data.train_limit
+           else "every training image")
+  return (f"Setup: {c.model.name} (PEFT: {c.peft.name}), "
+          f"{c.data.image_size} px, {limit} ({c.data.val_fraction:.0%} held out for validation), "
+          f"{c.train.epochs} epoch(s) per task, batch {c.train.batch_size}; tuning seeds "
+          f"{seeds} (the protocol's default: [100, 101]); final seeds as listed per claim.")
+
+
 def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dict], args,
            wall_s: float) -> str:
   """Phase 3: writes ``cifar10_<study>.md`` and ``.json``; returns the markdown."""
@@ -337,8 +363,9 @@ def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dic
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
   lines = [f"# {study} on cifar10-mini: the {spec['paper']} claims under the fair protocol", "",
            "Protocol: `docs/results/protocol.md`. Command: `python studies/natural_images.py "
-           f"--study {study}`. Selected values: `cifar10_{study}_selected.json`. Scores in %; "
-           "mean ± sample std over the final seeds (test images).", "",
+           f"--study {study}{_seed_args(arms, selected)}`. Selected values: `cifar10_{study}_selected.json`. Scores in %; "
+           "mean ± sample std over the final seeds (test images).", "", _setup_line(arms, selected, args),
+           "",
            "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
            "| val class-IL final | OOD corruption mean |", "|---|---|---|---|---|---|---|---|"]
   for arm in arms:
