@@ -4,8 +4,10 @@
 The argument after the colon is ``loss[,method]``: loss one of the objectives study's objectives
 (``ce``, ``epg``, ``aepg``, ``entropy_penalty``, ``confidence_penalty``, ``label_smoothing``,
 ``focal``, ``reinforce``; hyper-parameters as in ``configs/objectives_study.py``, i.e. the aEPG
-paper's), method ``sequential`` (default: one LoRA module updated across tasks, "seq-LoRA") or
-``lae``. Commands::
+paper's), method ``sequential`` (default: one LoRA module updated across tasks, "seq-LoRA"),
+``lae``, or a replay method on top of seq-LoRA: ``er`` / ``derpp`` (a reservoir buffer of 500
+images, 32 replayed per step, CE over every seen class's output instead of the local loss; DER++
+alpha 0.1, beta 0.5). Commands::
 
     python -m cft_jax.main --config configs/cifar10.py:ce --workdir runs/c10_ce
     python -m cft_jax.main --config configs/cifar10.py:aepg --workdir runs/c10_aepg
@@ -47,7 +49,7 @@ import ml_collections
 
 from cft_jax.config import base_config, load_config_module, parse_config_arg
 
-METHODS = ("sequential", "lae")
+METHODS = ("sequential", "lae", "er", "derpp")
 ENV_ROOT = "CFT_JAX_CIFAR10_MINI"
 
 
@@ -88,6 +90,8 @@ def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
   c.loss.name = loss
   c.loss.update(settings[loss])
   c.method.name = method
+  if method in ("er", "derpp"):  # replay on top of seq-LoRA (the method's defaults: buffer 500,
+    c.loss.scope = "all"          # 32 replayed per step; DER++ alpha 0.1, beta 0.5), global CE
   c.optim.learning_rate = 1e-3
   c.train.epochs = 3
   c.train.batch_size = 32

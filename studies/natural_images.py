@@ -9,7 +9,10 @@ Studies (``--study``):
 * ``dlcft_data_il`` / ``dlcft_class_il`` (DLCFT paper): ``configs/dlcft_*.py`` with the data
   switched to cifar10-mini (``--config.data.*`` as below);
 * ``robust_ft`` (TPGM / FTP papers): ``configs/robust_ft.py`` on cifar10-mini, OOD = the
-  corruption suite at 5 severities of the cifar10-mini test images (CIFAR-10-C recipe).
+  corruption suite at 5 severities of the cifar10-mini test images (CIFAR-10-C recipe);
+* ``class_il_recipes``: which configuration to use for class-IL on natural images — seq-LoRA CE /
+  aEPG, LAE aEPG, and replay (``configs/cifar10.py:ce,er`` / ``ce,derpp``, buffer 500) at the
+  ``configs/cifar10.py`` budget; its CE / aEPG arms are the objectives study's runs (shared).
 
 Phases (``--phase``, default ``all``):
 
@@ -168,6 +171,22 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                          ("ood", "id"))],
     },
 }
+# The recommended class-IL configuration: seq-LoRA's variants at the same budget. Its arms share
+# the objectives study's names and runs (``runs_under``), so CE / aEPG are never trained twice.
+_seq = {a.name: a for a in _objective_arms("sequential") + _objective_arms("lae")}
+STUDIES["class_il_recipes"] = {
+    "paper": "class-IL recommendation (seq-LoRA, LAE, replay)",
+    "runs_under": "objectives",
+    "lr_grid": LR_GRID,
+    "arms": [_seq["ce_seq"], _seq["aepg_tau6_seq"], _seq["aepg_tau6_lae"],
+             Arm("er_seq", "cifar10", "ce,er", "ER, buffer 500 (seq-LoRA, CE over all outputs)"),
+             Arm("derpp_seq", "cifar10", "ce,derpp",
+                 "DER++, buffer 500 (seq-LoRA, CE over all outputs)")],
+    "claims": [Claim("ER beats seq-LoRA CE", "er_seq", "ce_seq"),
+               Claim("ER beats seq-LoRA aEPG", "er_seq", "aepg_tau6_seq"),
+               Claim("DER++ beats ER", "derpp_seq", "er_seq"),
+               Claim("LAE aEPG beats seq-LoRA aEPG", "aepg_tau6_lae", "aepg_tau6_seq")],
+}
 MIN_SEEDS_IF_NOISY = 5
 
 
@@ -253,8 +272,8 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
     grid = list(itertools.product(spec["lr_grid"], arm.grid or (None,)))
     scores: Dict[Tuple[float, Any], List[float]] = {}
     for (lr, value), seed in itertools.product(grid, args.tune_seeds):
-      wd = os.path.join(args.workdir_root, study, "tune", arm.name, _setting_name(arm, lr, value),
-                        f"seed{seed}")
+      wd = os.path.join(args.workdir_root, spec.get("runs_under", study), "tune", arm.name,
+                        _setting_name(arm, lr, value), f"seed{seed}")
       t = time.time()
       m = run_one(natural_config(arm, seed, args, lr, value, tuning=True), wd)
       scores.setdefault((lr, value), []).append(val_score(m))
@@ -286,7 +305,8 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
       return
     if sel is None:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
-    wd = os.path.join(args.workdir_root, study, "final", arm.name, f"seed{seed}")
+    wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", arm.name,
+                      f"seed{seed}")
     cfg = natural_config(arm, seed, args, sel["learning_rate"], sel.get(arm.key))
     if args.phase == "report":
       if not os.path.exists(os.path.join(wd, "metrics.json")):

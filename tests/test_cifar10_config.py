@@ -26,7 +26,7 @@ def _load(path, name):
 CIFAR = _load(os.path.join(REPO, "configs", "cifar10.py"), "test_cifar10_config_mod")
 LOSSES = ("ce", "epg", "aepg", "confidence_penalty", "label_smoothing", "focal",
           "entropy_penalty", "reinforce")
-ARGS = [f"{loss},sequential" for loss in LOSSES] + ["ce,lae", "aepg,lae"]
+ARGS = [f"{loss},sequential" for loss in LOSSES] + ["ce,lae", "aepg,lae", "ce,er", "ce,derpp"]
 
 
 def test_default_root_is_the_shared_folder(monkeypatch):
@@ -58,6 +58,8 @@ def test_every_arg_builds_and_validates(arg):
   validate_config(c)
   if loss == "confidence_penalty":
     assert c.loss.beta == 0.1          # the objectives study's (paper's) value
+  # replay (er / derpp): CE over every seen output, as mammoth; otherwise the paper's local loss
+  assert c.loss.scope == ("all" if method in ("er", "derpp") else "local")
   if loss == "aepg":
     assert (c.loss.schedule, c.loss.tau, c.loss.schedule_scope) == ("sigmoid", 6.0, "task")
 
@@ -100,7 +102,8 @@ def _tiny(c, root, model="tiny_cnn"):
 @pytest.mark.parametrize("arg", ARGS[1:])
 def test_tiny_run_of_every_arg(arg, mini_root, tmp_path):
   c = _tiny(CIFAR.get_config(arg), mini_root)
-  n = 2 if arg.endswith(",lae") else 1  # LAE: also the first task switch (its offline copy)
+  # LAE: also the first task switch (its offline copy); replay: task 2 draws from the buffer
+  n = 2 if arg.split(",")[-1] in ("lae", "er", "derpp") else 1
   c.train.stop_after_task = n
   R = np.array(train.run(c, str(tmp_path))["accuracy_matrix"], float)
   assert np.all(np.isfinite(np.tril(R[:n, :n]))) and np.all(np.isnan(R[n:]))
