@@ -269,7 +269,7 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
   path = os.path.join(args.out, f"cifar10_{study}_selected.json")
   selected = json.load(open(path)) if os.path.exists(path) else {}
   for arm in arms:
-    grid = list(itertools.product(spec["lr_grid"], arm.grid or (None,)))
+    grid = list(itertools.product(spec["lr_grid"], args.grid.get(arm.name, arm.grid) or (None,)))
     scores: Dict[Tuple[float, Any], List[float]] = {}
     for (lr, value), seed in itertools.product(grid, args.tune_seeds):
       wd = os.path.join(args.workdir_root, spec.get("runs_under", study), "tune", arm.name,
@@ -285,6 +285,7 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
     selected[arm.name] = {
         "learning_rate": lr, **({arm.key: value} if arm.key else {}),
         "tune_seeds": list(args.tune_seeds), "val_fraction": args.val_fraction,
+        **({"own_grid_reduced_to": list(args.grid[arm.name])} if arm.name in args.grid else {}),
         "val_class_il_final": {_setting_name(arm, l, v): s for (l, v), s in scores.items()}}
     with open(path, "w") as f:
       json.dump(selected, f, indent=1)
@@ -370,10 +371,13 @@ def _setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
   seeds = _tune_seeds(arms, selected)
   limit = (f"{c.data.train_limit} training images per task" if c.data.train_limit
            else "every training image")
+  reduced = "; ".join(f"{a.name}'s own grid reduced to {selected[a.name]['own_grid_reduced_to']}"
+                      for a in arms if "own_grid_reduced_to" in selected.get(a.name, {}))
   return (f"Setup: {c.model.name} (PEFT: {c.peft.name}), "
           f"{c.data.image_size} px, {limit} ({c.data.val_fraction:.0%} held out for validation), "
           f"{c.train.epochs} epoch(s) per task, batch {c.train.batch_size}; tuning seeds "
-          f"{seeds} (the protocol's default: [100, 101]); final seeds as listed per claim.")
+          f"{seeds} (the protocol's default: [100, 101]){'; ' + reduced if reduced else ''}; final "
+          "seeds as listed per claim.")
 
 
 def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dict], args,
@@ -444,14 +448,23 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                  help="any other config value for every run (repeatable; e.g. a smoke test with "
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
+  p.add_argument("--grid", action="append", default=[], metavar="ARM=V1,V2",
+                 help="a smaller own-hyper-parameter grid for ARM (repeatable; a deviation from "
+                 "the protocol's budget, recorded in the selected JSON)")
   add_override_args(p, "per task")
   args = p.parse_args(argv)
+  try:
+    args.grid = {k: tuple(ast.literal_eval(v) for v in vals.split(","))
+                 for k, _, vals in (g.partition("=") for g in args.grid)}
+  except (ValueError, SyntaxError):
+    p.error(f"--grid takes ARM=V1,V2 (numbers), got {args.grid}")
   spec = STUDIES[args.study]
   arms = [a for a in spec["arms"] if args.arms is None or a.name in args.arms]
   if not arms:
     p.error(f"no arm of {args.study} among {args.arms}; choose from "
             f"{[a.name for a in spec['arms']]}")
-  n_tune = sum(len(spec["lr_grid"]) * max(1, len(a.grid)) for a in arms) * len(args.tune_seeds)
+  n_tune = sum(len(spec["lr_grid"]) * max(1, len(args.grid.get(a.name, a.grid))) for a in arms
+               ) * len(args.tune_seeds)
   n_final = len(arms) * len(args.seeds)
   print(f"[natural_images] {args.study}: {len(arms)} arms; tune {n_tune} runs, final {n_final} "
         f"runs (+ up to {2 * len(args.extra_seeds)} per noisy claim)", flush=True)
