@@ -387,6 +387,7 @@ def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dic
   spec = STUDIES[study]
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
   single = spec.get("single_task", False)
+  run_s = sum(r["metrics"].get("wall_time_s") or 0.0 for r in runs)
   head = ("| arm | selected (lr, own) | seeds | ID accuracy (test) | val ID accuracy | OOD corruption "
           "mean | ID - OOD drop |" if single else
           "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
@@ -430,7 +431,9 @@ def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dic
   lines += ["", "Verdict rule (`studies/_common.claim_verdict`, 95% t interval of the paired "
             "difference): reproduced if it lies above 0; not reproduced if it excludes every "
             "gain of 1 point or more; inconclusive otherwise. "
-            f"Wall time of this invocation: {wall_s / 60:.1f} min.", ""]
+            f"Final runs: {len(runs)}, {run_s / 60:.0f} min of training wall time in all "
+            "(2-core CPU, other runs sharing it)"
+            + (f"; this invocation: {wall_s / 60:.1f} min." if args.phase != "report" else "."), ""]
   text = "\n".join(lines)
   with open(os.path.join(args.out, f"cifar10_{study}.md"), "w") as f:
     f.write(text)
