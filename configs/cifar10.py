@@ -7,11 +7,14 @@ The argument after the colon is ``loss[,method]``: loss one of the objectives st
 paper's), method ``sequential`` (default: one LoRA module updated across tasks, "seq-LoRA"),
 ``lae``, or a replay method on top of seq-LoRA: ``er`` / ``derpp`` (a reservoir buffer of 500
 images, 32 replayed per step, CE over every seen class's output instead of the local loss; DER++
-alpha 0.1, beta 0.5). Commands::
+alpha 0.1, beta 0.5; ER at lr 3e-3, its validated value). ``ce,er`` is the recommended
+class-incremental configuration (README "Which configuration for class-incremental fine-tuning":
+class-IL final 56.5 vs 48.1 for seq-LoRA CE, 3 seeds). Commands::
 
     python -m cft_jax.main --config configs/cifar10.py:ce --workdir runs/c10_ce
     python -m cft_jax.main --config configs/cifar10.py:aepg --workdir runs/c10_aepg
     python -m cft_jax.main --config configs/cifar10.py:aepg,lae --workdir runs/c10_aepg_lae
+    python -m cft_jax.main --config configs/cifar10.py:ce,er --workdir runs/c10_er
     python studies/natural_images.py --help          # the tuning protocol + final seeds
 
 Data: ``../shared/data/cifar10-mini`` beside the checkout (12,000 CIFAR-10 images, 32x32 JPG,
@@ -90,9 +93,11 @@ def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
   c.loss.name = loss
   c.loss.update(settings[loss])
   c.method.name = method
+  c.optim.learning_rate = 1e-3
   if method in ("er", "derpp"):  # replay on top of seq-LoRA (the method's defaults: buffer 500,
     c.loss.scope = "all"          # 32 replayed per step; DER++ alpha 0.1, beta 0.5), global CE
-  c.optim.learning_rate = 1e-3
+  if method == "er":  # selected on validation: docs/results/cifar10_class_il_recipes_selected.json
+    c.optim.learning_rate = 3e-3
   c.train.epochs = 3
   c.train.batch_size = 32
   c.train.log_every = 10
