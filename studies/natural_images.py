@@ -293,11 +293,36 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
   return selected
 
 
+def recorded_runs(path: str, keys: Dict[str, Optional[str]],
+                  selected: Dict[str, Any]) -> Dict[Tuple[str, int], Dict[str, Any]]:
+  """The final runs recorded in a study's results JSON (``path``, written by :func:`report`)
+  whose arm was run at the values selected now: ``{(arm, seed): record}``.
+
+  A study spans sessions on a small machine and run folders are not kept, so the committed
+  records stand in for runs whose folder is gone; a run recorded under another selection
+  (learning rate or the arm's own value, ``keys[arm]``) is not reused. No file: ``{}``.
+  """
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    data = json.load(f)
+  old_sel = data.get("selected", {})
+  out = {}
+  for r in data.get("runs", ()):
+    arm, now, then = r["arm"], selected.get(r["arm"]), old_sel.get(r["arm"])
+    if arm in keys and now and then and all(
+        now.get(k) == then.get(k) for k in ("learning_rate", keys[arm]) if k):
+      out[(arm, r["seed"])] = r
+  return out
+
+
 def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> List[Dict]:
   """Phase 2: every arm at its selected values on the test images, ``--seeds`` (+ extra seeds
   for noisy claims). Returns one record per finished run."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
+  prior = {} if args.fresh else recorded_runs(
+      os.path.join(args.out, f"cifar10_{study}.json"), {a.name: a.key for a in arms}, selected)
 
   def do(arm: Arm, seed: int) -> None:
     if any(r["arm"] == arm.name and r["seed"] == seed for r in runs):
@@ -310,6 +335,9 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
     wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", arm.name,
                       f"seed{seed}")
     cfg = natural_config(arm, seed, args, sel["learning_rate"], sel.get(arm.key))
+    if not os.path.exists(os.path.join(wd, "metrics.json")) and (arm.name, seed) in prior:
+      runs.append(prior[(arm.name, seed)])  # committed by an earlier session, same selection
+      return
     if args.phase == "report":
       if not os.path.exists(os.path.join(wd, "metrics.json")):
         return
@@ -460,6 +488,10 @@ def main(argv=None) -> int:
   p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                  help="any other config value for every run (repeatable; e.g. a smoke test with "
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
+  p.add_argument("--fresh", action="store_true",
+                 help="do not reuse the final runs recorded in <out>/cifar10_<study>.json (by "
+                 "default a run whose folder is gone but which is recorded there at the same "
+                 "selected values is taken from the record)")
   p.add_argument("--grid", action="append", default=[], metavar="ARM=V1,V2",
                  help="a smaller own-hyper-parameter grid for ARM (repeatable; a deviation from "
                  "the protocol's budget, recorded in the selected JSON)")

@@ -93,3 +93,26 @@ def test_natural_images_compare_pairs_by_seed():
   assert r["hi"] == pytest.approx(-1.0 + 4.302652729749462 / math.sqrt(3.0))
   assert r["verdict"] == "inconclusive"
   assert natural_images.compare(runs[:1] + runs[4:5], natural_images.Claim("x", "a", "b")) is None
+
+
+def test_recorded_runs_reused_only_at_the_same_selection(tmp_path):
+  """A study's committed results JSON stands in for run folders that are gone, but only for arms
+  whose selected learning rate and own value are unchanged."""
+  import json
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "studies"))
+  import natural_images  # pylint: disable=g-import-not-at-top
+  sel = {"ce": {"learning_rate": 1e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 0.3}}
+  runs = [{"arm": "ce", "seed": 0, "metrics": {"final_accuracy": 40.0}},
+          {"arm": "der", "seed": 0, "metrics": {"final_accuracy": 30.0}},
+          {"arm": "gone", "seed": 0, "metrics": {"final_accuracy": 1.0}}]
+  path = tmp_path / "cifar10_x.json"
+  path.write_text(json.dumps({"selected": sel, "runs": runs}))
+  keys = {"ce": None, "der": "method.alpha"}
+  got = natural_images.recorded_runs(str(path), keys, sel)
+  assert sorted(got) == [("ce", 0), ("der", 0)] and got[("ce", 0)]["metrics"]["final_accuracy"] == 40
+  changed = {"ce": {"learning_rate": 3e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 1.0}}
+  assert natural_images.recorded_runs(str(path), keys, changed) == {}
+  assert natural_images.recorded_runs(str(tmp_path / "none.json"), keys, sel) == {}
