@@ -27,7 +27,9 @@ Phases (``--phase``, default ``all``):
    and bootstrap intervals, verdict by :func:`_common.claim_verdict`) and ``.json``.
 
 Runs are reused when finished with the same settings and resumed when unfinished, so the study
-can be stopped and restarted; ``--phase report`` only aggregates. Commands::
+can be stopped and restarted; ``--phase report`` only aggregates. Final runs recorded in the
+committed ``<out>/cifar10_<study>.json`` at the same selected values stand in for run folders that
+are gone (a study spans sessions; ``--fresh`` retrains them). Commands::
 
     python studies/natural_images.py --study objectives                  # everything
     python studies/natural_images.py --study objectives --phase tune --arms ce aepg
