@@ -170,7 +170,8 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                    Claim("FTP beats FT out of distribution", "ftp", "ft", ("ood", "corruption_mean")),
                    Claim("WiSE-FT beats FT out of distribution", "wise_ft", "ft",
                          ("ood", "corruption_mean")),
-                   Claim("TPGM keeps FT's in-distribution accuracy (difference shown: TPGM - FT + 1)", "tpgm", "ft",
+                   Claim("TPGM keeps FT's in-distribution accuracy (difference shown: "
+                         "TPGM - FT + 1)", "tpgm", "ft",
                          ("ood", "id"))],
     },
 }
@@ -424,9 +425,9 @@ def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dic
           "| val class-IL final | forgetting |")
   lines = [f"# {study} on cifar10-mini: the {spec['paper']} claims under the fair protocol", "",
            "Protocol: `docs/results/protocol.md`. Command: `python studies/natural_images.py "
-           f"--study {study}{_seed_args(arms, selected)}`. Selected values: `cifar10_{study}_selected.json`. Scores in %; "
-           "mean ± sample std over the final seeds (test images).", "", _setup_line(arms, selected, args),
-           "",
+           f"--study {study}{_seed_args(arms, selected)}`. Selected values: "
+           f"`cifar10_{study}_selected.json`. Scores in %; mean ± sample std over the final seeds "
+           "(test images).", "", _setup_line(arms, selected, args), "",
            head, "|---" * head.count(" | ") + "|---|"]
   for arm in arms:
     rs = [r["metrics"] for r in runs if r["arm"] == arm.name]
