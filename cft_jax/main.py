@@ -60,12 +60,13 @@ def main(argv):
     if _DESCRIBE.value:
       print(config_lib.describe(config))
       return
+    resolved = config_lib.validate_config(config)  # pure: starts no JAX backend
   except ConfigError as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (the output folder)")
   try:  # multi-host: before any other JAX call (config.distributed, or SLURM / TPU-pod env)
-    parallel.init_distributed(config.get("distributed"))
+    parallel.init_distributed(resolved.distributed)
   except ValueError as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
   try:

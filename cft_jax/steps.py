@@ -25,6 +25,7 @@ use the same code after ``jax.distributed.initialize``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -290,9 +291,55 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   can_freeze = type(method).frozen_peft is not methods_lib.Method.frozen_peft
   robust = tuple(robust)
   needs_val_batch = any(c.needs_val_batch for c in robust)
+  psum = functools.partial(_psum, axis_name=axis_name)
+  loss_and_metrics = _make_objective(forward, preprocess, loss_fn, method, k, bounds, loss_scope,
+                                     robust, axis_name)
 
-  def psum(x):
-    return jax.lax.psum(x, axis_name) if axis_name else x
+  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
+                 freeze_peft=False, val_batch=None):
+    # 1. gradient of the objective, summed over devices
+    grads, m = jax.grad(loss_and_metrics, has_aux=True)(
+        state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
+        total_steps, rng)
+    grads = psum(grads)
+    # 2. optimizer update (PEFT leaves held while LAE freezes them; TPGM / linearized extras)
+    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
+    if can_freeze:  # frozen PEFT leaves: no gradient (global-norm clipping) and held moments
+      grads = _scale_non_head(grads, keep)
+    extra = _optimizer_extra_args(frozen, val_batch if needs_val_batch else None, task_lo,
+                                  preprocess, lin_mode)
+    updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
+    if can_freeze:
+      from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
+      opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
+    updates = _scale_non_head(updates, keep)
+    params = optax.apply_updates(state.params, updates)
+    # 3. the method's state (e.g. a replay buffer) from the global batch
+    batch = _global_batch(images, labels, mask, task_lo, m["logits"], axis_name)
+    method_state = method.after_step(params, state.method_state, batch=batch,
+                                     rng=jax.random.fold_in(rng, 1))
+    metrics = _step_metrics(m, params, frozen, axis_name)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         method_state=method_state), metrics
+
+  return _compile_train_step(train_step, axis_name, shardings)
+
+
+def _psum(x, axis_name: Optional[str]):
+  """``lax.psum`` over ``axis_name`` under pmap; the identity otherwise."""
+  return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def _make_objective(forward: Callable, preprocess: Preprocess, loss_fn: Callable,
+                    method: methods_lib.Method, k: int, bounds: Optional[Tuple[int, ...]],
+                    loss_scope: str, robust: Tuple[robust_lib.RobustFT, ...],
+                    axis_name: Optional[str]) -> Callable:
+  """The objective of :func:`make_train_step` as ``loss_and_metrics(params, method_state, frozen,
+  images, labels, mask, task_lo, step_in_task, total_steps, rng) -> (loss, aux)``: ``loss`` the
+  scalar objective (this device's share under pmap), ``aux`` the unreduced sums the metrics are
+  made of (``correct``, ``entropy_sum``, ``denom``), the aEPG ``alpha`` and the ``[B, C]`` logits
+  (stop-gradient) for the method's ``after_step``."""
+  psum = functools.partial(_psum, axis_name=axis_name)
 
   def loss_and_metrics(params, method_state, frozen, images, labels, mask, task_lo,
                        step_in_task, total_steps, rng):
@@ -312,15 +359,8 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     local = task_slice(logits, task_lo, k, bounds)
     local_labels = labels - task_lo
     z, y = (local, local_labels) if loss_scope == "local" else (logits, labels)
-    if rows is not None and getattr(loss_fn, "uses_rng", False):
-      # A sampling loss draws for the global batch: gather, evaluate, keep this device's rows.
-      zg = jax.lax.all_gather(z, axis_name, tiled=True)
-      yg = jax.lax.all_gather(y, axis_name, tiled=True)
-      per_example, aux = loss_fn(zg, yg, step=step_in_task, total_steps=total_steps,
-                                 rng=rng_loss)
-      per_example = jax.lax.dynamic_slice_in_dim(per_example, rows[0], z.shape[0], axis=0)
-    else:
-      per_example, aux = loss_fn(z, y, step=step_in_task, total_steps=total_steps, rng=rng_loss)
+    per_example, aux = _per_example_loss(loss_fn, z, y, step_in_task, total_steps, rng_loss,
+                                         rows, axis_name)
     w = mask.astype(jnp.float32)
     denom = jnp.maximum(psum(w.sum()), 1.0)  # global number of valid examples
     data_loss = jnp.sum(per_example * w) / denom  # this device's share of the global mean
@@ -345,40 +385,48 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
     return loss, dict(loss=loss, data_loss=data_loss, correct=correct, entropy_sum=ent,
                       denom=denom, alpha=aux["alpha"], logits=jax.lax.stop_gradient(logits))
 
-  def train_step(state, frozen, images, labels, mask, task_lo, step_in_task, total_steps, rng,
-                 freeze_peft=False, val_batch=None):
-    grads, m = jax.grad(loss_and_metrics, has_aux=True)(
-        state.params, state.method_state, frozen, images, labels, mask, task_lo, step_in_task,
-        total_steps, rng)
-    grads = psum(grads)
-    keep = 1.0 - jnp.asarray(freeze_peft, jnp.float32)
-    if can_freeze:  # frozen PEFT leaves: no gradient (global-norm clipping) and held moments
-      grads = _scale_non_head(grads, keep)
-    extra = _optimizer_extra_args(frozen, val_batch if needs_val_batch else None, task_lo,
-                                  preprocess, lin_mode)
-    updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
-    if can_freeze:
-      from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
-      opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
-    updates = _scale_non_head(updates, keep)
-    params = optax.apply_updates(state.params, updates)
-    batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
-             "logits": m["logits"]}
-    if axis_name:  # every replica sees the global batch, so replicated state stays identical
-      batch = {key: (v if key == "task_lo" else jax.lax.all_gather(v, axis_name, tiled=True))
-               for key, v in batch.items()}
-    method_state = method.after_step(params, state.method_state, batch=batch,
-                                     rng=jax.random.fold_in(rng, 1))
-    metrics = dict(loss=psum(m["loss"]), data_loss=psum(m["data_loss"]),
-                   accuracy=100.0 * psum(m["correct"]) / m["denom"],
-                   entropy=psum(m["entropy_sum"]) / m["denom"], alpha=m["alpha"])
-    if "anchor" in frozen:  # projection / WiSE-FT runs: ||theta - theta_0||, non-head leaves
-      from cft_jax import projection  # pylint: disable=g-import-not-at-top
-      metrics["dist_to_init"] = projection.dist_to_init(params, frozen["anchor"])
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         method_state=method_state), metrics
+  return loss_and_metrics
 
-  return _compile_train_step(train_step, axis_name, shardings)
+
+def _per_example_loss(loss_fn: Callable, z: jax.Array, y: jax.Array, step_in_task, total_steps,
+                      rng: jax.Array, rows: Optional[Tuple[Any, int]], axis_name: Optional[str]
+                      ) -> Tuple[jax.Array, Dict[str, Any]]:
+  """``loss_fn`` on logits ``z [b, K]`` and labels ``y [b]``: ``([b] per-example loss, aux)``.
+  Under pmap (``rows``) a sampling loss (``loss_fn.uses_rng``) draws for the global batch: the
+  logits are all-gathered, the loss evaluated on ``[B, K]`` and this device's rows kept."""
+  if rows is not None and getattr(loss_fn, "uses_rng", False):
+    zg = jax.lax.all_gather(z, axis_name, tiled=True)
+    yg = jax.lax.all_gather(y, axis_name, tiled=True)
+    per_example, aux = loss_fn(zg, yg, step=step_in_task, total_steps=total_steps, rng=rng)
+    return jax.lax.dynamic_slice_in_dim(per_example, rows[0], z.shape[0], axis=0), aux
+  return loss_fn(z, y, step=step_in_task, total_steps=total_steps, rng=rng)
+
+
+def _global_batch(images, labels, mask, task_lo, logits, axis_name: Optional[str]
+                  ) -> Dict[str, Any]:
+  """The batch handed to ``method.after_step``; under pmap all-gathered (every replica sees the
+  global batch, so replicated method state stays identical)."""
+  batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo,
+           "logits": logits}
+  if axis_name:
+    batch = {key: (v if key == "task_lo" else jax.lax.all_gather(v, axis_name, tiled=True))
+             for key, v in batch.items()}
+  return batch
+
+
+def _step_metrics(m: Dict[str, Any], params, frozen, axis_name: Optional[str]
+                  ) -> Dict[str, jax.Array]:
+  """The step's scalar metrics from the objective's aux ``m``: global ``loss``, ``data_loss``,
+  ``accuracy`` (%), ``entropy`` (nats), ``alpha``, and ``dist_to_init`` (``||theta - theta_0||``
+  over non-head leaves) when ``frozen`` holds an ``anchor`` (projection / WiSE-FT runs)."""
+  psum = functools.partial(_psum, axis_name=axis_name)
+  metrics = dict(loss=psum(m["loss"]), data_loss=psum(m["data_loss"]),
+                 accuracy=100.0 * psum(m["correct"]) / m["denom"],
+                 entropy=psum(m["entropy_sum"]) / m["denom"], alpha=m["alpha"])
+  if "anchor" in frozen:
+    from cft_jax import projection  # pylint: disable=g-import-not-at-top
+    metrics["dist_to_init"] = projection.dist_to_init(params, frozen["anchor"])
+  return metrics
 
 
 def _scale_non_head(tree: Dict[str, Any], keep: jax.Array) -> Dict[str, Any]:

@@ -267,6 +267,22 @@ def _setting_name(arm: Arm, lr: float, value: Any) -> str:
   return f"lr{lr:g}" + (f"_{arm.key.split('.')[-1]}{value:g}" if arm.key is not None else "")
 
 
+def same_run_as(study: str, arm: Arm, value: Any, args) -> Optional[Arm]:
+  """The arm of ``study`` whose runs ARE ``arm``'s runs at own value ``value``, or None.
+
+  An arm with a tuned hyper-parameter (e.g. aEPG tuned tau, ``loss.tau``) contains, at the value
+  its fixed twin uses (aEPG tau 6, same config and arg, no own grid), that twin's configuration
+  exactly; those settings are not trained twice (the twin's tuning and final runs are used)."""
+  if arm.key is None or value is None:
+    return None
+  section, key = arm.key.split(".")
+  for other in STUDIES[study]["arms"]:
+    if (other.name != arm.name and other.key is None and (other.config, other.arg) ==
+        (arm.config, arm.arg) and natural_config(other, 0, args)[section][key] == value):
+      return other
+  return None
+
+
 def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
   """Phase 1: the grid on the validation split; returns and writes the selected values."""
   spec = STUDIES[study]
@@ -276,8 +292,10 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
     grid = list(itertools.product(spec["lr_grid"], args.grid.get(arm.name, arm.grid) or (None,)))
     scores: Dict[Tuple[float, Any], List[float]] = {}
     for (lr, value), seed in itertools.product(grid, args.tune_seeds):
-      wd = os.path.join(args.workdir_root, spec.get("runs_under", study), "tune", arm.name,
-                        _setting_name(arm, lr, value), f"seed{seed}")
+      twin = same_run_as(study, arm, value, args)
+      wd = os.path.join(args.workdir_root, spec.get("runs_under", study), "tune",
+                        *((twin.name, _setting_name(twin, lr, None)) if twin else
+                          (arm.name, _setting_name(arm, lr, value))), f"seed{seed}")
       t = time.time()
       m = run_one(natural_config(arm, seed, args, lr, value, tuning=True), wd)
       scores.setdefault((lr, value), []).append(val_score(m))
@@ -325,7 +343,8 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   prior = {} if args.fresh else recorded_runs(
-      os.path.join(args.out, f"cifar10_{study}.json"), {a.name: a.key for a in arms}, selected)
+      os.path.join(args.out, f"cifar10_{study}.json"),
+      {a.name: a.key for a in STUDIES[study]["arms"]}, selected)  # every arm: twins' runs too
 
   def do(arm: Arm, seed: int) -> None:
     if any(r["arm"] == arm.name and r["seed"] == seed for r in runs):
@@ -335,11 +354,15 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
       return
     if sel is None:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
-    wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", arm.name,
+    twin = same_run_as(study, arm, sel.get(arm.key), args)
+    if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
+      twin = None  # the twin was selected at another lr: its final runs are other settings
+    src = twin.name if twin else arm.name
+    wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", src,
                       f"seed{seed}")
     cfg = natural_config(arm, seed, args, sel["learning_rate"], sel.get(arm.key))
-    if not os.path.exists(os.path.join(wd, "metrics.json")) and (arm.name, seed) in prior:
-      runs.append(prior[(arm.name, seed)])  # committed by an earlier session, same selection
+    if not os.path.exists(os.path.join(wd, "metrics.json")) and (src, seed) in prior:
+      runs.append({**prior[(src, seed)], "arm": arm.name})  # committed earlier, same settings
       return
     if args.phase == "report":
       if not os.path.exists(os.path.join(wd, "metrics.json")):
@@ -510,8 +533,9 @@ def main(argv=None) -> int:
   if not arms:
     p.error(f"no arm of {args.study} among {args.arms}; choose from "
             f"{[a.name for a in spec['arms']]}")
-  n_tune = sum(len(spec["lr_grid"]) * max(1, len(args.grid.get(a.name, a.grid))) for a in arms
-               ) * len(args.tune_seeds)
+  n_tune = sum(len(spec["lr_grid"]) * sum(same_run_as(args.study, a, v, args) is None
+                                           for v in args.grid.get(a.name, a.grid) or (None,))
+               for a in arms) * len(args.tune_seeds)  # a twin's settings are its twin's runs
   n_final = len(arms) * len(args.seeds)
   print(f"[natural_images] {args.study}: {len(arms)} arms; tune {n_tune} runs, final {n_final} "
         f"runs (+ up to {2 * len(args.extra_seeds)} per noisy claim)", flush=True)

@@ -116,3 +116,21 @@ def test_recorded_runs_reused_only_at_the_same_selection(tmp_path):
   changed = {"ce": {"learning_rate": 3e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 1.0}}
   assert natural_images.recorded_runs(str(path), keys, changed) == {}
   assert natural_images.recorded_runs(str(tmp_path / "none.json"), keys, sel) == {}
+
+
+def test_tuned_arm_reuses_its_fixed_twin_runs():
+  """aEPG tuned tau at tau 6 IS the aEPG tau 6 arm (same config, same arg): ``same_run_as`` names
+  that twin (of the same PEFT method), and nothing for another tau or an arm without a twin."""
+  import argparse
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "studies"))
+  import natural_images  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[])
+  arms = {a.name: a for a in natural_images.STUDIES["objectives"]["arms"]}
+  twin = natural_images.same_run_as("objectives", arms["aepg_seq"], 6.0, args)
+  assert twin is not None and twin.name == "aepg_tau6_seq"
+  assert natural_images.same_run_as("objectives", arms["aepg_lae"], 6.0, args).name == \
+      "aepg_tau6_lae"
+  assert natural_images.same_run_as("objectives", arms["aepg_seq"], 2.0, args) is None
+  assert natural_images.same_run_as("objectives", arms["label_smoothing_seq"], 0.1, args) is None
+  assert natural_images.same_run_as("objectives", arms["ce_seq"], None, args) is None
