@@ -357,7 +357,10 @@ def _make_objective(forward: Callable, preprocess: Preprocess, loss_fn: Callable
       with nn.intercept_methods(_global_rows_dropout(*rows)):
         logits = forward(params, frozen, x, True, rng_drop)
     local = task_slice(logits, task_lo, k, bounds)
-    local_labels = labels - task_lo
+    # A padding row (mask False) gets the valid index 0 (its weight is 0): a label outside
+    # [0, k) would be gathered out of range, and a loss whose gradient multiplies by the gathered
+    # value (focal) would turn 0 x NaN into NaN parameters.
+    local_labels = jnp.where(mask, labels - task_lo, 0)
     z, y = (local, local_labels) if loss_scope == "local" else (logits, labels)
     per_example, aux = _per_example_loss(loss_fn, z, y, step_in_task, total_steps, rng_loss,
                                          rows, axis_name)
@@ -443,7 +446,8 @@ def _optimizer_extra_args(frozen, val_batch, task_lo, preprocess, lin_mode) -> D
   if val_batch is not None:
     vx, vy, vm = val_batch
     extra["val_batch"] = {"frozen": frozen, "x": preprocess(vx, train=False),
-                          "labels": vy - task_lo, "mask": vm.astype(jnp.float32),
+                          "labels": jnp.where(vm, vy - task_lo, 0),  # padding: index 0
+                          "mask": vm.astype(jnp.float32),
                           "task_lo": task_lo}
   if lin_mode:
     a0 = frozen["params0"]

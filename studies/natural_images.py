@@ -263,6 +263,28 @@ def run_one(config, workdir: str) -> Dict[str, Any]:
     return train.run(config, workdir, overwrite=True)
 
 
+DIVERGED = "diverged.txt"  # in a tuning run's folder: the run stopped on a non-finite loss
+
+
+def tune_score(config, workdir: str) -> float:
+  """The validation score of one tuning run (:func:`run_one`, :func:`val_score`); NaN for a run
+  that diverged (``FloatingPointError``, a non-finite loss), which :func:`_common.select_best`
+  counts as 0 — divergence at a learning rate is a result of the grid, not a reason to stop it.
+  The divergence is remembered in ``<workdir>/diverged.txt`` (with the error) and read back while
+  ``config.json`` there holds the same settings, so a rerun does not retrain it."""
+  marker, cfg_path = os.path.join(workdir, DIVERGED), os.path.join(workdir, "config.json")
+  if os.path.exists(marker) and os.path.exists(cfg_path):
+    with open(cfg_path) as f:
+      if same_settings(json.load(f), config):
+        return float("nan")
+  try:
+    return val_score(run_one(config, workdir))
+  except FloatingPointError as e:
+    with open(marker, "w") as f:
+      f.write(f"{e}\n")
+    return float("nan")
+
+
 def _setting_name(arm: Arm, lr: float, value: Any) -> str:
   return f"lr{lr:g}" + (f"_{arm.key.split('.')[-1]}{value:g}" if arm.key is not None else "")
 
@@ -297,10 +319,11 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
                         *((twin.name, _setting_name(twin, lr, None)) if twin else
                           (arm.name, _setting_name(arm, lr, value))), f"seed{seed}")
       t = time.time()
-      m = run_one(natural_config(arm, seed, args, lr, value, tuning=True), wd)
-      scores.setdefault((lr, value), []).append(val_score(m))
+      score = tune_score(natural_config(arm, seed, args, lr, value, tuning=True), wd)
+      scores.setdefault((lr, value), []).append(score)
       log(f"tune {arm.name} {_setting_name(arm, lr, value)} seed {seed}: val class-IL final "
-          f"{scores[(lr, value)][-1]:.2f} ({time.time() - t:.0f}s)")
+          f"{'diverged (scored 0)' if np.isnan(score) else f'{score:.2f}'} "
+          f"({time.time() - t:.0f}s)")
     lr, value = select_best(scores)
     # Re-read before writing: several processes may tune disjoint --arms of one study at once.
     selected = json.load(open(path)) if os.path.exists(path) else {}

@@ -61,3 +61,32 @@ def test_train_step_traced_once_across_tasks(monkeypatch):
   # The wrapper can fail: a new batch shape forces a second trace, which chex rejects.
   with pytest.raises(AssertionError, match="traced > 1 times"):
     step(state, frozen, *_batch(rng, 0, n=4), 0, 0, 3, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("loss", ["focal", "ce", "aepg"])
+def test_padding_rows_of_a_later_task_leave_the_step_finite(loss):
+  """A padded batch (mask False rows carry label 0, outside the third task's local classes [0, 2)
+  after the offset 4): the step's parameters stay finite and equal those of the same step on the
+  valid rows alone (the padding's weight is 0). Before the fix focal's gradient was NaN here."""
+  net = PooledNet()
+  params = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  tx = optax.sgd(0.1)
+  step = steps.make_train_step(net.apply, Preprocess(image_size=8, augment="none"),
+                               objectives.make_loss_fn(loss), tx, 2)
+  rng = np.random.default_rng(0)
+  images, labels, _ = _batch(rng, 4, n=8)
+  mask = np.arange(8) < 3
+  labels = np.where(mask, labels, 0).astype(np.int32)  # the loader pads labels with 0
+  frozen = {"params": {}, "collections": {}}
+
+  def run(imgs, lbls, msk):
+    p = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its state
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+    state, m = step(state, frozen, imgs, lbls, msk, 4, 1, 10, jax.random.PRNGKey(1))
+    return jax.device_get(state.params), float(m["loss"])
+
+  padded, loss_padded = run(images, labels, mask)
+  assert all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(padded))
+  alone, loss_alone = run(images[:3], labels[:3], mask[:3])
+  np.testing.assert_allclose(loss_padded, loss_alone, rtol=1e-5)
+  chex.assert_trees_all_close(padded, alone, rtol=1e-4, atol=1e-6)

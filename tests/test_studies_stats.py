@@ -1,9 +1,11 @@
 """The paired-comparison statistics of the study protocol (studies/_common.py)."""
 
+import json
 import math
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
@@ -134,3 +136,34 @@ def test_tuned_arm_reuses_its_fixed_twin_runs():
   assert natural_images.same_run_as("objectives", arms["aepg_seq"], 2.0, args) is None
   assert natural_images.same_run_as("objectives", arms["label_smoothing_seq"], 0.1, args) is None
   assert natural_images.same_run_as("objectives", arms["ce_seq"], None, args) is None
+
+
+def test_diverged_tuning_run_scores_nan_and_is_not_retrained(tmp_path, monkeypatch):
+  """A tuning run that stops on a non-finite loss scores NaN (``select_best`` counts it as 0), its
+  folder remembers the divergence for the same settings, and other settings train again."""
+  import argparse
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "studies"))
+  import natural_images  # pylint: disable=g-import-not-at-top
+  from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[])
+  arm = {a.name: a for a in natural_images.STUDIES["objectives"]["arms"]}["focal_seq"]
+  config = natural_images.natural_config(arm, 100, args, 3e-4, 1.0, tuning=True)
+  calls = []
+
+  def diverging_run(cfg, workdir):
+    calls.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_lib.validate_config(cfg).to_dict(), f)
+    raise FloatingPointError("non-finite loss nan at task 2 (0-based), step 60; stopped.")
+
+  monkeypatch.setattr(natural_images, "run_one", diverging_run)
+  wd = str(tmp_path / "focal")
+  assert np.isnan(natural_images.tune_score(config, wd))
+  assert "non-finite loss" in open(os.path.join(wd, natural_images.DIVERGED)).read()
+  assert np.isnan(natural_images.tune_score(config, wd)) and len(calls) == 1  # remembered
+  other = natural_images.natural_config(arm, 100, args, 1e-3, 1.0, tuning=True)
+  monkeypatch.setattr(natural_images, "run_one", lambda cfg, w: {"val": {"final_accuracy": 41.5}})
+  assert natural_images.tune_score(other, wd) == 41.5  # other settings: trained (not the marker)
+  assert _common.select_best({"lr3e-4": [float("nan")], "lr1e-3": [41.5]}) == "lr1e-3"
