@@ -247,15 +247,23 @@ def val_score(metrics: Dict[str, Any]) -> float:
   return float(metrics["val"]["final_accuracy"])
 
 
+def _saved_as(workdir: str, config) -> bool:
+  """Whether ``<workdir>/config.json`` exists and holds the same settings as ``config``."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    return False
+  with open(cfg_path) as f:
+    return same_settings(json.load(f), config)
+
+
 def run_one(config, workdir: str) -> Dict[str, Any]:
   """Trains, resumes, or reads back (finished with the same settings) one run."""
   from cft_jax import train  # pylint: disable=g-import-not-at-top
-  metrics_path, cfg_path = (os.path.join(workdir, n) for n in ("metrics.json", "config.json"))
-  if os.path.exists(metrics_path) and os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      if same_settings(json.load(f), config):
-        with open(metrics_path) as g:
-          return json.load(g)
+  metrics_path = os.path.join(workdir, "metrics.json")
+  if os.path.exists(metrics_path):
+    if _saved_as(workdir, config):
+      with open(metrics_path) as g:
+        return json.load(g)
     return train.run(config, workdir, overwrite=True)
   try:
     return train.run(config, workdir)  # resumes an unfinished run of the same settings
@@ -272,11 +280,9 @@ def tune_score(config, workdir: str) -> float:
   counts as 0 — divergence at a learning rate is a result of the grid, not a reason to stop it.
   The divergence is remembered in ``<workdir>/diverged.txt`` (with the error) and read back while
   ``config.json`` there holds the same settings, so a rerun does not retrain it."""
-  marker, cfg_path = os.path.join(workdir, DIVERGED), os.path.join(workdir, "config.json")
-  if os.path.exists(marker) and os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      if same_settings(json.load(f), config):
-        return float("nan")
+  marker = os.path.join(workdir, DIVERGED)
+  if os.path.exists(marker) and _saved_as(workdir, config):
+    return float("nan")
   try:
     return val_score(run_one(config, workdir))
   except FloatingPointError as e:
