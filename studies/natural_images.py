@@ -368,18 +368,21 @@ def recorded_runs(path: str, keys: Dict[str, Optional[str]],
 
 def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> List[Dict]:
   """Phase 2: every arm at its selected values on the test images, ``--seeds`` (+ extra seeds
-  for noisy claims). Returns one record per finished run."""
+  for noisy claims). Seeds recorded in ``<out>/cifar10_<study>.json`` at the same selected values
+  stay in the result without training, whichever ``--seeds`` this call names, so a report never
+  drops runs an earlier call committed. Returns one record per finished run."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   prior = {} if args.fresh else recorded_runs(
       os.path.join(args.out, f"cifar10_{study}.json"),
       {a.name: a.key for a in STUDIES[study]["arms"]}, selected)  # every arm: twins' runs too
 
-  def do(arm: Arm, seed: int) -> None:
+  def do(arm: Arm, seed: int, train: bool = True) -> None:
+    train = train and args.phase != "report"
     if any(r["arm"] == arm.name and r["seed"] == seed for r in runs):
       return
     sel = selected.get(arm.name)
-    if sel is None and args.phase == "report":  # not tuned yet: nothing to aggregate
+    if sel is None and not train:  # not tuned yet: nothing to aggregate
       return
     if sel is None:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
@@ -393,7 +396,7 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
     if not os.path.exists(os.path.join(wd, "metrics.json")) and (src, seed) in prior:
       runs.append({**prior[(src, seed)], "arm": arm.name})  # committed earlier, same settings
       return
-    if args.phase == "report":
+    if not train:
       if not os.path.exists(os.path.join(wd, "metrics.json")):
         return
       m = json.load(open(os.path.join(wd, "metrics.json")))
@@ -419,6 +422,9 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
         for arm in arms:
           if arm.name in (claim.better, claim.worse):
             do(arm, seed)
+  for seed in sorted({s for _, s in prior}):  # recorded earlier: kept, never retrained
+    for arm in arms:
+      do(arm, seed, train=False)
   return runs
 
 

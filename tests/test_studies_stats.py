@@ -167,3 +167,40 @@ def test_diverged_tuning_run_scores_nan_and_is_not_retrained(tmp_path, monkeypat
   monkeypatch.setattr(natural_images, "run_one", lambda cfg, w: {"val": {"final_accuracy": 41.5}})
   assert natural_images.tune_score(other, wd) == 41.5  # other settings: trained (not the marker)
   assert _common.select_best({"lr3e-4": [float("nan")], "lr1e-3": [41.5]}) == "lr1e-3"
+
+
+@pytest.mark.parametrize("phase", ["report", "final"])
+def test_recorded_seeds_stay_whatever_seeds_a_later_call_names(tmp_path, monkeypatch, phase):
+  """Seeds 3-4 committed in the study's JSON (run folders gone) stay in the result when a later
+  call names only seeds 0-2, and are never retrained; seeds not recorded train in phase final."""
+  import argparse
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "studies"))
+  import natural_images  # pylint: disable=g-import-not-at-top
+  sel = {"ce_seq": {"learning_rate": 1e-3}, "er_seq": {"learning_rate": 3e-3}}
+  runs = ([{"arm": "ce_seq", "seed": s, "metrics": {"final_accuracy": 40.0 + s}} for s in range(5)]
+          + [{"arm": "er_seq", "seed": s, "metrics": {"final_accuracy": 50.0 + s}}
+             for s in range(2)])
+  (tmp_path / "cifar10_class_il_recipes.json").write_text(
+      json.dumps({"selected": sel, "runs": runs}))
+  trained = []
+
+  def fake_run(cfg, workdir):
+    trained.append((cfg.seed, workdir))
+    return {"final_accuracy": 60.0, "task_il": {"final_accuracy": 90.0}}
+
+  monkeypatch.setattr(natural_images, "run_one", fake_run)
+  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[], fresh=False,
+                            out=str(tmp_path), phase=phase, seeds=[0, 1, 2], extra_seeds=[3, 4],
+                            workdir_root=str(tmp_path / "runs"))
+  arms = [a for a in natural_images.STUDIES["class_il_recipes"]["arms"]
+          if a.name in ("ce_seq", "er_seq")]
+  got = natural_images.final("class_il_recipes", arms, sel, args, log=lambda s: None)
+  by_arm = {a: sorted((r["seed"], r["metrics"]["final_accuracy"]) for r in got if r["arm"] == a)
+            for a in ("ce_seq", "er_seq")}
+  assert by_arm["ce_seq"] == [(s, 40.0 + s) for s in range(5)]
+  if phase == "report":  # nothing trains: er_seq has its two recorded seeds
+    assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0)] and not trained
+  else:  # er_seq seed 2 was never run: it trains, once
+    assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0), (2, 60.0)]
+    assert [s for s, _ in trained] == [2]
