@@ -24,7 +24,8 @@ Phases (``--phase``, default ``all``):
 2. ``final``: every arm at its selected values x ``--seeds`` (test images). Where a claim's paired
    std exceeds its gap and fewer than 5 seeds ran, ``--extra-seeds`` are added for both arms.
 3. ``report``: ``<out>/cifar10_<study>.md`` (table: mean ± std; claims: paired difference, 95% t
-   and bootstrap intervals, verdict by :func:`_common.claim_verdict`) and ``.json``.
+   and bootstrap intervals, verdict by :func:`_common.claim_verdict`) and ``.json``, over every arm
+   of the study whatever ``--arms`` names (``--arms`` only limits what trains).
 
 Runs are reused when finished with the same settings and resumed when unfinished, so the study
 can be stopped and restarted; ``--phase report`` only aggregates. Final runs recorded in the
@@ -367,10 +368,12 @@ def recorded_runs(path: str, keys: Dict[str, Optional[str]],
 
 
 def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> List[Dict]:
-  """Phase 2: every arm at its selected values on the test images, ``--seeds`` (+ extra seeds
-  for noisy claims). Seeds recorded in ``<out>/cifar10_<study>.json`` at the same selected values
-  stay in the result without training, whichever ``--seeds`` this call names, so a report never
-  drops runs an earlier call committed. Returns one record per finished run."""
+  """Phase 2: ``arms`` at their selected values on the test images, ``--seeds`` (+ extra seeds
+  for noisy claims). The result holds every arm of the study, not only ``arms``: the other arms'
+  finished runs (same settings) and the runs recorded in ``<out>/cifar10_<study>.json`` at the
+  same selected values stay in it without training, whichever ``--arms`` and ``--seeds`` this
+  call names, so the report it feeds never drops runs an earlier call committed. Returns one
+  record per finished run."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   prior = {} if args.fresh else recorded_runs(
@@ -393,13 +396,15 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
     wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", src,
                       f"seed{seed}")
     cfg = natural_config(arm, seed, args, sel["learning_rate"], sel.get(arm.key))
-    if not os.path.exists(os.path.join(wd, "metrics.json")) and (src, seed) in prior:
+    finished = os.path.exists(os.path.join(wd, "metrics.json")) and _saved_as(wd, cfg)
+    if not finished and (src, seed) in prior:
       runs.append({**prior[(src, seed)], "arm": arm.name})  # committed earlier, same settings
       return
     if not train:
-      if not os.path.exists(os.path.join(wd, "metrics.json")):
+      if not finished:
         return
-      m = json.load(open(os.path.join(wd, "metrics.json")))
+      with open(os.path.join(wd, "metrics.json")) as f:
+        m = json.load(f)
     else:
       t = time.time()
       m = run_one(cfg, wd)
@@ -422,8 +427,8 @@ def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> L
         for arm in arms:
           if arm.name in (claim.better, claim.worse):
             do(arm, seed)
-  for seed in sorted({s for _, s in prior}):  # recorded earlier: kept, never retrained
-    for arm in arms:
+  for seed in sorted({*args.seeds, *args.extra_seeds, *(s for _, s in prior)}):
+    for arm in STUDIES[study]["arms"]:  # finished or recorded earlier: kept, never retrained
       do(arm, seed, train=False)
   return runs
 
@@ -535,7 +540,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--study", choices=sorted(STUDIES), default="objectives")
   p.add_argument("--phase", choices=("all", "tune", "final", "report"), default="all")
-  p.add_argument("--arms", nargs="+", default=None, help="subset of the study's arms")
+  p.add_argument("--arms", nargs="+", default=None,
+                 help="subset of the study's arms to tune and train (the report still covers "
+                 "every arm with finished or recorded runs)")
   p.add_argument("--tune-seeds", nargs="+", type=int, default=[100, 101])
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   p.add_argument("--extra-seeds", nargs="*", type=int, default=[3, 4],
@@ -590,8 +597,8 @@ def main(argv=None) -> int:
     p.error(f"{sel_path} does not exist: run --phase tune first")
   if args.phase == "tune":
     return 0
-  runs = final(args.study, arms, selected, args, log)
-  print(report(args.study, arms, selected, runs, args, time.time() - t0))
+  runs = final(args.study, arms, selected, args, log)  # every arm's runs, trained or kept
+  print(report(args.study, spec["arms"], selected, runs, args, time.time() - t0))
   return 0
 
 

@@ -204,3 +204,57 @@ def test_recorded_seeds_stay_whatever_seeds_a_later_call_names(tmp_path, monkeyp
   else:  # er_seq seed 2 was never run: it trains, once
     assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0), (2, 60.0)]
     assert [s for s, _ in trained] == [2]
+
+
+def test_a_call_naming_some_arms_reports_every_arm(tmp_path, monkeypatch):
+  """``--phase final --arms er_seq`` trains er_seq only, and the report it writes still holds
+  ce_seq (recorded in the study's JSON, run folders gone) and aepg_tau6_seq (a finished run
+  folder at the selected settings); a finished folder of OTHER settings is not read as a result."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "studies"))
+  import natural_images  # pylint: disable=g-import-not-at-top
+  from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  sel = {"ce_seq": {"learning_rate": 1e-3}, "aepg_tau6_seq": {"learning_rate": 1e-3},
+         "er_seq": {"learning_rate": 3e-3}}
+  out, root = tmp_path / "out", tmp_path / "runs"
+  out.mkdir()
+  (out / "cifar10_class_il_recipes_selected.json").write_text(json.dumps(sel))
+  metrics = lambda acc: {"final_accuracy": acc, "avg_incremental_accuracy": acc,  # noqa: E731
+                         "forgetting": 1.0, "task_il": {"final_accuracy": 90.0}}
+  recorded = [{"arm": "ce_seq", "seed": s, "metrics": metrics(40.0 + s)} for s in range(3)]
+  (out / "cifar10_class_il_recipes.json").write_text(
+      json.dumps({"selected": sel, "runs": recorded}))
+  args = natural_images.argparse.Namespace(val_fraction=0.1, data_root="", set=[])
+  arms = {a.name: a for a in natural_images.STUDIES["class_il_recipes"]["arms"]}
+
+  def finished(arm, seed, lr, acc):  # a run folder as train.run leaves it
+    wd = root / "objectives" / "final" / arm / f"seed{seed}"
+    wd.mkdir(parents=True)
+    cfg = natural_images.natural_config(arms[arm], seed, args, lr)
+    (wd / "config.json").write_text(config_lib.validate_config(cfg).to_json())
+    (wd / "metrics.json").write_text(json.dumps(metrics(acc)))
+
+  for s in range(3):
+    finished("aepg_tau6_seq", s, 1e-3, 30.0 + s)
+  finished("ce_seq", 0, 3e-2, 99.0)  # other settings: the recorded seed 0 (40.0) stands
+  trained = []
+
+  def fake_run(cfg, workdir):
+    trained.append(os.path.relpath(workdir, root))
+    return metrics(60.0)
+
+  monkeypatch.setattr(natural_images, "run_one", fake_run)
+  monkeypatch.setattr(natural_images, "enable_compile_cache", lambda *a, **k: None)
+  assert natural_images.main(["--study", "class_il_recipes", "--phase", "final", "--arms",
+                              "er_seq", "--extra-seeds", "--out", str(out), "--workdir-root",
+                              str(root)]) == 0
+  assert sorted(trained) == [f"objectives/final/er_seq/seed{s}" for s in range(3)]  # runs_under
+  got = json.loads((out / "cifar10_class_il_recipes.json").read_text())["runs"]
+  by_arm = {}
+  for r in got:
+    by_arm.setdefault(r["arm"], []).append((r["seed"], r["metrics"]["final_accuracy"]))
+  assert sorted(by_arm["ce_seq"]) == [(0, 40.0), (1, 41.0), (2, 42.0)]
+  assert sorted(by_arm["aepg_tau6_seq"]) == [(0, 30.0), (1, 31.0), (2, 32.0)]
+  assert sorted(by_arm["er_seq"]) == [(s, 60.0) for s in range(3)]
+  md = (out / "cifar10_class_il_recipes.md").read_text()
+  assert "| ER beats seq-LoRA CE | final_accuracy | 3 | +19.00 ± 1.00 |" in md
