@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 250
+  c.eval.test = True              # False: evaluate only the validation split (tuning runs)
   c.eval.wise_ft_alpha = 1.0      # WiSE-FT: evaluate (1 - a) theta_0 + a theta (1.0: off)
   c.eval.ood_corruptions = ()     # e.g. ("gaussian_noise", "contrast"): OOD test sets at the end
   c.eval.ood_severities = (1, 2, 3, 4, 5)

@@ -45,6 +45,7 @@ from cft_jax.data import Preprocess, batches, data_options, load_dataset, num_ba
 from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
+from cft_jax.provenance import provenance
 from cft_jax.parallel import DeviceLayout, init_distributed, layout_from_config  # re-exported
 from cft_jax.writers import MetricWriter
 from cft_jax.robust import PROJECTIONS, wise_ft_params  # re-exported
@@ -677,7 +678,7 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
   host = dev.unreplicate(prog.state)
   eval_state = dev.replicate(exp.eval_state(host))
   test_x, test_y, test_map = exp.test_data
-  for i in range(t + 1):
+  for i in range(t + 1 if config.eval.test else 0):  # eval.test=False: validation only
     if sc.shares_test_set and i > 0:  # one test set for every task: evaluated once
       R[t, i], R_task[t, i] = R[t, 0], R_task[t, 0]
       continue
@@ -709,13 +710,15 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
         exp.feature_fn, host.params, exp.frozen, exp.ds.train_images, sc.train_labels,
         sc.knn_memory(t), exp.ds.test_images, sc.test_labels, sc.seen_test(t), exp.preprocess,
         k=knn_k, batch_size=config.eval.batch_size))
-  if config.train.verbose:
+  if config.train.verbose and config.eval.test:
     print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
     print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
           f"{np.mean(R_task[t, :t + 1]):.2f}%"
           + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else "")
           + (f"; validation class-IL avg {np.nanmean(prog.V[t, :t + 1]):.2f}%"
              if prog.V is not None else ""))
+  if not config.eval.test:
+    return
   writer.eval_scalars({"eval/class_il_avg_accuracy": float(np.mean(R[t, :t + 1])),
                        "eval/task_il_avg_accuracy": float(np.mean(R_task[t, :t + 1])),
                        **{f"eval/class_il_accuracy_task{i}": float(R[t, i])
@@ -732,12 +735,15 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
     ood = evaluate_ood(config, exp.eval_step, dev.replicate(exp.eval_state(state)),
                        exp.frozen_dev, exp.ds, sc.test_labels, sc.all_test(), sc.spec,
                        sc.num_classes, config.train.verbose)
+  test_sizes = [len(i) for i in sc.test_idx]
   result = {
       "accuracy_matrix": _nan_to_none(prog.R),
       "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
       # per-task means, plus *_sample_weighted: accuracy over the union of seen test samples
-      **metrics_lib.summarize(prog.R, test_sizes=[len(i) for i in sc.test_idx]),
-      "task_il": metrics_lib.summarize(prog.R_task, test_sizes=[len(i) for i in sc.test_idx]),
+      # (eval.test=False, a tuning run: no test summaries, the test images were never read)
+      **(metrics_lib.summarize(prog.R, test_sizes=test_sizes) if config.eval.test else {}),
+      **({"task_il": metrics_lib.summarize(prog.R_task, test_sizes=test_sizes)}
+         if config.eval.test else {}),
       "entropy_end_of_task": prog.entropy_end,
       "class_order": list(sc.class_order),
       "class_names": [exp.ds.class_names[c] for c in sc.class_order],
@@ -748,6 +754,7 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
       "num_devices": dev.num_devices,
       "num_processes": dev.process_count,
       "parallelism": dev.kind,
+      "provenance": provenance(),  # commit, CPU model, package versions (pairing in studies)
   }
   if ood:
     result["ood"] = ood
@@ -760,8 +767,8 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
     result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes)
     result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes)
   writer.write_metrics(result)
-  pngs = writer.plots() if config.train.plots else []
-  if config.train.verbose:
+  pngs = writer.plots() if config.train.plots and config.eval.test else []
+  if config.train.verbose and config.eval.test:
     print(report(result))
     print(f"[cft_jax] wrote {os.path.join(workdir, 'metrics.json')}"
           + (f" and {len(pngs)} plots" if pngs else ""))

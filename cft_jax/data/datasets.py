@@ -325,6 +325,36 @@ def _sources_from_lists(lists: Dict[str, Tuple[List[str], List[Optional[int]]]],
   return out, classes
 
 
+CLASS_NAMES_FILE = "classes.tsv"
+
+
+def readable_class_names(root: str, folders: Sequence[str]) -> Tuple[str, ...]:
+  """Display names of an image folder's classes from ``root/classes.tsv`` (``<folder>\t<names>``
+  lines, e.g. Tiny-ImageNet's ``n01443537\tgoldfish, Carassius auratus``): each class gets the
+  first name of its line (``goldfish``); a name shared by two folders, a folder the file does not
+  list, or no file keeps the folder name (e.g. the WordNet id).
+
+  Args:
+    root: the dataset folder (the file is optional).
+    folders: the class folder names, in class-id order.
+
+  Returns:
+    One name per folder, in the same order.
+  """
+  path = os.path.join(root, CLASS_NAMES_FILE)
+  if not os.path.isfile(path):
+    return tuple(folders)
+  table = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      folder, _, names = line.rstrip("\n").partition("\t")
+      if names.strip():
+        table[folder.strip()] = names.split(",")[0].strip()
+  first = [table.get(c, c) for c in folders]
+  counts = {n: first.count(n) for n in first}
+  return tuple(n if counts[n] == 1 else f"{n} ({c})" for n, c in zip(first, folders))
+
+
 def load_image_folder(root: Optional[str] = None, image_size: int = 224,
                       crop_fraction: float = 0.875, train_list: str = "", test_list: str = "",
                       split_seed: int = 0, test_fraction: float = 0.2, name: str = "image_folder",
@@ -384,7 +414,8 @@ def load_image_folder(root: Optional[str] = None, image_size: int = 224,
         paths += files
         labels += [label] * len(files)
       srcs[split] = FileSource(paths, labels)
-    return StreamingDataset(srcs["train"], srcs["test"], tuple(classes), **kw).validate()
+    return StreamingDataset(srcs["train"], srcs["test"], readable_class_names(root, classes),
+                            **kw).validate()
   classes = _class_dirs(root)
   if not classes:
     raise DatasetNotFoundError(f"{name}: {root} has neither train/ and test/ folders nor class "

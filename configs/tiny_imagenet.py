@@ -1,0 +1,87 @@
+"""Split Tiny-ImageNet (tiny-imagenet-mini), 10 class-incremental tasks x 20 classes,
+EfficientNet-Lite0 (ImageNet weights) + LoRA at 64 px: the task shape of Split ImageNet-R in the
+LAE / aEPG papers (200 classes in 10 tasks of 20).
+
+The argument after the colon is ``loss[,method]``, as in ``configs/cifar10.py``: loss one of the
+objectives (``ce``, ``epg``, ``aepg``, ``entropy_penalty``, ``confidence_penalty``,
+``label_smoothing``, ``focal``, ``reinforce``; hyper-parameters the aEPG paper's, see
+``configs/objectives_study.py``), method ``sequential`` (default, seq-LoRA), ``lae``, or a
+replay method on top of seq-LoRA: ``er`` / ``derpp`` (reservoir buffer of 500 images = 2.5 per
+class, CE over every seen class), or ``dlcft`` (the DLCFT class-IL recipe: linearised features,
+MSE, buffer 500). Commands::
+
+    python -m cft_jax.main --config configs/tiny_imagenet.py:ce --workdir runs/tin_ce
+    python -m cft_jax.main --config configs/tiny_imagenet.py:aepg,lae --workdir runs/tin_aepg_lae
+    python studies/natural_images.py --dataset tiny_imagenet --study objectives --dry-run
+
+Data: ``../shared/data/tiny-imagenet-mini`` beside the checkout (Tiny-ImageNet-200, Le & Yang
+2015: 64x64 JPEG, ``train/<wnid>/`` 300 and ``test/<wnid>/`` 50 per class — the official
+validation images; ``classes.tsv`` gives the WordNet names, which reach ``metrics.json`` and the
+plots); ``$CFT_JAX_TINY_IMAGENET_MINI`` or ``--config.data.root=DIR`` points elsewhere. Class
+order: ``scenario.seed`` 1993. Caveat to state with every result: Tiny-ImageNet's images come from
+ImageNet's *training* set, on which the Lite0 weights were pretrained, so the frozen features
+already separate these classes (ImageNet-R was built to avoid exactly that).
+
+Budget (one run within ~10 min on the 2-core CPU): 64 px (the native size), ``data.train_limit``
+see ``get_config`` below, of which ``data.val_fraction`` 0.1 is the validation split used for
+tuning, every test image (1,000 per task), 1 epoch per task, batch 32, crop + flip, Adam lr
+reset per task, LoRA rank 4 on every 1x1 convolution, the local loss (the current task's 20
+classes).
+
+Measured: see ``MEASURED`` below (filled from a run of this file on this machine).
+"""
+
+import os
+
+import ml_collections
+
+from cft_jax.config import base_config, load_config_module, parse_config_arg
+
+METHODS = ("sequential", "lae", "er", "derpp", "dlcft")
+ENV_ROOT = "CFT_JAX_TINY_IMAGENET_MINI"
+
+
+def _objective_settings():
+  """``OBJECTIVE_SETTINGS`` of ``configs/objectives_study.py`` (objective -> loss keys)."""
+  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                          "objectives_study.py")).OBJECTIVE_SETTINGS
+
+
+def default_root() -> str:
+  """``$CFT_JAX_TINY_IMAGENET_MINI`` if set, else ``<checkout>/../shared/data/tiny-imagenet-mini``."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return os.environ.get(ENV_ROOT) or os.path.normpath(
+      os.path.join(here, "..", "..", "shared", "data", "tiny-imagenet-mini"))
+
+
+def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
+  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``).
+
+  Raises:
+    ConfigError (a ValueError): an unknown loss or method in ``arg``.
+  """
+  settings = _objective_settings()
+  loss, method = parse_config_arg(
+      arg, [("loss", tuple(settings), "aepg"), ("method", METHODS, "sequential")],
+      "configs/tiny_imagenet.py:aepg,lae")
+  c = base_config()
+  c.scenario.num_tasks = 10
+  c.scenario.seed = 1993
+  c.data.name = "image_folder"
+  c.data.root = default_root()
+  c.data.image_size = 64
+  c.data.train_limit = 0          # all 6,000 training images per task (300 per class) ...
+  c.data.val_fraction = 0.1       # ... of which 600 (30 per class) are the validation split
+  c.data.test_limit = 0           # all 1,000 test images per task (50 per class)
+  c.data.augment = "crop_flip"
+  c.data.test_crop_fraction = 1.0  # the whole 64 px image, no centre crop
+  c.loss.name = loss
+  c.loss.update(settings[loss])
+  c.method.name = method
+  c.optim.learning_rate = 1e-3
+  if method in ("er", "derpp"):   # replay on top of seq-LoRA, global CE over every seen class
+    c.loss.scope = "all"
+  c.train.epochs = 1
+  c.train.batch_size = 32
+  c.train.log_every = 10
+  return c
