@@ -1,49 +1,63 @@
-"""The papers' claims on natural images (cifar10-mini) under the fair tuning protocol of
-``docs/results/protocol.md``: tune on a validation split, record the selected values, run the final
-seeds, report paired 95% intervals and one verdict per claim.
+"""The papers' claims on natural images under the registered protocol of
+``docs/results/protocol.md``: tune on a validation split (two tuning seeds, a pick at a grid's
+edge extends the grid), run the registered seeds, report paired intervals with raw and
+Holm-adjusted verdicts for the claims registered in ``studies/claims.py``.
+
+Datasets (``--dataset``):
+
+* ``tiny_imagenet``: Split Tiny-ImageNet, 10 tasks x 20 classes (``configs/tiny_imagenet.py``,
+  ``../shared/data/tiny-imagenet-mini``) — the papers' task shape;
+* ``cifar10``: Split CIFAR-10, 5 tasks x 2 classes (``configs/cifar10.py``,
+  ``../shared/data/cifar10-mini``).
 
 Studies (``--study``):
 
-* ``objectives`` (aEPG paper): ``configs/cifar10.py:<loss>,<method>`` — CE, EPG, aEPG (tau 6 and
-  tuned tau), entropy penalty, confidence penalty, label smoothing, focal, with seq-LoRA and LAE;
-* ``dlcft_data_il`` / ``dlcft_class_il`` (DLCFT paper): ``configs/dlcft_*.py`` with the data
-  switched to cifar10-mini (``--config.data.*`` as below);
-* ``robust_ft`` (TPGM / FTP papers): ``configs/robust_ft.py`` on cifar10-mini, OOD = the
-  corruption suite at 5 severities of the cifar10-mini test images (CIFAR-10-C recipe);
-* ``class_il_recipes``: which configuration to use for class-IL on natural images — seq-LoRA CE /
-  aEPG, LAE aEPG, and replay (``configs/cifar10.py:ce,er`` / ``ce,derpp``, buffer 500) at the
-  ``configs/cifar10.py`` budget; its CE / aEPG arms are the objectives study's runs (shared).
+* ``objectives`` (aEPG paper): ``configs/<dataset>.py:<loss>,<method>`` — CE, EPG, aEPG (tau 6
+  and tuned tau), entropy penalty, confidence penalty, label smoothing, focal, with seq-LoRA and
+  LAE;
+* ``class_il_recipes``: which configuration to use for class-IL — seq-LoRA and LAE with CE /
+  aEPG (the objectives study's runs, shared), replay (ER, DER++; buffer 500) on seq-LoRA at the
+  dataset config's budget;
+* cifar10 only: ``dlcft_data_il`` / ``dlcft_class_il`` (DLCFT paper; ``configs/dlcft_*.py`` with
+  the data switched to cifar10-mini) and ``robust_ft`` (TPGM / FTP papers; ``configs/
+  robust_ft.py``, OOD = the corruption suite of the cifar10-mini test images).
 
-Phases (``--phase``, default ``all``):
+Phases (``--phase``, default ``all`` = tune, final, report):
 
-1. ``tune``: every arm x the learning-rate grid x its own hyper-parameter grid x ``--tune-seeds``,
-   scored by the VALIDATION class-IL final accuracy (``metrics.json['val']``; the split is
-   ``data.val_fraction`` of each task's training images, never test). The best mean over the
-   tuning seeds is selected (:func:`_common.select_best`) and written to
-   ``<out>/cifar10_<study>_selected.json`` with every setting's scores.
-2. ``final``: every arm at its selected values x ``--seeds`` (test images). Where a claim's paired
-   std exceeds its gap and fewer than 5 seeds ran, ``--extra-seeds`` are added for both arms.
-3. ``report``: ``<out>/cifar10_<study>.md`` (table: mean ± std; claims: paired difference, 95% t
-   and bootstrap intervals, verdict by :func:`_common.claim_verdict`) and ``.json``, over every arm
-   of the study whatever ``--arms`` names (``--arms`` only limits what trains).
+1. ``tune``: every arm x the learning-rate grid x its own hyper-parameter grid x ``--tune-seeds``
+   (100, 101), scored by the VALIDATION class-IL final accuracy (``metrics.json['val']``; the
+   runs set ``eval.test=False`` and never read the test images). The best mean over the tuning
+   seeds is selected (:func:`_common.select_best`); a pick at an edge of a grid extends that
+   axis one step past the edge (at the other axis' pick) and re-selects — recorded in
+   ``<out>/<dataset>_<study>_selected.json`` with every setting's per-seed scores.
+2. ``pilot``: the arms at their selected values with the pilot seeds (900, 901): the paired std
+   of each claim and the seeds its margin needs (``<out>/<dataset>_<study>_pilot.json``), to be
+   read before the seed set is registered.
+3. ``final``: every arm at its selected values x the study's registered seeds
+   (``claims.SEEDS``; ``--seeds`` only for smoke runs elsewhere).
+4. ``report``: ``<out>/<dataset>_<study>.md`` / ``.json``: per arm mean ± std and cost; per
+   registered claim the paired difference, 95% t and bootstrap intervals, raw and Holm-adjusted
+   verdicts (family-wide, :func:`claims.verdicts`) and the power line. A claim not in the
+   registry is never reported; a claim whose arms lack a registered seed is "incomplete"; runs of
+   different code commits or CPU models do not pair ("unpaired": re-run).
 
-Runs are reused when finished with the same settings and resumed when unfinished, so the study
-can be stopped and restarted; ``--phase report`` only aggregates. Final runs recorded in the
-committed ``<out>/cifar10_<study>.json`` at the same selected values stand in for run folders that
-are gone (a study spans sessions; ``--fresh`` retrains them). Commands::
+Runs are reused when finished with the same settings and resumed when unfinished; final runs
+recorded in the committed ``<out>/<dataset>_<study>.json`` at the same selected values stand in
+for run folders that are gone (a study spans sessions; ``--fresh`` retrains), and so do tuning
+scores recorded in the selected JSON. Commands::
 
-    python studies/natural_images.py --study objectives                  # everything
-    python studies/natural_images.py --study objectives --phase tune --arms ce aepg
-    python studies/natural_images.py --study robust_ft --phase report
+    python studies/natural_images.py --dataset tiny_imagenet --study objectives --dry-run
+    python studies/natural_images.py --dataset tiny_imagenet --study objectives --phase tune \
+        --arms ce_seq aepg_tau6_seq
+    python studies/natural_images.py --dataset tiny_imagenet --study objectives --phase pilot \
+        --arms ce_seq aepg_tau6_seq
+    python studies/natural_images.py --dataset cifar10 --study robust_ft --phase report
 
 Smoke check of the whole pipeline (minutes; tiny random CNN, numbers meaningless)::
 
-    python studies/natural_images.py --study robust_ft --arms ft tpgm --tune-seeds 100 \
-        --seeds 0 1 --extra-seeds --set model.name=tiny_cnn --set model.pretrained=False \
-        --image-size 16 --train-limit 20 --test-limit 10 --epochs 1 --out /tmp/ni --workdir-root /tmp/ni
-
-CPU cost: see ``docs/results/cifar10_pilot.md`` (per-run wall time on the 2-core machine) and
-``--dry-run``, which prints the number of runs of each phase without training.
+    python studies/natural_images.py --dataset cifar10 --study robust_ft --arms ft tpgm \
+        --seeds 0 1 --set model.name=tiny_cnn --set model.pretrained=False --image-size 16 \
+        --train-limit 20 --test-limit 10 --epochs 1 --out /tmp/ni --workdir-root /tmp/ni
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ import argparse
 import ast
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -64,37 +79,44 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    add_override_args, apply_overrides, claim_verdict, enable_compile_cache, load_config_module,
-    mean_std, paired_bootstrap_interval, paired_t_interval, same_settings, select_best)
+    add_override_args, apply_overrides, enable_compile_cache, load_config_module, mean_std,
+    same_settings, select_best)
+import claims as claims_lib  # noqa: E402
+import stats  # noqa: E402
 
 LR_GRID = (3e-4, 1e-3, 3e-3)       # the same for every arm of a study (protocol.md)
 ROBUST_LR_GRID = (3e-5, 1e-4, 3e-4)  # full fine-tuning (robust_ft): 10x lower, the same for all
+NATURAL = "natural"                # Arm.config: the dataset's own config (configs/<dataset>.py)
+
+DATASETS: Dict[str, Dict[str, Any]] = {
+    "tiny_imagenet": {"config": "tiny_imagenet",
+                      "label": "tiny-imagenet-mini (Split Tiny-ImageNet, 10 tasks x 20 classes)",
+                      "studies": ("objectives", "class_il_recipes")},
+    "cifar10": {"config": "cifar10", "label": "cifar10-mini (Split CIFAR-10, 5 tasks x 2 classes)",
+                "studies": ("objectives", "class_il_recipes", "dlcft_data_il", "dlcft_class_il",
+                            "robust_ft")},
+}
 
 
 class Arm(NamedTuple):
-  """One method of a study: ``config`` file name + ``arg``, label, and its own hyper-parameter
-  (``key`` a dotted config path, ``grid`` its candidate values; ``None``: only the lr is tuned)."""
+  """One method of a study: ``config`` file name (:data:`NATURAL`: the dataset's) + ``arg``,
+  label, and its own hyper-parameter(s): ``key`` a dotted config path (or a tuple of paths, then
+  ``grid`` holds tuples), ``grid`` its candidate values (``None``: only the lr is tuned),
+  ``extend`` the values one step below / above the grid (None: geometric, see :func:`extend`)."""
   name: str
   config: str
   arg: str
   label: str
-  key: Optional[str] = None
+  key: Any = None
   grid: Tuple[Any, ...] = ()
-
-
-class Claim(NamedTuple):
-  """"``better`` beats ``worse``" on score ``score`` (a metrics.json path), per the paper."""
-  text: str
-  better: str
-  worse: str
-  score: Tuple[str, ...] = ("final_accuracy",)
+  extend: Optional[Tuple[float, float]] = None
 
 
 def _objective_arms(method: str) -> List[Arm]:
   m = "lae" if method == "lae" else "seq"
   a = lambda name, loss, label, key=None, grid=(): Arm(  # noqa: E731
-      f"{name}_{m}", "cifar10", f"{loss},{method}", f"{label} ({'LAE' if m == 'lae' else 'seq-LoRA'})",
-      key, grid)
+      f"{name}_{m}", NATURAL, f"{loss},{method}",
+      f"{label} ({'LAE' if m == 'lae' else 'seq-LoRA'})", key, grid)
   return [a("ce", "ce", "CE"), a("epg", "epg", "EPG"),
           a("aepg_tau6", "aepg", "aEPG sigmoid tau 6"),
           a("aepg", "aepg", "aEPG tuned tau", "loss.tau", (2.0, 6.0, 12.0)),
@@ -106,25 +128,16 @@ def _objective_arms(method: str) -> List[Arm]:
           a("focal", "focal", "focal", "loss.gamma", (0.5, 1.0, 2.0))]
 
 
-def _objective_claims(m: str) -> List[Claim]:
-  s = "LAE" if m == "lae" else "seq-LoRA"
-  return [Claim(f"aEPG (tuned tau) beats CE, {s}", f"aepg_{m}", f"ce_{m}"),
-          Claim(f"aEPG (tau 6) beats CE, {s}", f"aepg_tau6_{m}", f"ce_{m}"),
-          Claim(f"EPG beats CE, {s}", f"epg_{m}", f"ce_{m}"),
-          Claim(f"entropy penalty beats CE, {s}", f"entropy_penalty_{m}", f"ce_{m}"),
-          Claim(f"CE beats label smoothing, {s}", f"ce_{m}", f"label_smoothing_{m}"),
-          Claim(f"CE beats confidence penalty, {s}", f"ce_{m}", f"confidence_penalty_{m}"),
-          Claim(f"CE beats focal, {s}", f"ce_{m}", f"focal_{m}"),
-          Claim(f"aEPG (tuned tau) beats EPG, {s}", f"aepg_{m}", f"epg_{m}")]
-
-
 LAMBDA = (0.3, 1.0, 3.0)  # regularisation strength of EWC / OSLA / DLCFT (method.strength)
+_OBJ = {a.name: a for a in _objective_arms("sequential") + _objective_arms("lae")}
+_REPLAY = [Arm("er_seq", NATURAL, "ce,er", "ER, buffer 500 (seq-LoRA, CE over all outputs)"),
+           Arm("derpp_seq", NATURAL, "ce,derpp",
+               "DER++, buffer 500 (seq-LoRA, CE over all outputs)")]
 STUDIES: Dict[str, Dict[str, Any]] = {
     "objectives": {
         "paper": "aEPG (arXiv 2602.14078)",
         "lr_grid": LR_GRID,
-        "arms": _objective_arms("sequential") + _objective_arms("lae"),
-        "claims": _objective_claims("seq") + _objective_claims("lae"),
+        "arms": list(_OBJ.values()),
     },
     "dlcft_data_il": {
         "paper": "DLCFT (Shon et al., ECCV 2022), Table 1",
@@ -137,11 +150,6 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                  Arm("dlcft_tkfac", "dlcft_data_il", "dlcft_tkfac", "DLCFT TK-FAC",
                      "method.strength", LAMBDA),
                  Arm("joint", "dlcft_data_il", "joint", "Joint (upper bound)")],
-        "claims": [Claim("DLCFT TK-FAC beats None", "dlcft_tkfac", "none"),
-                   Claim("DLCFT TK-FAC beats EWC", "dlcft_tkfac", "ewc"),
-                   Claim("DLCFT TK-FAC beats OSLA", "dlcft_tkfac", "osla"),
-                   Claim("DLCFT K-FAC beats OSLA", "dlcft_kfac", "osla"),
-                   Claim("TK-FAC beats K-FAC (DLCFT)", "dlcft_tkfac", "dlcft_kfac")],
     },
     "dlcft_class_il": {
         "paper": "DLCFT (Shon et al., ECCV 2022), Table 2",
@@ -151,9 +159,7 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                  Arm("derpp", "dlcft_class_il", "derpp", "DER++", "method.alpha",
                      (0.1, 0.3, 1.0)),
                  Arm("dlcft", "dlcft_class_il", "dlcft", "DLCFT", "method.replay_lambda",
-                     (0.25, 0.5, 0.75))],
-        "claims": [Claim("DLCFT beats ER", "dlcft", "er"), Claim("DLCFT beats DER", "dlcft", "der"),
-                   Claim("DLCFT beats DER++", "dlcft", "derpp"), Claim("DER beats ER", "der", "er")],
+                     (0.25, 0.5, 0.75), extend=(0.1, 0.9))],
     },
     "robust_ft": {
         "paper": "TPGM (Tian et al., CVPR 2023) / FTP (NeurIPS 2023)",
@@ -163,49 +169,50 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                  Arm("l2sp", "robust_ft", "l2sp", "L2-SP", "method.l2sp_alpha",
                      (0.001, 0.01, 0.1)),
                  Arm("wise_ft", "robust_ft", "wise_ft", "WiSE-FT", "eval.wise_ft_alpha",
-                     (0.3, 0.5, 0.7)),
+                     (0.3, 0.5, 0.7), extend=(0.1, 0.9)),
                  Arm("tpgm", "robust_ft", "tpgm", "TPGM", "method.radius_lr", (3e-3, 1e-2, 3e-2)),
                  Arm("ftp", "robust_ft", "ftp", "FTP", "method.radius_lr", (3e-3, 1e-2, 3e-2))],
-        "claims": [Claim("TPGM beats FT out of distribution", "tpgm", "ft",
-                         ("ood", "corruption_mean")),
-                   Claim("FTP beats FT out of distribution", "ftp", "ft", ("ood", "corruption_mean")),
-                   Claim("WiSE-FT beats FT out of distribution", "wise_ft", "ft",
-                         ("ood", "corruption_mean")),
-                   Claim("TPGM keeps FT's in-distribution accuracy (difference shown: "
-                         "TPGM - FT + 1)", "tpgm", "ft",
-                         ("ood", "id"))],
+    },
+    # Which configuration for class-IL: seq-LoRA's variants at the same budget. Its CE / aEPG
+    # arms share the objectives study's names and runs (``runs_under``): never trained twice.
+    "class_il_recipes": {
+        "paper": "class-IL recommendation (seq-LoRA, LAE, replay)",
+        "runs_under": "objectives",
+        "lr_grid": LR_GRID,
+        "arms": [_OBJ["ce_seq"], _OBJ["aepg_tau6_seq"], _OBJ["aepg_tau6_lae"]] + _REPLAY,
+        "arms_tiny_imagenet": [_OBJ["ce_seq"], _OBJ["aepg_tau6_seq"], _OBJ["ce_lae"],
+                               _OBJ["aepg_tau6_lae"], _REPLAY[0],
+                               _REPLAY[1]._replace(key=("method.alpha", "method.beta"),
+                                                   grid=((0.1, 0.5), (0.3, 0.5), (0.1, 1.0),
+                                                         (0.3, 1.0)))],
     },
 }
-# The recommended class-IL configuration: seq-LoRA's variants at the same budget. Its arms share
-# the objectives study's names and runs (``runs_under``), so CE / aEPG are never trained twice.
-_seq = {a.name: a for a in _objective_arms("sequential") + _objective_arms("lae")}
-STUDIES["class_il_recipes"] = {
-    "paper": "class-IL recommendation (seq-LoRA, LAE, replay)",
-    "runs_under": "objectives",
-    "lr_grid": LR_GRID,
-    "arms": [_seq["ce_seq"], _seq["aepg_tau6_seq"], _seq["aepg_tau6_lae"],
-             Arm("er_seq", "cifar10", "ce,er", "ER, buffer 500 (seq-LoRA, CE over all outputs)"),
-             Arm("derpp_seq", "cifar10", "ce,derpp",
-                 "DER++, buffer 500 (seq-LoRA, CE over all outputs)")],
-    "claims": [Claim("ER beats seq-LoRA CE", "er_seq", "ce_seq"),
-               Claim("ER beats seq-LoRA aEPG", "er_seq", "aepg_tau6_seq"),
-               Claim("DER++ beats ER", "derpp_seq", "er_seq"),
-               Claim("LAE aEPG beats seq-LoRA aEPG", "aepg_tau6_lae", "aepg_tau6_seq")],
-}
-MIN_SEEDS_IF_NOISY = 5
+
+
+def study_arms(dataset: str, study: str) -> List[Arm]:
+  """The arms of ``study`` on ``dataset`` (a study may list other arms for one dataset)."""
+  spec = STUDIES[study]
+  return list(spec.get(f"arms_{dataset}", spec["arms"]))
+
+
+def _out(args, study: str, suffix: str = ".json") -> str:
+  return os.path.join(args.out, f"{args.dataset}_{study}{suffix}")
 
 
 def natural_config(arm: Arm, seed: int, args, lr: Optional[float] = None, value: Any = None,
                    tuning: bool = False):
-  """The config of ``arm`` for ``seed`` on cifar10-mini with the validation split, at learning
-  rate ``lr`` and own hyper-parameter ``value`` (None: the config's)."""
-  cifar = load_config_module(os.path.join(ROOT, "configs", "cifar10.py"), "natural_cifar10")
-  module = cifar if arm.config == "cifar10" else load_config_module(
+  """The config of ``arm`` for ``seed`` on ``args.dataset`` with the validation split, at learning
+  rate ``lr`` and own hyper-parameter ``value`` (None: the config's). Tuning runs evaluate only
+  the validation split (``eval.test=False``) and no OOD set."""
+  dataset = getattr(args, "dataset", "cifar10")
+  data_cfg = load_config_module(os.path.join(ROOT, "configs", f"{DATASETS[dataset]['config']}.py"),
+                                f"natural_{dataset}")
+  module = data_cfg if arm.config == NATURAL else load_config_module(
       os.path.join(ROOT, "configs", f"{arm.config}.py"), f"natural_{arm.config}")
   c = module.get_config(arm.arg)
-  if arm.config != "cifar10":  # the study's own config, its data switched to cifar10-mini
+  if arm.config != NATURAL:  # the study's own config, its data switched to the dataset
     c.data.name = "image_folder"
-    c.data.root = cifar.default_root()
+    c.data.root = data_cfg.default_root()
     c.data.test_limit = 0       # all test images; the training budget stays the config's
   c.data.val_fraction = args.val_fraction
   c = apply_overrides(c, args, seed)
@@ -221,13 +228,19 @@ def natural_config(arm: Arm, seed: int, args, lr: Optional[float] = None, value:
   if lr is not None:
     c.optim.learning_rate = float(lr)
   if arm.key is not None and value is not None:
-    section, key = arm.key.split(".")
-    c[section][key] = value
-  if tuning:  # OOD sets are never looked at while tuning
+    for k, v in zip(_keys(arm), value if isinstance(arm.key, tuple) else (value,)):
+      section, key = k.split(".")
+      c[section][key] = v
+  if tuning:  # the test images and the OOD sets are never looked at while tuning
     c.eval.ood_corruptions = ()
     c.eval.ood_dataset = ""
+    c.eval.test = False
   c.checkpoint.max_to_keep = 1
   return c
+
+
+def _keys(arm: Arm) -> Tuple[str, ...]:
+  return () if arm.key is None else arm.key if isinstance(arm.key, tuple) else (arm.key,)
 
 
 def _get(d: Dict[str, Any], path: Sequence[str]) -> Any:
@@ -293,7 +306,8 @@ def tune_score(config, workdir: str) -> float:
 
 
 def _setting_name(arm: Arm, lr: float, value: Any) -> str:
-  return f"lr{lr:g}" + (f"_{arm.key.split('.')[-1]}{value:g}" if arm.key is not None else "")
+  vals = () if arm.key is None else value if isinstance(arm.key, tuple) else (value,)
+  return f"lr{lr:g}" + "".join(f"_{k.split('.')[-1]}{v:g}" for k, v in zip(_keys(arm), vals))
 
 
 def same_run_as(study: str, arm: Arm, value: Any, args) -> Optional[Arm]:
@@ -302,49 +316,133 @@ def same_run_as(study: str, arm: Arm, value: Any, args) -> Optional[Arm]:
   An arm with a tuned hyper-parameter (e.g. aEPG tuned tau, ``loss.tau``) contains, at the value
   its fixed twin uses (aEPG tau 6, same config and arg, no own grid), that twin's configuration
   exactly; those settings are not trained twice (the twin's tuning and final runs are used)."""
-  if arm.key is None or value is None:
+  if arm.key is None or value is None or isinstance(arm.key, tuple):
     return None
   section, key = arm.key.split(".")
-  for other in STUDIES[study]["arms"]:
+  for other in study_arms(getattr(args, "dataset", "cifar10"), study):
     if (other.name != arm.name and other.key is None and (other.config, other.arg) ==
         (arm.config, arm.arg) and natural_config(other, 0, args)[section][key] == value):
       return other
   return None
 
 
+_NICE = (1.0, 2.0, 3.0, 5.0)
+
+
+def extend(grid: Sequence[float], side: str) -> float:
+  """The value one step past the ``low`` / ``high`` end of a sorted numeric grid: the geometric
+  step of the two values at that end (``g0^2 / g1``, ``g[-1]^2 / g[-2]``), snapped to the nearest
+  ``{1, 2, 3, 5} x 10^k`` in log scale (3e-4, 1e-3 -> 1e-4; 1e-3, 3e-3 -> 1e-2; tau 6, 12 -> 20).
+
+  Raises:
+    ValueError: fewer than 2 values, a non-positive value, or ``side`` not low / high.
+  """
+  g = sorted(float(v) for v in grid)
+  if len(g) < 2 or g[0] <= 0 or side not in ("low", "high"):
+    raise ValueError(f"extend needs >= 2 positive values and side low/high, got {grid}, {side}")
+  raw = g[0] * g[0] / g[1] if side == "low" else g[-1] * g[-1] / g[-2]
+  e = math.floor(math.log10(raw))
+  cands = [n * 10.0 ** k for k in (e - 1, e, e + 1) for n in _NICE]
+  best = min(cands, key=lambda v: abs(math.log(v) - math.log(raw)))
+  return float(f"{best:.6g}")
+
+
+def _extension(arm: Arm, values: Sequence[Any], pick: Any, is_lr: bool) -> Optional[Tuple[str, Any]]:
+  """``(side, new value)`` when ``pick`` sits at an edge of ``values`` (>= 2 numeric values);
+  the arm's explicit ``extend`` values replace the geometric step for its own grid."""
+  nums = [v for v in values if isinstance(v, (int, float))]
+  if len(nums) < 2 or len(nums) != len(values) or pick not in (min(nums), max(nums)):
+    return None
+  side = "low" if pick == min(nums) else "high"
+  if not is_lr and arm.extend is not None:
+    new = arm.extend[0 if side == "low" else 1]
+    return (side, new) if new not in nums else None
+  return side, extend(nums, side)
+
+
 def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
-  """Phase 1: the grid on the validation split; returns and writes the selected values."""
+  """Phase 1: the grid on the validation split with edge extension; writes the selected JSON."""
   spec = STUDIES[study]
-  path = os.path.join(args.out, f"cifar10_{study}_selected.json")
-  selected = json.load(open(path)) if os.path.exists(path) else {}
+  path = _out(args, study, "_selected.json")
+  selected = _read_json(path)
   for arm in arms:
-    grid = list(itertools.product(spec["lr_grid"], args.grid.get(arm.name, arm.grid) or (None,)))
+    prior = {} if args.fresh else selected.get(arm.name, {})
     scores: Dict[Tuple[float, Any], List[float]] = {}
-    for (lr, value), seed in itertools.product(grid, args.tune_seeds):
-      twin = same_run_as(study, arm, value, args)
-      wd = os.path.join(args.workdir_root, spec.get("runs_under", study), "tune",
-                        *((twin.name, _setting_name(twin, lr, None)) if twin else
-                          (arm.name, _setting_name(arm, lr, value))), f"seed{seed}")
-      t = time.time()
-      score = tune_score(natural_config(arm, seed, args, lr, value, tuning=True), wd)
-      scores.setdefault((lr, value), []).append(score)
-      log(f"tune {arm.name} {_setting_name(arm, lr, value)} seed {seed}: val class-IL final "
-          f"{'diverged (scored 0)' if np.isnan(score) else f'{score:.2f}'} "
-          f"({time.time() - t:.0f}s)")
-    lr, value = select_best(scores)
-    # Re-read before writing: several processes may tune disjoint --arms of one study at once.
-    selected = json.load(open(path)) if os.path.exists(path) else {}
+
+    def run(lr, value):
+      if (lr, value) in scores:
+        return
+      for seed in args.tune_seeds:
+        scores.setdefault((lr, value), []).append(
+            _tune_one(study, arm, lr, value, seed, prior, args, log))
+
+    lrs = list(spec["lr_grid"])
+    owns = list(args.grid.get(arm.name, arm.grid) or (None,))
+    for lr, value in itertools.product(lrs, owns):
+      run(lr, value)
+    best = select_best(scores)
+    extended = []
+    for axis in ("lr", "own"):
+      values = sorted({k[0] for k in scores}) if axis == "lr" else \
+          sorted({k[1] for k in scores if k[0] == best[0]}, key=str)
+      ext = _extension(arm, values, best[0] if axis == "lr" else best[1], axis == "lr")
+      if ext is None:
+        continue
+      setting = (ext[1], best[1]) if axis == "lr" else (best[0], ext[1])
+      run(*setting)
+      extended.append({"axis": "learning_rate" if axis == "lr" else ",".join(_keys(arm)),
+                       "side": ext[0], "value": ext[1]})
+      best = select_best(scores)
+    lr, value = best
+    at_edge = [a for a, vals, v in (("learning_rate", [k[0] for k in scores], lr),
+                                    ("own", [k[1] for k in scores if k[0] == lr], value))
+               if _extension(arm, sorted(set(vals), key=str), v, a == "learning_rate")]
+    selected = _read_json(path)  # re-read: other processes may tune disjoint --arms at once
     selected[arm.name] = {
-        "learning_rate": lr, **({arm.key: value} if arm.key else {}),
+        "learning_rate": lr, **({",".join(_keys(arm)): value} if arm.key else {}),
         "tune_seeds": list(args.tune_seeds), "val_fraction": args.val_fraction,
         **({"own_grid_reduced_to": list(args.grid[arm.name])} if arm.name in args.grid else {}),
+        "extended": extended, "still_at_edge": at_edge,
         "val_class_il_final": {_setting_name(arm, l, v): s for (l, v), s in scores.items()}}
     with open(path, "w") as f:
       json.dump(selected, f, indent=1)
   return selected
 
 
-def recorded_runs(path: str, keys: Dict[str, Optional[str]],
+def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
+  """One tuning run's validation score: a recorded score (the selected JSON of an earlier call,
+  same setting and seed) or the run (trained, resumed or read back)."""
+  name = _setting_name(arm, lr, value)
+  rec = prior.get("val_class_il_final", {}).get(name)
+  seeds = prior.get("tune_seeds", [])
+  if rec is not None and seed in seeds and seeds.index(seed) < len(rec):
+    return float(rec[seeds.index(seed)])
+  twin = same_run_as(study, arm, value, args)
+  wd = os.path.join(args.workdir_root, args.dataset, STUDIES[study].get("runs_under", study),
+                    "tune", *((twin.name, _setting_name(twin, lr, None)) if twin else
+                              (arm.name, name)), f"seed{seed}")
+  t = time.time()
+  score = tune_score(natural_config(arm, seed, args, lr, value, tuning=True), wd)
+  log(f"tune {arm.name} {name} seed {seed}: val class-IL final "
+      f"{'diverged (scored 0)' if np.isnan(score) else f'{score:.2f}'} ({time.time() - t:.0f}s)")
+  return score
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _own_value(arm: Arm, sel: Dict[str, Any]) -> Any:
+  if arm.key is None:
+    return None
+  v = sel.get(",".join(_keys(arm)))
+  return tuple(v) if isinstance(arm.key, tuple) and v is not None else v
+
+
+def recorded_runs(path: str, keys: Dict[str, Any],
                   selected: Dict[str, Any]) -> Dict[Tuple[str, int], Dict[str, Any]]:
   """The final runs recorded in a study's results JSON (``path``, written by :func:`report`)
   whose arm was run at the values selected now: ``{(arm, seed): record}``.
@@ -353,10 +451,7 @@ def recorded_runs(path: str, keys: Dict[str, Optional[str]],
   records stand in for runs whose folder is gone; a run recorded under another selection
   (learning rate or the arm's own value, ``keys[arm]``) is not reused. No file: ``{}``.
   """
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    data = json.load(f)
+  data = _read_json(path)
   old_sel = data.get("selected", {})
   out = {}
   for r in data.get("runs", ()):
@@ -367,188 +462,312 @@ def recorded_runs(path: str, keys: Dict[str, Optional[str]],
   return out
 
 
-def final(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> List[Dict]:
-  """Phase 2: ``arms`` at their selected values on the test images, ``--seeds`` (+ extra seeds
-  for noisy claims). The result holds every arm of the study, not only ``arms``: the other arms'
-  finished runs (same settings) and the runs recorded in ``<out>/cifar10_<study>.json`` at the
-  same selected values stay in it without training, whichever ``--arms`` and ``--seeds`` this
-  call names, so the report it feeds never drops runs an earlier call committed. Returns one
-  record per finished run."""
+PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "dirty")
+# Runs of these code commits compute the same numbers as the 2026-12-05 cifar10-mini runs, which
+# predate provenance records (no record = this version): 0492029 is the last change of cft_jax/,
+# configs/ and setup.cfg before them (the padding fix; every focal run came after it, and it left
+# the other losses bitwise unchanged); LEGACY_CPU is the machine of those sessions.
+LEGACY_CODE = "049202955c612a49a1e8e61bd6060eeeeef0ee10"
+LEGACY_CPU = "AMD EPYC"
+EQUIVALENT_CODE: Dict[str, str] = {}
+
+
+def code_version(prov: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+  """``(code commit, CPU model)`` a run pairs on: its provenance record (a dirty checkout counts
+  as its own version), or the legacy version for a run that has none (:data:`LEGACY_CODE`)."""
+  if not prov:
+    return LEGACY_CODE, LEGACY_CPU
+  code = prov.get("code_commit") or "unknown"
+  code = EQUIVALENT_CODE.get(code, code) + ("+dirty" if prov.get("dirty") else "")
+  return code, prov.get("cpu_model") or "unknown"
+
+
+def images_per_step(cfg) -> int:
+  """Images a training step processes: the batch plus the replayed buffer examples (ER, DER,
+  DLCFT: one replay batch; DER++: two)."""
+  from cft_jax.config import validate_config  # pylint: disable=g-import-not-at-top
+  cfg = validate_config(cfg)  # the method's own defaults (e.g. replay_batch_size) filled in
+  images = int(cfg.train.batch_size)
+  if cfg.method.name in ("er", "der", "derpp", "dlcft", "dlcft_kfac"):
+    images += int(cfg.method.replay_batch_size) * (2 if cfg.method.name == "derpp" else 1)
+  return images
+
+
+def _record(arm: Arm, seed: int, wd: str, m: Dict[str, Any]) -> Dict[str, Any]:
+  prov = m.get("provenance") or {}
+  return {"arm": arm.name, "seed": seed, "workdir": os.path.relpath(wd, ROOT),
+          "provenance": {k: prov.get(k) for k in PROVENANCE_KEYS} if prov else None,
+          "metrics": {k: m.get(k) for k in ("final_accuracy", "avg_incremental_accuracy",
+                                            "forgetting", "task_il", "val", "ood",
+                                            "wall_time_s")}}
+
+
+def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequence[int], args,
+              log, train: bool = True) -> List[Dict]:
+  """Every arm of the study at its selected values for ``seeds``: ``arms`` are trained where
+  needed; the other arms' finished runs (same settings) and the runs recorded in the committed
+  ``<out>/<dataset>_<study>.json`` at the same selected values are kept without training, so a
+  report never drops runs an earlier call committed. One record per finished run."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
+  every = study_arms(args.dataset, study)
   prior = {} if args.fresh else recorded_runs(
-      os.path.join(args.out, f"cifar10_{study}.json"),
-      {a.name: a.key for a in STUDIES[study]["arms"]}, selected)  # every arm: twins' runs too
-
-  def do(arm: Arm, seed: int, train: bool = True) -> None:
-    train = train and args.phase != "report"
-    if any(r["arm"] == arm.name and r["seed"] == seed for r in runs):
-      return
-    sel = selected.get(arm.name)
-    if sel is None and not train:  # not tuned yet: nothing to aggregate
-      return
-    if sel is None:
-      raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
-    twin = same_run_as(study, arm, sel.get(arm.key), args)
-    if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
-      twin = None  # the twin was selected at another lr: its final runs are other settings
-    src = twin.name if twin else arm.name
-    wd = os.path.join(args.workdir_root, STUDIES[study].get("runs_under", study), "final", src,
-                      f"seed{seed}")
-    cfg = natural_config(arm, seed, args, sel["learning_rate"], sel.get(arm.key))
-    finished = os.path.exists(os.path.join(wd, "metrics.json")) and _saved_as(wd, cfg)
-    if not finished and (src, seed) in prior:
-      runs.append({**prior[(src, seed)], "arm": arm.name})  # committed earlier, same settings
-      return
-    if not train:
-      if not finished:
-        return
-      with open(os.path.join(wd, "metrics.json")) as f:
-        m = json.load(f)
-    else:
-      t = time.time()
-      m = run_one(cfg, wd)
-      log(f"final {arm.name} seed {seed}: class-IL final {m['final_accuracy']:.2f}, task-IL "
-          f"{m['task_il']['final_accuracy']:.2f} ({time.time() - t:.0f}s)")
-    runs.append({"arm": arm.name, "seed": seed, "workdir": os.path.relpath(wd, ROOT),
-                 "metrics": {k: m.get(k) for k in ("final_accuracy", "avg_incremental_accuracy",
-                                                   "forgetting", "task_il", "val", "ood",
-                                                   "wall_time_s")}})
-
-  for seed in args.seeds:  # seed-major: an interrupted phase has every arm at the first seeds
-    for arm in arms:
-      do(arm, seed)
-  for claim in STUDIES[study]["claims"]:
-    if not {claim.better, claim.worse} <= names:
-      continue
-    r = compare(runs, claim)
-    if r and r["n"] < MIN_SEEDS_IF_NOISY and r["std"] > abs(r["mean"]):
-      for seed in args.extra_seeds:
-        for arm in arms:
-          if arm.name in (claim.better, claim.worse):
-            do(arm, seed)
-  for seed in sorted({*args.seeds, *args.extra_seeds, *(s for _, s in prior)}):
-    for arm in STUDIES[study]["arms"]:  # finished or recorded earlier: kept, never retrained
-      do(arm, seed, train=False)
+      _out(args, study), {a.name: ",".join(_keys(a)) or None for a in every}, selected)
+  for seed in seeds:  # seed-major: an interrupted phase has every arm at the first seeds
+    for arm in every:
+      r = _final_one(study, arm, seed, selected, prior, args, log,
+                     train and arm.name in names and args.phase != "report")
+      if r is not None:
+        runs.append(r)
   return runs
 
 
-def compare(runs: List[Dict[str, Any]], claim: Claim) -> Optional[Dict[str, Any]]:
-  """Paired difference ``better - worse`` over the seeds both arms finished (None if < 2)."""
-  a = {r["seed"]: _get(r["metrics"], claim.score) for r in runs if r["arm"] == claim.better}
-  b = {r["seed"]: _get(r["metrics"], claim.score) for r in runs if r["arm"] == claim.worse}
-  seeds = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
-  if len(seeds) < 2:
+def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[Dict[str, Any]]:
+  sel = selected.get(arm.name)
+  if sel is None:
+    if train:
+      raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
     return None
-  xa, xb = [a[s] for s in seeds], [b[s] for s in seeds]
-  if claim.score == ("ood", "id"):  # "keeps ID accuracy": a loss of < 1 point counts as kept
-    xa = [x + 1.0 for x in xa]
-  out = paired_t_interval(xa, xb)
-  out["bootstrap"] = paired_bootstrap_interval(xa, xb)
-  out["seeds"] = seeds
-  out["verdict"] = claim_verdict(out["lo"], out["hi"])
+  value = _own_value(arm, sel)
+  twin = same_run_as(study, arm, value, args)
+  if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
+    twin = None  # the twin was selected at another lr: its final runs are other settings
+  src = twin.name if twin else arm.name
+  wd = os.path.join(args.workdir_root, args.dataset, STUDIES[study].get("runs_under", study),
+                    "final", src, f"seed{seed}")
+  cfg = natural_config(arm, seed, args, sel["learning_rate"], value)
+  finished = os.path.exists(os.path.join(wd, "metrics.json")) and _saved_as(wd, cfg)
+  if not finished and (src, seed) in prior:
+    return {**prior[(src, seed)], "arm": arm.name}  # committed earlier, same settings
+  if not train and not finished:
+    return None
+  t = time.time()
+  m = run_one(cfg, wd) if train else _read_json(os.path.join(wd, "metrics.json"))
+  if train:
+    log(f"final {arm.name} seed {seed}: class-IL final {m['final_accuracy']:.2f}, task-IL "
+        f"{m['task_il']['final_accuracy']:.2f} ({time.time() - t:.0f}s)")
+  return _record(arm, seed, wd, m)
+
+
+def claim_scores(runs: List[Dict[str, Any]], claim: claims_lib.Claim) -> Dict[str, Dict[int, float]]:
+  """``{arm: {seed: score}}`` of the claim's arms (its metric, finished runs only)."""
+  out: Dict[str, Dict[int, float]] = {}
+  for r in runs:
+    if r["arm"] in claim.better + claim.worse:
+      v = _get(r["metrics"], claim.metric)
+      if v is not None and np.isfinite(v):
+        out.setdefault(r["arm"], {})[r["seed"]] = float(v)
   return out
 
 
-def _tune_seeds(arms: List[Arm], selected: Dict[str, Any]) -> List[int]:
-  return sorted({s for a in arms for s in selected.get(a.name, {}).get("tune_seeds", ())})
+def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
+            seed_set: Sequence[int]) -> Dict[str, Any]:
+  """One registered claim on the registered seeds: the paired differences ``better - worse``
+  (a group side: its arms' per-seed mean), 95% t and bootstrap intervals and the power line;
+  ``status`` ``"complete"``, ``"incomplete"`` (an arm lacks a registered seed) or ``"unpaired"``
+  (its runs come from different code commits or CPU models: re-run them together).
+
+  Raises:
+    UnregisteredClaimError: ``claim`` is not the registered one, or an arm ran unregistered seeds.
+  """
+  claims_lib.check_registered(claim)
+  arms = claim.better + claim.worse
+  mine = [r for r in runs if r["arm"] in arms and r["seed"] in seed_set]
+  pair = claims_lib.paired_scores(claim, claim_scores(mine, claim), seed_set)
+  out: Dict[str, Any] = {"id": claim.id, "seeds": list(seed_set), "status": "complete",
+                         "same_as": "|".join(sorted({r["workdir"].rsplit("/", 1)[0]
+                                                     for r in mine if r["arm"] in claim.better}))
+                         + " vs " + "|".join(sorted({r["workdir"].rsplit("/", 1)[0]
+                                                     for r in mine if r["arm"] in claim.worse}))}
+  if pair is None:
+    have = {a: sorted({r["seed"] for r in mine if r["arm"] == a}) for a in arms}
+    out.update(status="incomplete", missing={a: sorted(set(seed_set) - set(s))
+                                             for a, s in have.items() if set(s) != set(seed_set)})
+    return out
+  prov = sorted({code_version(r.get("provenance")) for r in mine}, key=str)
+  out["provenance"] = [list(p) for p in prov]
+  if len(prov) > 1:
+    out["status"] = "unpaired"
+    return out
+  a, b = pair
+  d = stats.paired_differences(a, b)
+  out.update(stats.paired_t_interval(a, b))
+  out["bootstrap"] = list(stats.paired_bootstrap_interval(a, b))
+  out["d"] = [float(x) for x in d]
+  return out
 
 
-def _seed_args(arms: List[Arm], selected: Dict[str, Any]) -> str:
-  """`` --tune-seeds ...`` when the study was tuned with other than the default seeds."""
-  seeds = _tune_seeds(arms, selected)
-  return f" --tune-seeds {' '.join(map(str, seeds))}" if seeds and seeds != [100, 101] else ""
+def report(study: str, selected: Dict[str, Any], runs: List[Dict], args, wall_s: float) -> str:
+  """Phase 4: writes ``<dataset>_<study>.md`` and ``.json``; returns the markdown."""
+  arms = study_arms(args.dataset, study)
+  seed_set = list(args.seeds or claims_lib.seeds(args.dataset, study))
+  results = [compare(runs, c, seed_set) for c in claims_lib.for_study(args.dataset, study)]
+  verdicts = claims_lib.verdicts(args.dataset, args.out, override={r["id"]: r for r in results})
+  for r in results:
+    r.update(verdicts.get(r["id"], {}))
+  lines = _report_head(study, arms, selected, runs, seed_set, args)
+  lines += _claims_table(results)
+  run_s = sum(r["metrics"].get("wall_time_s") or 0.0 for r in runs)
+  lines += ["", stats_rule_text(), "", f"Final runs: {len(runs)}, {run_s / 60:.0f} min of "
+            "training wall time in all (2-core CPU; other jobs may have shared it)"
+            + (f"; this invocation: {wall_s / 60:.1f} min." if args.phase != "report" else "."),
+            ""]
+  text = "\n".join(lines)
+  with open(_out(args, study, ".md"), "w") as f:
+    f.write(text)
+  with open(_out(args, study), "w") as f:
+    json.dump({"dataset": args.dataset, "study": study, "seeds": seed_set, "selected": selected,
+               "claims": results, "runs": runs}, f, indent=1)
+  return text
 
 
-def _setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
-  """One line: the runs' budget (from the first arm's config) and the tuning seeds used."""
+def stats_rule_text() -> str:
+  """The verdict rule, in one paragraph (the same words in every report)."""
+  return ("Verdicts (`studies/stats.py`, protocol §5): one-sided t tests at 2.5% on the paired "
+          "differences, against 0 and against the claim's margin (the paper's effect): "
+          "**reproduced** (a gain), **no gain >= margin** (a gain as large as the paper's is "
+          "excluded), **worse than the baseline** (a significant loss), **inconclusive**; "
+          "non-inferiority claims: reproduced / worse by >= margin. *Raw*: each claim alone "
+          "(its 95% interval); *Holm*: Holm's step-down correction within the claim's family "
+          "(every registered claim of the family counts, run or not). Seeds needed: pairs at "
+          "the observed std for a verdict whatever the mean (raw / at the family's Bonferroni "
+          "level, Holm's worst step).")
+
+
+def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
+  spec = STUDIES[study]
+  fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
+  single = spec.get("single_task", False)
+  head = ("| arm | selected (lr, own) | seeds | ID accuracy (test) | val ID accuracy | OOD "
+          "corruption mean | ID - OOD drop | wall / run (min) | images / step |" if single else
+          "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
+          "| val class-IL final | forgetting | wall / run (min) | images / step |")
+  lines = [f"# {study} on {DATASETS[args.dataset]['label']}: the {spec['paper']} claims under "
+           "the registered protocol", "",
+           "Protocol: `docs/results/protocol.md`; claims, margins and seeds: "
+           "`docs/results/claims.md`. Command: `python studies/natural_images.py --dataset "
+           f"{args.dataset} --study {study}`. Selected values: `{args.dataset}_{study}_selected"
+           ".json`. Scores in %; mean ± sample std over the registered final seeds "
+           f"{seed_set} (test images).", "", setup_line(arms, selected, args), "",
+           head, "|---" * head.count(" | ") + "|---|"]
+  for arm in arms:
+    rs = [r for r in runs if r["arm"] == arm.name and r["seed"] in seed_set]
+    if not rs:
+      continue
+    ms = [r["metrics"] for r in rs]
+    sel = selected.get(arm.name, {})
+    own = "".join(f", {k.split('.')[-1]} {v:g}" for k, v in
+                  zip(_keys(arm), (_own_value(arm, sel),) if not isinstance(arm.key, tuple)
+                      else (_own_value(arm, sel) or ())) if v is not None)
+    if single:
+      cols = [m["final_accuracy"] for m in ms], [_get(m, ("val", "final_accuracy")) for m in ms], \
+          [_get(m, ("ood", "corruption_mean")) for m in ms], \
+          [_get(m, ("ood", "id")) - _get(m, ("ood", "corruption_mean")) for m in ms
+           if _get(m, ("ood", "corruption_mean")) is not None]
+    else:
+      cols = [m["final_accuracy"] for m in ms], [m["avg_incremental_accuracy"] for m in ms], \
+          [_get(m, ("task_il", "final_accuracy")) for m in ms], \
+          [_get(m, ("val", "final_accuracy")) for m in ms], [m.get("forgetting") for m in ms]
+    wall = mean_std([(m.get("wall_time_s") or float("nan")) / 60 for m in ms])
+    images = images_per_step(natural_config(arm, 0, args, sel.get("learning_rate"),
+                                            _own_value(arm, sel)))
+    lines.append(f"| {arm.label} | {sel.get('learning_rate', float('nan')):g}{own} | {len(rs)} | "
+                 + " | ".join(fmt(mean_std(c)) for c in cols)
+                 + f" | {wall[0]:.1f} | {images} |")
+  return lines
+
+
+def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
+  reg = claims_lib.by_id()
+  lines = ["", "| claim | family | margin | seeds | paired difference (mean ± std) | 95% t interval "
+           "| 95% bootstrap | raw verdict | Holm-adjusted verdict (p) | seeds needed (raw / Holm) |",
+           "|---" * 10 + "|"]
+  for r in results:
+    c = reg[r["id"]]
+    if r["status"] != "complete":
+      why = (f"incomplete: missing seeds {r['missing']}" if r["status"] == "incomplete" else
+             f"unpaired: runs of several commits / CPUs {r.get('provenance')}; re-run together")
+      lines.append(f"| {c.text} | {c.family} | {c.margin:g} | — | {why} | | | | | |")
+      continue
+    need = r.get("seeds_needed") or {}
+    lines.append(
+        f"| {c.text} | {c.family} | {c.margin:g} | {r['n']} | {r['mean']:+.2f} ± {r['std']:.2f} | "
+        f"[{r['lo']:+.2f}, {r['hi']:+.2f}] | [{r['bootstrap'][0]:+.2f}, {r['bootstrap'][1]:+.2f}]"
+        f" | {r.get('raw')} | **{r.get('holm')}** ({r.get('p_holm', float('nan')):.3g}) | "
+        f"{need.get('raw') or '>1000'} / {need.get('holm') or '>1000'} |")
+  return lines
+
+
+def setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
+  """One line: the runs' budget (from the first arm's config), tuning seeds and edge status."""
   c = natural_config(arms[0], 0, args)
-  seeds = _tune_seeds(arms, selected)
+  seeds = sorted({s for a in arms for s in selected.get(a.name, {}).get("tune_seeds", ())})
   limit = (f"{c.data.train_limit} training images per task" if c.data.train_limit
            else "every training image")
   reduced = "; ".join(f"{a.name}'s own grid reduced to {selected[a.name]['own_grid_reduced_to']}"
                       for a in arms if "own_grid_reduced_to" in selected.get(a.name, {}))
-  return (f"Setup: {c.model.name} (PEFT: {c.peft.name}), "
-          f"{c.data.image_size} px, {limit} ({c.data.val_fraction:.0%} held out for validation), "
-          f"{c.train.epochs} epoch(s) per task, batch {c.train.batch_size}; tuning seeds "
-          f"{seeds} (the protocol's default: [100, 101]){'; ' + reduced if reduced else ''}; final "
-          "seeds as listed per claim.")
+  edges = ", ".join(f"{a.name} ({'/'.join(selected[a.name]['still_at_edge'])})" for a in arms
+                    if selected.get(a.name, {}).get("still_at_edge"))
+  caveat = (" Tiny-ImageNet's images come from ImageNet's training set, on which the Lite0 "
+            "weights were pretrained: the frozen features already separate these classes."
+            if args.dataset == "tiny_imagenet" else "")
+  return (f"Setup (the budget every verdict is worded at): {c.model.name} (PEFT: {c.peft.name}), "
+          f"{c.data.image_size} px, {c.scenario.num_tasks} tasks, {limit} "
+          f"({c.data.val_fraction:.0%} held out for validation), {c.train.epochs} epoch(s) per "
+          f"task, batch {c.train.batch_size}; tuning seeds {seeds}"
+          f"{' (the protocol: [100, 101])' if seeds != [100, 101] else ''}"
+          f"{'; ' + reduced if reduced else ''}"
+          f"{'; picks still at a grid edge after one extension: ' + edges if edges else ''}."
+          + caveat)
 
 
-def report(study: str, arms: List[Arm], selected: Dict[str, Any], runs: List[Dict], args,
-           wall_s: float) -> str:
-  """Phase 3: writes ``cifar10_<study>.md`` and ``.json``; returns the markdown."""
-  spec = STUDIES[study]
-  fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
-  single = spec.get("single_task", False)
-  run_s = sum(r["metrics"].get("wall_time_s") or 0.0 for r in runs)
-  head = ("| arm | selected (lr, own) | seeds | ID accuracy (test) | val ID accuracy | OOD corruption "
-          "mean | ID - OOD drop |" if single else
-          "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
-          "| val class-IL final | forgetting |")
-  lines = [f"# {study} on cifar10-mini: the {spec['paper']} claims under the fair protocol", "",
-           "Protocol: `docs/results/protocol.md`. Command: `python studies/natural_images.py "
-           f"--study {study}{_seed_args(arms, selected)}`. Selected values: "
-           f"`cifar10_{study}_selected.json`. Scores in %; mean ± sample std over the final seeds "
-           "(test images).", "", _setup_line(arms, selected, args), "",
-           head, "|---" * head.count(" | ") + "|---|"]
-  for arm in arms:
-    rs = [r["metrics"] for r in runs if r["arm"] == arm.name]
-    if not rs:
+def pilot(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> str:
+  """Phase 2: ``arms`` with the pilot seeds; per registered claim whose arms all ran, the paired
+  std and the seeds its margin needs (raw and at its family's size). Writes
+  ``<dataset>_<study>_pilot.{json,md}``."""
+  seeds = list(claims_lib.PILOT_SEEDS)
+  runs = [r for r in run_seeds(study, arms, selected, seeds, args, log)
+          if r["arm"] in {a.name for a in arms}]
+  out, lines = [], [f"# Pilot of {study} on {DATASETS[args.dataset]['label']}", "",
+                    f"Seeds {seeds} (not final seeds), arms at their selected values. Paired std "
+                    "of each registered claim whose arms ran, and the seeds its margin needs "
+                    "(`stats.seeds_needed`: a verdict whatever the mean).", "",
+                    "| claim | margin | paired differences | std | seeds needed raw | "
+                    "seeds needed (Holm, family size) |", "|---|---|---|---|---|---|"]
+  for c in claims_lib.for_study(args.dataset, study):
+    sc = claim_scores(runs, c)
+    if not all(set(sc.get(a, {})) >= set(seeds) for a in c.better + c.worse):
       continue
-    sel = selected.get(arm.name, {})
-    own = f", {arm.key.split('.')[-1]} {sel.get(arm.key):g}" if arm.key else ""
-    if single:
-      cols = [m["final_accuracy"] for m in rs], [_get(m, ("val", "final_accuracy")) for m in rs], \
-          [_get(m, ("ood", "corruption_mean")) for m in rs], \
-          [_get(m, ("ood", "id")) - _get(m, ("ood", "corruption_mean")) for m in rs
-           if _get(m, ("ood", "corruption_mean")) is not None]
-    else:
-      cols = [m["final_accuracy"] for m in rs], [m["avg_incremental_accuracy"] for m in rs], \
-          [_get(m, ("task_il", "final_accuracy")) for m in rs], \
-          [_get(m, ("val", "final_accuracy")) for m in rs], [m.get("forgetting") for m in rs]
-    lines.append(f"| {arm.label} | {sel.get('learning_rate', float('nan')):g}{own} | {len(rs)} | "
-                 + " | ".join(fmt(mean_std(c)) for c in cols) + " |")
-  lines += ["", "| claim | score | seeds | paired difference (mean ± std) | 95% t interval "
-            "| 95% bootstrap | verdict |", "|---|---|---|---|---|---|---|"]
-  verdicts = []
-  for claim in spec["claims"]:
-    r = compare(runs, claim)
-    if r is None:
-      continue
-    verdicts.append({"claim": claim.text, **{k: r[k] for k in ("mean", "std", "n", "lo", "hi",
-                                                               "verdict", "seeds")},
-                     "bootstrap": list(r["bootstrap"]), "score": ".".join(claim.score)})
-    lines.append(f"| {claim.text} | {'.'.join(claim.score)} | {r['n']} | {r['mean']:+.2f} ± "
-                 f"{r['std']:.2f} | [{r['lo']:+.2f}, {r['hi']:+.2f}] | [{r['bootstrap'][0]:+.2f}, "
-                 f"{r['bootstrap'][1]:+.2f}] | **{r['verdict']}** |")
-  lines += ["", "Verdict rule (`studies/_common.claim_verdict`, 95% t interval of the paired "
-            "difference): reproduced if it lies above 0; not reproduced if it excludes every "
-            "gain of 1 point or more; inconclusive otherwise. "
-            f"Final runs: {len(runs)}, {run_s / 60:.0f} min of training wall time in all "
-            "(2-core CPU, other runs sharing it)"
-            + (f"; this invocation: {wall_s / 60:.1f} min." if args.phase != "report" else "."), ""]
-  text = "\n".join(lines)
-  with open(os.path.join(args.out, f"cifar10_{study}.md"), "w") as f:
+    side = lambda g: [float(np.mean([sc[a][s] for a in g])) for s in seeds]  # noqa: E731
+    d = stats.paired_differences(side(c.better), side(c.worse))
+    std, m = float(d.std(ddof=1)), len(claims_lib.family(args.dataset, c.family))
+    need = (stats.seeds_needed(std, c.margin), stats.seeds_needed(std, c.margin, family_size=m))
+    out.append({"id": c.id, "d": d.tolist(), "std": std, "seeds_needed_raw": need[0],
+                "seeds_needed_holm": need[1], "family_size": m})
+    lines.append(f"| {c.text} | {c.margin:g} | {', '.join(f'{x:+.2f}' for x in d)} | {std:.2f} | "
+                 f"{need[0] or '>1000'} | {need[1] or '>1000'} ({m}) |")
+  with open(_out(args, study, "_pilot.json"), "w") as f:
+    json.dump({"seeds": seeds, "claims": out, "runs": runs}, f, indent=1)
+  text = "\n".join(lines + [""])
+  with open(_out(args, study, "_pilot.md"), "w") as f:
     f.write(text)
-  with open(os.path.join(args.out, f"cifar10_{study}.json"), "w") as f:
-    json.dump({"selected": selected, "claims": verdicts, "runs": runs}, f, indent=1)
   return text
 
 
-def main(argv=None) -> int:
+def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--dataset", choices=sorted(DATASETS), default="tiny_imagenet")
   p.add_argument("--study", choices=sorted(STUDIES), default="objectives")
-  p.add_argument("--phase", choices=("all", "tune", "final", "report"), default="all")
+  p.add_argument("--phase", choices=("all", "tune", "pilot", "final", "report"), default="all")
   p.add_argument("--arms", nargs="+", default=None,
                  help="subset of the study's arms to tune and train (the report still covers "
                  "every arm with finished or recorded runs)")
-  p.add_argument("--tune-seeds", nargs="+", type=int, default=[100, 101])
-  p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-  p.add_argument("--extra-seeds", nargs="*", type=int, default=[3, 4],
-                 help="added for both arms of a claim whose paired std exceeds its gap")
+  p.add_argument("--tune-seeds", nargs="+", type=int, default=list(claims_lib.TUNE_SEEDS))
+  p.add_argument("--seeds", nargs="+", type=int, default=None,
+                 help="final seeds (default: the study's registered set, studies/claims.py; "
+                 "another set only for smoke runs with their own --out)")
   p.add_argument("--val-fraction", type=float, default=0.1)
-  p.add_argument("--data-root", default="", help="cifar10-mini elsewhere (default: the config's)")
+  p.add_argument("--data-root", default="", help="the dataset elsewhere (default: the config's)")
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "natural_images"))
   p.add_argument("--jax-cache", default=os.path.join(ROOT, "runs", "natural_images", "jax_cache"))
@@ -557,9 +776,8 @@ def main(argv=None) -> int:
                  help="any other config value for every run (repeatable; e.g. a smoke test with "
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
   p.add_argument("--fresh", action="store_true",
-                 help="do not reuse the final runs recorded in <out>/cifar10_<study>.json (by "
-                 "default a run whose folder is gone but which is recorded there at the same "
-                 "selected values is taken from the record)")
+                 help="do not reuse runs recorded in <out>/<dataset>_<study>.json or tuning "
+                 "scores recorded in the selected JSON")
   p.add_argument("--grid", action="append", default=[], metavar="ARM=V1,V2",
                  help="a smaller own-hyper-parameter grid for ARM (repeatable; a deviation from "
                  "the protocol's budget, recorded in the selected JSON)")
@@ -570,17 +788,25 @@ def main(argv=None) -> int:
                  for k, _, vals in (g.partition("=") for g in args.grid)}
   except (ValueError, SyntaxError):
     p.error(f"--grid takes ARM=V1,V2 (numbers), got {args.grid}")
-  spec = STUDIES[args.study]
-  arms = [a for a in spec["arms"] if args.arms is None or a.name in args.arms]
+  if args.study not in DATASETS[args.dataset]["studies"]:
+    p.error(f"study {args.study} is not run on {args.dataset}; its studies: "
+            f"{DATASETS[args.dataset]['studies']}")
+  return p, args
+
+
+def main(argv=None) -> int:
+  p, args = _parse(argv)
+  every = study_arms(args.dataset, args.study)
+  arms = [a for a in every if args.arms is None or a.name in args.arms]
   if not arms:
-    p.error(f"no arm of {args.study} among {args.arms}; choose from "
-            f"{[a.name for a in spec['arms']]}")
-  n_tune = sum(len(spec["lr_grid"]) * sum(same_run_as(args.study, a, v, args) is None
-                                           for v in args.grid.get(a.name, a.grid) or (None,))
-               for a in arms) * len(args.tune_seeds)  # a twin's settings are its twin's runs
-  n_final = len(arms) * len(args.seeds)
-  print(f"[natural_images] {args.study}: {len(arms)} arms; tune {n_tune} runs, final {n_final} "
-        f"runs (+ up to {2 * len(args.extra_seeds)} per noisy claim)", flush=True)
+    p.error(f"no arm of {args.study} among {args.arms}; choose from {[a.name for a in every]}")
+  seeds = args.seeds or claims_lib.SEEDS.get((args.dataset, args.study), ())
+  n_tune = sum(len(STUDIES[args.study]["lr_grid"]) * sum(
+      same_run_as(args.study, a, v, args) is None for v in args.grid.get(a.name, a.grid) or (None,))
+      for a in arms) * len(args.tune_seeds)  # a twin's settings are its twin's runs
+  print(f"[natural_images] {args.dataset} {args.study}: {len(arms)} arms; tune {n_tune} runs "
+        f"(+ 2 per edge extension), pilot {len(arms) * len(claims_lib.PILOT_SEEDS)}, final "
+        f"{len(arms) * len(seeds)} runs (seeds {list(seeds) or 'not registered yet'})", flush=True)
   if args.dry_run:
     return 0
   os.makedirs(args.out, exist_ok=True)
@@ -588,17 +814,21 @@ def main(argv=None) -> int:
     enable_compile_cache(args.jax_cache, min_compile_secs=1.0)
   t0 = time.time()
   log = lambda s: print(f"[{time.time() - t0:7.0f}s] {s}", flush=True)  # noqa: E731
-  sel_path = os.path.join(args.out, f"cifar10_{args.study}_selected.json")
+  sel_path = _out(args, args.study, "_selected.json")
   if args.phase in ("all", "tune"):
     selected = tune(args.study, arms, args, log)
   elif os.path.exists(sel_path):
-    selected = json.load(open(sel_path))
+    selected = _read_json(sel_path)
   else:
     p.error(f"{sel_path} does not exist: run --phase tune first")
   if args.phase == "tune":
     return 0
-  runs = final(args.study, arms, selected, args, log)  # every arm's runs, trained or kept
-  print(report(args.study, spec["arms"], selected, runs, args, time.time() - t0))
+  if args.phase == "pilot":
+    print(pilot(args.study, arms, selected, args, log))
+    return 0
+  final_seeds = list(args.seeds or claims_lib.seeds(args.dataset, args.study))
+  runs = run_seeds(args.study, arms, selected, final_seeds, args, log)
+  print(report(args.study, selected, runs, args, time.time() - t0))
   return 0
 
 

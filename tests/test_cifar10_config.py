@@ -121,26 +121,30 @@ def test_tiny_full_run(mini_root, tmp_path):
   assert m["val"]["final_accuracy"] == pytest.approx(np.mean(V[-1]))
 
 
-def test_natural_images_study_configs_build():
+@pytest.mark.parametrize("dataset", ["cifar10", "tiny_imagenet"])
+def test_natural_images_study_configs_build(dataset):
+  """Every arm of every study of both datasets builds a valid config: tuning runs evaluate only
+  the validation split; each arm's own values land on its keys."""
   sys.path.insert(0, os.path.join(REPO, "studies"))
   study = _load(os.path.join(REPO, "studies", "natural_images.py"), "test_natural_images_mod")
   args = study.argparse.Namespace(val_fraction=0.1, data_root="", train_limit=None,
-                                  test_limit=None, image_size=None, epochs=None,
+                                  test_limit=None, image_size=None, epochs=None, dataset=dataset,
                                   learning_rate=None, set=["train.epochs=4", "model.name=tiny_cnn"])
-  for name, spec in study.STUDIES.items():
-    arm_names = {a.name for a in spec["arms"]}
-    for claim in spec["claims"]:
-      assert {claim.better, claim.worse} <= arm_names, (name, claim)
-    for arm in spec["arms"]:
+  for name in study.DATASETS[dataset]["studies"]:
+    spec = study.STUDIES[name]
+    for arm in study.study_arms(dataset, name):
       value = arm.grid[-1] if arm.grid else None
       c = study.natural_config(arm, 3, args, spec["lr_grid"][0], value, tuning=True)
       assert c.data.name == "image_folder" and c.data.val_fraction == 0.1 and c.seed == 3
       assert (c.train.epochs, c.model.name) == (4, "tiny_cnn")     # --set
       assert c.optim.learning_rate == spec["lr_grid"][0] and not c.eval.ood_corruptions
-      if arm.key:
-        section, key = arm.key.split(".")
-        assert c[section][key] == value
+      assert c.eval.test is False                                    # tuning: validation only
+      assert dataset.replace("_", "-") in c.data.root
+      for key, v in zip(study._keys(arm), value if isinstance(arm.key, tuple) else (value,)):
+        section, k = key.split(".")
+        assert c[section][k] == v
       validate_config(c)
+      assert study.natural_config(arm, 3, args).eval.test is True  # final runs: the test split
 
 
 @pytest.mark.parametrize("pipeline", ["grain", "device"])

@@ -1,5 +1,7 @@
-"""The paired-comparison statistics of the study protocol (studies/_common.py)."""
+"""The study protocol's statistics (studies/stats.py), its claims registry (studies/claims.py) and
+the study runner's tuning / pairing rules (studies/natural_images.py), with exact numbers."""
 
+import argparse
 import json
 import math
 import os
@@ -8,13 +10,26 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "studies"))
+STUDIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies")
+sys.path.insert(0, STUDIES)
 import _common  # noqa: E402  pylint: disable=wrong-import-position
+import claims  # noqa: E402  pylint: disable=wrong-import-position
+import natural_images  # noqa: E402  pylint: disable=wrong-import-position
+import stats  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def _t2_sf(t):
+  """P(T_2 >= t) for Student's t with 2 degrees of freedom, in closed form:
+  0.5 (1 - t / sqrt(t^2 + 2))."""
+  return 0.5 * (1.0 - t / math.sqrt(t * t + 2.0))
+
+
+# --- intervals ------------------------------------------------------------------------------
 
 
 def test_paired_t_interval_exact():
   # d = a - b = [1, 2, 3]: mean 2, std 1, t_{0.975, 2} = 4.302652729749462.
-  r = _common.paired_t_interval([11.0, 12.5, 10.0], [10.0, 10.5, 7.0])
+  r = stats.paired_t_interval([11.0, 12.5, 10.0], [10.0, 10.5, 7.0])
   half = 4.302652729749462 / math.sqrt(3.0)
   assert r["n"] == 3
   assert r["mean"] == pytest.approx(2.0, abs=1e-12)
@@ -27,47 +42,214 @@ def test_paired_t_interval_four_seeds_and_pairing():
   # d = [0.5, -1, 2, 1.5]: mean 0.75, std sqrt(1.75) = 1.3228756555, t_{0.975, 3} = 3.18244630528.
   b = [40.0, 20.0, 35.0, 50.0]  # large seed-to-seed spread the pairing removes
   a = [x + d for x, d in zip(b, [0.5, -1.0, 2.0, 1.5])]
-  r = _common.paired_t_interval(a, b)
+  r = stats.paired_t_interval(a, b)
   half = 3.1824463052837078 * math.sqrt(1.75) / 2.0
   assert r["mean"] == pytest.approx(0.75, abs=1e-12)
   assert (r["lo"], r["hi"]) == (pytest.approx(0.75 - half, abs=1e-9),
                                 pytest.approx(0.75 + half, abs=1e-9))  # [-1.355, 2.855]
-  r90 = _common.paired_t_interval(a, b, confidence=0.90)
+  r90 = stats.paired_t_interval(a, b, confidence=0.90)
   assert r["lo"] < r90["lo"] < r90["hi"] < r["hi"]
 
 
 def test_paired_bootstrap_interval_exact():
   # Two seeds with d = {0, 2}: resampled means are 0, 1, 2 with probabilities 1/4, 1/2, 1/4, so
   # the 2.5% / 97.5% quantiles are exactly 0 and 2.
-  assert _common.paired_bootstrap_interval([5.0, 9.0], [5.0, 7.0]) == (0.0, 2.0)
-  # Equal differences: a zero-width interval at that difference.
-  assert _common.paired_bootstrap_interval([3.0, 4.0, 5.0], [1.5, 2.5, 3.5]) == (1.5, 1.5)
-  # Reproducible for a fixed seed.
+  assert stats.paired_bootstrap_interval([5.0, 9.0], [5.0, 7.0]) == (0.0, 2.0)
+  assert stats.paired_bootstrap_interval([3.0, 4.0, 5.0], [1.5, 2.5, 3.5]) == (1.5, 1.5)
   a, b = [1.0, 4.0, 2.0, 7.0], [0.0, 1.0, 3.0, 2.0]
-  assert (_common.paired_bootstrap_interval(a, b, seed=3)
-          == _common.paired_bootstrap_interval(a, b, seed=3))
+  assert (stats.paired_bootstrap_interval(a, b, seed=3)
+          == stats.paired_bootstrap_interval(a, b, seed=3))
 
 
 @pytest.mark.parametrize("a,b", [([1.0], [0.0]), ([1.0, 2.0], [0.0]),
                                  ([1.0, float("nan")], [0.0, 0.0])])
 def test_paired_intervals_reject_bad_input(a, b):
   with pytest.raises(ValueError):
-    _common.paired_t_interval(a, b)
+    stats.paired_t_interval(a, b)
   with pytest.raises(ValueError):
-    _common.paired_bootstrap_interval(a, b)
+    stats.paired_bootstrap_interval(a, b)
 
 
-def test_claim_verdict_rule():
-  assert _common.claim_verdict(0.1, 3.0) == "reproduced"
-  assert _common.claim_verdict(-2.0, 0.9) == "not reproduced"      # excludes a 1-point gain
-  assert _common.claim_verdict(-5.0, -0.5) == "not reproduced"     # a significant loss
-  assert _common.claim_verdict(-0.5, 4.5) == "inconclusive"
-  assert _common.claim_verdict(-0.5, 0.9, margin=0.5) == "inconclusive"
-  # The t interval of test_paired_t_interval_exact decides "inconclusive".
-  r = _common.paired_t_interval([11.0, 12.5, 10.0], [10.0, 10.5, 7.0])
-  assert _common.claim_verdict(r["lo"], r["hi"]) == "inconclusive"
+# --- tests, Holm, TOST, power -----------------------------------------------------------------
+
+
+def test_one_sided_t_test_closed_form():
+  # d = [1, 2, 3]: t = 2 / (1 / sqrt 3) = 2 sqrt 3 against 0; df = 2 has a closed-form CDF.
+  t = 2.0 * math.sqrt(3.0)
+  assert stats.t_test_p([1.0, 2.0, 3.0], 0.0, "greater") == pytest.approx(_t2_sf(t), abs=1e-12)
+  assert stats.t_test_p([1.0, 2.0, 3.0], 0.0, "less") == pytest.approx(1 - _t2_sf(t), abs=1e-12)
+  # against mu_0 = 4: t = -2 sqrt 3
+  assert stats.t_test_p([1.0, 2.0, 3.0], 4.0, "less") == pytest.approx(_t2_sf(t), abs=1e-12)
+  assert stats.t_test_p([2.0, 2.0], 1.0, "greater") == 0.0   # no spread: decided by the mean
+  assert stats.t_test_p([2.0, 2.0], 1.0, "less") == 1.0
   with pytest.raises(ValueError):
-    _common.claim_verdict(1.0, 0.0)
+    stats.t_test_p([1.0], 0.0, "greater")
+
+
+def test_holm_hand_worked_example():
+  # Sorted 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> running
+  # max 0.06). At alpha 0.05 Holm rejects the first two only (Bonferroni: only 0.005).
+  adj, mult = stats.holm([0.01, 0.04, 0.03, 0.005])
+  np.testing.assert_allclose(adj, [0.03, 0.06, 0.06, 0.02], atol=1e-12)
+  np.testing.assert_array_equal(mult, [3, 1, 2, 4])
+  # A registered claim that has not run counts as p = 1 (m fixed at registration).
+  np.testing.assert_allclose(stats.holm([0.01, float("nan")])[0], [0.02, 1.0], atol=1e-12)
+
+
+def test_tost_hand_worked_example():
+  # d = [0, 1, 2]: mean 1, sd 1, n 3, se 1/sqrt 3, df 2.
+  se = 1.0 / math.sqrt(3.0)
+  r = stats.tost([0.0, 1.0, 2.0], 3.0)
+  assert r["p_lower"] == pytest.approx(_t2_sf((1 + 3) / se), abs=1e-12)   # 0.010102
+  assert r["p_upper"] == pytest.approx(_t2_sf((3 - 1) / se), abs=1e-12)   # 0.037090
+  assert r["p"] == pytest.approx(0.0370900, abs=1e-6) and r["p"] > stats.ALPHA  # not shown
+  # margin 4: p = P(T_2 >= 3 sqrt 3) = 0.017543 < 0.025: equivalent within +-4 ...
+  r4 = stats.tost([0.0, 1.0, 2.0], 4.0)
+  assert r4["p"] == pytest.approx(_t2_sf(3.0 / se), abs=1e-12) and r4["p"] < stats.ALPHA
+  # ... exactly when the 95% interval, 1 +- 4.3027 / sqrt 3 = [-1.484, 3.484], lies inside
+  # (-margin, margin): inside (-4, 4), not inside (-3, 3).
+  ci = stats.paired_t_interval([0.0, 1.0, 2.0], [0.0, 0.0, 0.0])
+  assert -4 < ci["lo"] and ci["hi"] < 4 and not (-3 < ci["lo"] and ci["hi"] < 3)
+
+
+def test_decide_four_outcomes():
+  sup = lambda d, m=1.0: stats.decide(stats.claim_tests(d, "superiority", m), "superiority")  # noqa: E731,E501
+  assert sup([3.0, 4.0, 5.0]) == "reproduced"
+  assert sup([-5.0, -4.0, -3.0]) == "worse than the baseline"
+  assert sup([0.1, -0.1, 0.0, 0.05, -0.05]) == "no gain >= margin"  # below 1, not below 0
+  assert sup([-3.0, 1.0, 5.0]) == "inconclusive"
+  ni = stats.claim_tests([-0.2, 0.1, 0.0, 0.2], "non_inferiority", 1.0)
+  assert stats.decide(ni, "non_inferiority") == "reproduced"
+  ni = stats.claim_tests([-3.0, -2.5, -2.8], "non_inferiority", 1.0)
+  assert stats.decide(ni, "non_inferiority") == "worse than the baseline by >= margin"
+  eq = stats.claim_tests([0.0, 1.0, 2.0], "equivalence", 4.0)
+  assert stats.decide(eq, "equivalence") == "reproduced (level)"
+  # A gain shown but below the margin is "reproduced" (the direction holds).
+  assert sup([1.0, 2.0, 3.0, 2.5, 0.5], 5.0) == "reproduced"
+  # Holm: reproduced alone (p = 0.0089) but not at multiplier 3 (0.027 > 0.025), and no gain
+  # >= 2.5 is not shown either (p = 0.10): inconclusive.
+  t = stats.claim_tests([1.0, 2.0, 3.0, 2.5, 0.5], "superiority", 2.5)
+  assert t["p_support"] < 0.01 and t["p_refute"] > 0.1 and 3 * t["p_support"] > stats.ALPHA
+  assert stats.decide(t, "superiority") == "reproduced"
+  assert stats.decide(t, "superiority", adjusted=3 * t["p_support"], multiplier=3) == \
+      "inconclusive"
+
+
+def test_family_verdicts_count_the_same_runs_once():
+  d_strong, d_weak = [3.0, 4.0, 5.0, 4.5], [1.0, 2.0, 3.0, 2.5, 0.5]
+  base = {"kind": "superiority", "margin": 0.5}
+  fam = [{**base, "d": d_weak, "same_as": "A vs B"}, {**base, "d": d_weak, "same_as": "A vs B"},
+         {**base, "d": d_strong, "same_as": "C vs B"}]
+  v = stats.family_verdicts(fam)
+  p_weak = stats.claim_tests(d_weak, "superiority", 0.5)["p_support"]
+  p_strong = stats.claim_tests(d_strong, "superiority", 0.5)["p_support"]
+  assert v[0]["p"] == p_weak and p_strong < p_weak  # the support side is each claim's min
+  # Two distinct tests: the weak one is Holm's second (multiplier 1 after the strong one's 2).
+  assert v[0]["p_holm"] == v[1]["p_holm"] == pytest.approx(max(2 * p_strong, p_weak))
+  assert v[2]["p_holm"] == pytest.approx(2 * p_strong)
+  fam.append({**base, "d": None})  # registered, not run: counts as p = 1 (m = 3 now)
+  assert stats.family_verdicts(fam)[2]["p_holm"] == pytest.approx(3 * p_strong)
+  assert stats.family_verdicts(fam)[3]["holm"] is None
+
+
+def test_seeds_needed_by_hand():
+  # std 1, margin 2: n = 6 gives 2 t_{.975,5} / sqrt 6 = 2.099 >= 2, n = 7 gives 1.850 < 2.
+  assert stats.seeds_needed(1.0, 2.0) == 7
+  assert stats.seeds_needed(1.0, 2.0, family_size=10) > 7
+  assert stats.seeds_needed(float("nan"), 1.0) is None
+  assert stats.seeds_needed(100.0, 0.01, max_seeds=50) is None
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def _claim(**kw):
+  base = dict(id="t.a_vs_b", dataset="cifar10", study="class_il_recipes", family="test",
+              text="a beats b", better=("ce_seq",), worse=("er_seq",), margin=1.0,
+              margin_source="test", paper="test")
+  return claims.Claim(**{**base, **kw})
+
+
+@pytest.fixture
+def registered(monkeypatch):
+  """A registry holding one test claim on seeds 0-2 (class_il_recipes, cifar10)."""
+  c = _claim()
+  monkeypatch.setattr(claims, "REGISTRY", (c,))
+  monkeypatch.setattr(claims, "SEEDS", {("cifar10", "class_il_recipes"): (0, 1, 2)})
+  return c
+
+
+def _runs(values, prov=None):
+  return [{"arm": arm, "seed": s, "workdir": f"runs/x/{arm}/seed{s}", "provenance": prov,
+           "metrics": {"final_accuracy": v}} for arm, vs in values.items()
+          for s, v in enumerate(vs)]
+
+
+def test_compare_pairs_by_seed_on_the_registered_seeds(registered):
+  r = natural_images.compare(_runs({"ce_seq": [11.0, 12.5, 10.0], "er_seq": [10.0, 10.5, 7.0]}),
+                             registered, (0, 1, 2))
+  assert r["status"] == "complete" and r["d"] == [1.0, 2.0, 3.0]
+  assert r["lo"] == pytest.approx(2.0 - 4.302652729749462 / math.sqrt(3.0))
+  missing = natural_images.compare(_runs({"ce_seq": [1.0, 2.0, 3.0], "er_seq": [1.0, 2.0]}),
+                                   registered, (0, 1, 2))
+  assert missing["status"] == "incomplete" and missing["missing"] == {"er_seq": [2]}
+
+
+def test_an_unregistered_claim_is_refused(registered):
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0], "er_seq": [0.0, 1.0, 1.0]})
+  with pytest.raises(claims.UnregisteredClaimError, match="not registered"):
+    natural_images.compare(runs, _claim(id="t.other"), (0, 1, 2))
+  with pytest.raises(claims.UnregisteredClaimError, match="margin"):  # changed after the fact
+    natural_images.compare(runs, _claim(margin=0.5), (0, 1, 2))
+  with pytest.raises(claims.UnregisteredClaimError, match="no seed set"):
+    claims.seeds("tiny_imagenet", "robust_ft")
+
+
+def test_a_seed_set_that_differs_between_arms_is_refused(registered):
+  # er_seq ran an extra seed 3 (say, added because its first seeds looked noisy): refused.
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0], "er_seq": [0.0, 1.0, 1.0, 5.0]})
+  with pytest.raises(claims.UnregisteredClaimError, match="unregistered seeds"):
+    claims.paired_scores(registered, natural_images.claim_scores(runs, registered), (0, 1, 2))
+
+
+def test_group_claim_averages_its_arms_per_seed(monkeypatch):
+  c = _claim(better=("ce_seq", "aepg_tau6_seq"))
+  monkeypatch.setattr(claims, "REGISTRY", (c,))
+  runs = _runs({"ce_seq": [10.0, 20.0], "aepg_tau6_seq": [14.0, 22.0], "er_seq": [11.0, 20.0]})
+  assert claims.paired_scores(c, natural_images.claim_scores(runs, c), (0, 1)) == \
+      ([12.0, 21.0], [11.0, 20.0])
+
+
+def test_runs_of_different_code_do_not_pair(registered):
+  new = {"code_commit": "abc", "cpu_model": "AMD EPYC", "commit": "abc", "dirty": False}
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, new) + _runs({"er_seq": [0.0, 1.0, 1.0]})
+  assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "unpaired"
+  legacy = {**new, "code_commit": natural_images.LEGACY_CODE}  # = runs without a record
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, legacy) + _runs({"er_seq": [0.0, 1.0, 1.0]})
+  assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "complete"
+  dirty = {**legacy, "dirty": True}
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, dirty) + _runs({"er_seq": [0.0, 1.0, 1.0]}, legacy)
+  assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "unpaired"
+
+
+def test_registry_is_consistent_with_the_studies():
+  ids = claims.by_id()
+  assert len(ids) == len(claims.REGISTRY)
+  for c in claims.REGISTRY:
+    arms = {a.name for a in natural_images.study_arms(c.dataset, c.study)}
+    assert set(c.better + c.worse) <= arms, c.id
+    assert c.study in natural_images.DATASETS[c.dataset]["studies"], c.id
+    assert c.margin > 0 and c.margin_source and c.paper, c.id
+  for (dataset, study), seeds in claims.SEEDS.items():
+    assert len(seeds) >= 5 and len(set(seeds)) == len(seeds), (dataset, study)
+    assert not set(seeds) & set(claims.TUNE_SEEDS + claims.PILOT_SEEDS)
+
+
+def test_rendered_claims_and_readme_tables_are_up_to_date():
+  assert claims.main(["--check"]) == 0, "run `python studies/claims.py`"
+
+
+# --- tuning -----------------------------------------------------------------------------------
 
 
 def test_select_best_mean_over_seeds_first_on_ties():
@@ -80,73 +262,60 @@ def test_select_best_mean_over_seeds_first_on_ties():
     _common.select_best({})
 
 
-def test_natural_images_compare_pairs_by_seed():
-  import natural_images  # pylint: disable=g-import-not-at-top
-  runs = [{"arm": arm, "seed": s, "metrics": {"final_accuracy": v, "ood": {"id": v}}}
-          for arm, vals in (("a", [11.0, 12.5, 10.0, 99.0]), ("b", [10.0, 10.5, 7.0]))
-          for s, v in enumerate(vals)]                   # seed 3 of "a" has no pair: ignored
-  r = natural_images.compare(runs, natural_images.Claim("a beats b", "a", "b"))
-  assert r["seeds"] == [0, 1, 2] and r["mean"] == pytest.approx(2.0)
-  assert r["lo"] == pytest.approx(2.0 - 4.302652729749462 / math.sqrt(3.0))
-  assert r["verdict"] == "inconclusive"
-  # "keeps in-distribution accuracy": A - B + 1 point.
-  r = natural_images.compare(runs, natural_images.Claim("b keeps a", "b", "a", ("ood", "id")))
-  assert r["mean"] == pytest.approx(-1.0)                # d + 1 = [0, -1, -2]
-  assert r["hi"] == pytest.approx(-1.0 + 4.302652729749462 / math.sqrt(3.0))
-  assert r["verdict"] == "inconclusive"
-  assert natural_images.compare(runs[:1] + runs[4:5], natural_images.Claim("x", "a", "b")) is None
+def test_extend_one_step_past_the_edge():
+  assert natural_images.extend((3e-4, 1e-3, 3e-3), "low") == 1e-4
+  assert natural_images.extend((3e-4, 1e-3, 3e-3), "high") == 1e-2
+  assert natural_images.extend((3e-5, 1e-4, 3e-4), "high") == 1e-3
+  assert natural_images.extend((2.0, 6.0, 12.0), "high") == 20.0
+  assert natural_images.extend((0.1, 0.3, 1.0), "low") == 0.03
+  with pytest.raises(ValueError):
+    natural_images.extend((1.0,), "low")
 
 
-def test_recorded_runs_reused_only_at_the_same_selection(tmp_path):
-  """A study's committed results JSON stands in for run folders that are gone, but only for arms
-  whose selected learning rate and own value are unchanged."""
-  import json
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "studies"))
-  import natural_images  # pylint: disable=g-import-not-at-top
-  sel = {"ce": {"learning_rate": 1e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 0.3}}
-  runs = [{"arm": "ce", "seed": 0, "metrics": {"final_accuracy": 40.0}},
-          {"arm": "der", "seed": 0, "metrics": {"final_accuracy": 30.0}},
-          {"arm": "gone", "seed": 0, "metrics": {"final_accuracy": 1.0}}]
-  path = tmp_path / "cifar10_x.json"
-  path.write_text(json.dumps({"selected": sel, "runs": runs}))
-  keys = {"ce": None, "der": "method.alpha"}
-  got = natural_images.recorded_runs(str(path), keys, sel)
-  assert sorted(got) == [("ce", 0), ("der", 0)] and got[("ce", 0)]["metrics"]["final_accuracy"] == 40
-  changed = {"ce": {"learning_rate": 3e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 1.0}}
-  assert natural_images.recorded_runs(str(path), keys, changed) == {}
-  assert natural_images.recorded_runs(str(tmp_path / "none.json"), keys, sel) == {}
+def _args(tmp_path, **kw):
+  base = dict(val_fraction=0.1, data_root="", set=[], dataset="cifar10", fresh=False,
+              out=str(tmp_path), workdir_root=str(tmp_path / "runs"), tune_seeds=[100, 101],
+              grid={}, phase="tune", seeds=None)
+  return argparse.Namespace(**{**base, **kw})
 
 
-def test_tuned_arm_reuses_its_fixed_twin_runs():
-  """aEPG tuned tau at tau 6 IS the aEPG tau 6 arm (same config, same arg): ``same_run_as`` names
-  that twin (of the same PEFT method), and nothing for another tau or an arm without a twin."""
-  import argparse
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "studies"))
-  import natural_images  # pylint: disable=g-import-not-at-top
-  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[])
-  arms = {a.name: a for a in natural_images.STUDIES["objectives"]["arms"]}
-  twin = natural_images.same_run_as("objectives", arms["aepg_seq"], 6.0, args)
-  assert twin is not None and twin.name == "aepg_tau6_seq"
-  assert natural_images.same_run_as("objectives", arms["aepg_lae"], 6.0, args).name == \
-      "aepg_tau6_lae"
-  assert natural_images.same_run_as("objectives", arms["aepg_seq"], 2.0, args) is None
-  assert natural_images.same_run_as("objectives", arms["label_smoothing_seq"], 0.1, args) is None
-  assert natural_images.same_run_as("objectives", arms["ce_seq"], None, args) is None
+def test_tuning_extends_an_edge_pick_and_reselects(tmp_path, monkeypatch):
+  """ER's best lr is the grid's top (3e-3): the grid gains 1e-2 (both tuning seeds), which wins
+  and is recorded with its extension; tuning runs never read the test images."""
+  curve = {3e-4: 40.0, 1e-3: 45.0, 3e-3: 50.0, 1e-2: 52.0}
+  seen = []
+
+  def fake_score(cfg, workdir):
+    assert cfg.eval.test is False and not cfg.eval.ood_corruptions
+    seen.append((cfg.optim.learning_rate, cfg.seed))
+    return curve[cfg.optim.learning_rate] + (cfg.seed - 100)
+
+  monkeypatch.setattr(natural_images, "tune_score", fake_score)
+  args = _args(tmp_path)
+  arm = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}["er_seq"]
+  sel = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["er_seq"]
+  assert sel["learning_rate"] == 1e-2 and sel["val_class_il_final"]["lr0.01"] == [52.0, 53.0]
+  assert sel["extended"] == [{"axis": "learning_rate", "side": "high", "value": 1e-2}]
+  assert sel["still_at_edge"] == ["learning_rate"] and len(seen) == 8
+  # A second call reuses the recorded scores: nothing trains again.
+  seen.clear()
+  again = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["er_seq"]
+  assert not seen and again["learning_rate"] == 1e-2
+
+
+def test_tuning_an_interior_pick_adds_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(natural_images, "tune_score",
+                      lambda cfg, wd: {3e-4: 40.0, 1e-3: 55.0, 3e-3: 50.0}[cfg.optim.learning_rate])
+  arm = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}["er_seq"]
+  sel = natural_images.tune("class_il_recipes", [arm], _args(tmp_path), lambda s: None)["er_seq"]
+  assert sel["learning_rate"] == 1e-3 and sel["extended"] == [] and sel["still_at_edge"] == []
 
 
 def test_diverged_tuning_run_scores_nan_and_is_not_retrained(tmp_path, monkeypatch):
   """A tuning run that stops on a non-finite loss scores NaN (``select_best`` counts it as 0), its
   folder remembers the divergence for the same settings, and other settings train again."""
-  import argparse
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "studies"))
-  import natural_images  # pylint: disable=g-import-not-at-top
   from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[])
+  args = _args(tmp_path)
   arm = {a.name: a for a in natural_images.STUDIES["objectives"]["arms"]}["focal_seq"]
   config = natural_images.natural_config(arm, 100, args, 3e-4, 1.0, tuning=True)
   calls = []
@@ -166,73 +335,101 @@ def test_diverged_tuning_run_scores_nan_and_is_not_retrained(tmp_path, monkeypat
   other = natural_images.natural_config(arm, 100, args, 1e-3, 1.0, tuning=True)
   monkeypatch.setattr(natural_images, "run_one", lambda cfg, w: {"val": {"final_accuracy": 41.5}})
   assert natural_images.tune_score(other, wd) == 41.5  # other settings: trained (not the marker)
-  assert _common.select_best({"lr3e-4": [float("nan")], "lr1e-3": [41.5]}) == "lr1e-3"
+
+
+def test_tuned_arm_reuses_its_fixed_twin_runs():
+  """aEPG tuned tau at tau 6 IS the aEPG tau 6 arm (same config, same arg): ``same_run_as`` names
+  that twin (of the same PEFT method), and nothing for another tau or an arm without a twin."""
+  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[], dataset="tiny_imagenet")
+  arms = {a.name: a for a in natural_images.STUDIES["objectives"]["arms"]}
+  twin = natural_images.same_run_as("objectives", arms["aepg_seq"], 6.0, args)
+  assert twin is not None and twin.name == "aepg_tau6_seq"
+  assert natural_images.same_run_as("objectives", arms["aepg_lae"], 6.0, args).name == \
+      "aepg_tau6_lae"
+  assert natural_images.same_run_as("objectives", arms["aepg_seq"], 2.0, args) is None
+  assert natural_images.same_run_as("objectives", arms["label_smoothing_seq"], 0.1, args) is None
+  assert natural_images.same_run_as("objectives", arms["ce_seq"], None, args) is None
+
+
+# --- final runs and reports -------------------------------------------------------------------
+
+
+def _metrics(acc):
+  return {"final_accuracy": acc, "avg_incremental_accuracy": acc, "forgetting": 1.0,
+          "task_il": {"final_accuracy": 90.0}}
+
+
+def test_recorded_runs_reused_only_at_the_same_selection(tmp_path):
+  sel = {"ce": {"learning_rate": 1e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 0.3}}
+  runs = [{"arm": "ce", "seed": 0, "metrics": {"final_accuracy": 40.0}},
+          {"arm": "der", "seed": 0, "metrics": {"final_accuracy": 30.0}},
+          {"arm": "gone", "seed": 0, "metrics": {"final_accuracy": 1.0}}]
+  path = tmp_path / "cifar10_x.json"
+  path.write_text(json.dumps({"selected": sel, "runs": runs}))
+  keys = {"ce": None, "der": "method.alpha"}
+  got = natural_images.recorded_runs(str(path), keys, sel)
+  assert sorted(got) == [("ce", 0), ("der", 0)] and got[("ce", 0)]["metrics"]["final_accuracy"] == 40
+  changed = {"ce": {"learning_rate": 3e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 1.0}}
+  assert natural_images.recorded_runs(str(path), keys, changed) == {}
+  assert natural_images.recorded_runs(str(tmp_path / "none.json"), keys, sel) == {}
 
 
 @pytest.mark.parametrize("phase", ["report", "final"])
-def test_recorded_seeds_stay_whatever_seeds_a_later_call_names(tmp_path, monkeypatch, phase):
-  """Seeds 3-4 committed in the study's JSON (run folders gone) stay in the result when a later
-  call names only seeds 0-2, and are never retrained; seeds not recorded train in phase final."""
-  import argparse
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "studies"))
-  import natural_images  # pylint: disable=g-import-not-at-top
+def test_recorded_runs_stay_and_are_never_retrained(tmp_path, monkeypatch, phase):
+  """Seeds committed in the study's JSON (run folders gone) stay in the result and are never
+  retrained; the registered seeds not recorded train in phase final."""
   sel = {"ce_seq": {"learning_rate": 1e-3}, "er_seq": {"learning_rate": 3e-3}}
-  runs = ([{"arm": "ce_seq", "seed": s, "metrics": {"final_accuracy": 40.0 + s}} for s in range(5)]
-          + [{"arm": "er_seq", "seed": s, "metrics": {"final_accuracy": 50.0 + s}}
+  runs = ([{"arm": "ce_seq", "seed": s, "workdir": "w", "metrics": _metrics(40.0 + s)}
+           for s in range(3)]
+          + [{"arm": "er_seq", "seed": s, "workdir": "w", "metrics": _metrics(50.0 + s)}
              for s in range(2)])
   (tmp_path / "cifar10_class_il_recipes.json").write_text(
       json.dumps({"selected": sel, "runs": runs}))
   trained = []
 
   def fake_run(cfg, workdir):
-    trained.append((cfg.seed, workdir))
-    return {"final_accuracy": 60.0, "task_il": {"final_accuracy": 90.0}}
+    trained.append(cfg.seed)
+    return _metrics(60.0)
 
   monkeypatch.setattr(natural_images, "run_one", fake_run)
-  args = argparse.Namespace(val_fraction=0.1, data_root=None, set=[], fresh=False,
-                            out=str(tmp_path), phase=phase, seeds=[0, 1, 2], extra_seeds=[3, 4],
-                            workdir_root=str(tmp_path / "runs"))
-  arms = [a for a in natural_images.STUDIES["class_il_recipes"]["arms"]
+  args = _args(tmp_path, phase=phase)
+  arms = [a for a in natural_images.study_arms("cifar10", "class_il_recipes")
           if a.name in ("ce_seq", "er_seq")]
-  got = natural_images.final("class_il_recipes", arms, sel, args, log=lambda s: None)
+  got = natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2], args, lambda s: None)
   by_arm = {a: sorted((r["seed"], r["metrics"]["final_accuracy"]) for r in got if r["arm"] == a)
             for a in ("ce_seq", "er_seq")}
-  assert by_arm["ce_seq"] == [(s, 40.0 + s) for s in range(5)]
+  assert by_arm["ce_seq"] == [(s, 40.0 + s) for s in range(3)]
   if phase == "report":  # nothing trains: er_seq has its two recorded seeds
     assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0)] and not trained
   else:  # er_seq seed 2 was never run: it trains, once
-    assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0), (2, 60.0)]
-    assert [s for s, _ in trained] == [2]
+    assert by_arm["er_seq"] == [(0, 50.0), (1, 51.0), (2, 60.0)] and trained == [2]
 
 
-def test_a_call_naming_some_arms_reports_every_arm(tmp_path, monkeypatch):
-  """``--phase final --arms er_seq`` trains er_seq only, and the report it writes still holds
-  ce_seq (recorded in the study's JSON, run folders gone) and aepg_tau6_seq (a finished run
-  folder at the selected settings); a finished folder of OTHER settings is not read as a result."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "studies"))
-  import natural_images  # pylint: disable=g-import-not-at-top
+def test_a_call_naming_some_arms_reports_every_arm_and_only_registered_claims(
+    tmp_path, monkeypatch, registered):
+  """``--phase final --arms er_seq`` trains er_seq only; the report still holds ce_seq (recorded
+  in the study's JSON) and aepg_tau6_seq (a finished run folder at the selected settings; a
+  finished folder of OTHER settings is not read), and the registered claim's raw and Holm
+  verdicts."""
   from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   sel = {"ce_seq": {"learning_rate": 1e-3}, "aepg_tau6_seq": {"learning_rate": 1e-3},
          "er_seq": {"learning_rate": 3e-3}}
   out, root = tmp_path / "out", tmp_path / "runs"
   out.mkdir()
   (out / "cifar10_class_il_recipes_selected.json").write_text(json.dumps(sel))
-  metrics = lambda acc: {"final_accuracy": acc, "avg_incremental_accuracy": acc,  # noqa: E731
-                         "forgetting": 1.0, "task_il": {"final_accuracy": 90.0}}
-  recorded = [{"arm": "ce_seq", "seed": s, "metrics": metrics(40.0 + s)} for s in range(3)]
+  recorded = [{"arm": "ce_seq", "seed": s, "workdir": f"w/ce_seq/seed{s}",
+               "metrics": _metrics(40.0 + s)} for s in range(3)]
   (out / "cifar10_class_il_recipes.json").write_text(
       json.dumps({"selected": sel, "runs": recorded}))
-  args = natural_images.argparse.Namespace(val_fraction=0.1, data_root="", set=[])
-  arms = {a.name: a for a in natural_images.STUDIES["class_il_recipes"]["arms"]}
+  args = _args(tmp_path)
+  arms = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}
 
   def finished(arm, seed, lr, acc):  # a run folder as train.run leaves it
-    wd = root / "objectives" / "final" / arm / f"seed{seed}"
+    wd = root / "cifar10" / "objectives" / "final" / arm / f"seed{seed}"
     wd.mkdir(parents=True)
     cfg = natural_images.natural_config(arms[arm], seed, args, lr)
     (wd / "config.json").write_text(config_lib.validate_config(cfg).to_json())
-    (wd / "metrics.json").write_text(json.dumps(metrics(acc)))
+    (wd / "metrics.json").write_text(json.dumps(_metrics(acc)))
 
   for s in range(3):
     finished("aepg_tau6_seq", s, 1e-3, 30.0 + s)
@@ -241,20 +438,23 @@ def test_a_call_naming_some_arms_reports_every_arm(tmp_path, monkeypatch):
 
   def fake_run(cfg, workdir):
     trained.append(os.path.relpath(workdir, root))
-    return metrics(60.0)
+    return _metrics(59.0 + cfg.seed * 0.5)
 
   monkeypatch.setattr(natural_images, "run_one", fake_run)
   monkeypatch.setattr(natural_images, "enable_compile_cache", lambda *a, **k: None)
-  assert natural_images.main(["--study", "class_il_recipes", "--phase", "final", "--arms",
-                              "er_seq", "--extra-seeds", "--out", str(out), "--workdir-root",
+  assert natural_images.main(["--dataset", "cifar10", "--study", "class_il_recipes", "--phase",
+                              "final", "--arms", "er_seq", "--out", str(out), "--workdir-root",
                               str(root)]) == 0
-  assert sorted(trained) == [f"objectives/final/er_seq/seed{s}" for s in range(3)]  # runs_under
-  got = json.loads((out / "cifar10_class_il_recipes.json").read_text())["runs"]
+  assert sorted(trained) == [f"cifar10/objectives/final/er_seq/seed{s}" for s in range(3)]
+  data = json.loads((out / "cifar10_class_il_recipes.json").read_text())
   by_arm = {}
-  for r in got:
+  for r in data["runs"]:
     by_arm.setdefault(r["arm"], []).append((r["seed"], r["metrics"]["final_accuracy"]))
   assert sorted(by_arm["ce_seq"]) == [(0, 40.0), (1, 41.0), (2, 42.0)]
   assert sorted(by_arm["aepg_tau6_seq"]) == [(0, 30.0), (1, 31.0), (2, 32.0)]
-  assert sorted(by_arm["er_seq"]) == [(s, 60.0) for s in range(3)]
+  assert [c["id"] for c in data["claims"]] == ["t.a_vs_b"]  # only the registered claim
+  c = data["claims"][0]
+  # ce - er = [40 - 59, 41 - 59.5, 42 - 60] = [-19, -18.5, -18]: a significant loss.
+  assert c["d"] == [-19.0, -18.5, -18.0] and c["raw"] == c["holm"] == "worse than the baseline"
   md = (out / "cifar10_class_il_recipes.md").read_text()
-  assert "| ER beats seq-LoRA CE | final_accuracy | 3 | +19.00 ± 1.00 |" in md
+  assert "| a beats b | test | 1 | 3 | -18.50 ± 0.50 |" in md
