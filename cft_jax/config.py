@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_limit = 500         # max test images per task (0 / None: all)
   c.data.augment = "crop_flip"    # none | crop_flip | rrc_flip
   c.data.rrc_scale = (0.05, 1.0)  # rrc_flip: area-fraction range of RandomResizedCrop
-  c.data.val_fraction = 0.0       # held-out share of each task's training data (TPGM radii)
+  c.data.val_fraction = 0.0       # held-out share of each task's training data (validation)
+  c.data.radius_fraction = 0.0    # >0: TPGM's radius split, disjoint from validation (0: shared)
   c.data.pipeline = "auto"        # auto (grain for streamed datasets) | device | grain
   c.data.workers = 0              # grain worker processes (-1: one per core; 0: read threads)
   c.data.read_threads = 8         # grain read threads per process
@@ -168,7 +169,8 @@ _NON_NEGATIVE = ("scenario.first_task_classes", "distributed.num_processes", "da
                  "eval.knn_k", "method.freeze_epochs", "optim.weight_decay", "optim.grad_clip", "optim.backbone_lr_scale",
                  "model.dropout_rate")
 _UNIT = {"data.test_fraction": (0.0, 1.0, False), "data.test_crop_fraction": (1e-6, 1.0, True),
-         "data.val_fraction": (0.0, 1.0, False), "eval.wise_ft_alpha": (0.0, 1.0, True),
+         "data.val_fraction": (0.0, 1.0, False), "data.radius_fraction": (0.0, 1.0, False),
+         "eval.wise_ft_alpha": (0.0, 1.0, True),
          "method.ema_decay": (0.0, 1.0, False), "model.dropout_rate": (0.0, 1.0, False)}
 
 
@@ -445,9 +447,13 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.method.name == "lae" and c.peft.name not in ("lora", "adapter", "prefix"):
     raise ConfigError(f"method.name='lae' ensembles an online and an offline PEFT module: set "
                       f"peft.name to lora, adapter or prefix (got {c.peft.name!r})")
-  if c.method.projection == "tpgm" and not c.data.val_fraction > 0:
+  if c.method.projection == "tpgm" and not (c.data.val_fraction > 0 or c.data.radius_fraction > 0):
     raise ConfigError("method.projection='tpgm' learns its radii on held-out training data: "
-                      "set data.val_fraction > 0 (e.g. 0.1)")
+                      "set data.radius_fraction > 0 (e.g. 0.1; or data.val_fraction > 0 to use "
+                      "the validation split)")
+  if c.data.val_fraction + c.data.radius_fraction >= 1.0:
+    raise ConfigError(f"data.val_fraction + data.radius_fraction must stay below 1 (got "
+                      f"{c.data.val_fraction} + {c.data.radius_fraction}): nothing left to train")
   if c.scenario.first_task_classes:
     if c.scenario.type == "data_il":
       raise ConfigError("scenario.first_task_classes splits classes; scenario.type='data_il' "

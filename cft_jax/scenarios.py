@@ -9,7 +9,7 @@ task; the order of the original classes is a permutation drawn from ``scenario.s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -236,6 +236,9 @@ class Scenario:
       validation part; tasks ``0..t`` for a method with ``cumulative_data``).
     val_idx: per task, held-out training indices (``data.val_fraction``; empty when 0).
     test_idx: per task, indices into the test set (after ``data.test_limit``).
+    radius_idx: per task, held-out training indices for TPGM's radius updates
+      (``data.radius_fraction``), disjoint from ``val_idx``; None when that fraction is 0 (TPGM
+      then uses ``val_idx``: :meth:`radius_split`).
   """
 
   spec: Union[ClassIncremental, DataIncremental]
@@ -244,6 +247,12 @@ class Scenario:
   train_idx: List[np.ndarray]
   val_idx: List[np.ndarray]
   test_idx: List[np.ndarray]
+  radius_idx: Optional[List[np.ndarray]] = None
+
+  def radius_split(self, t: int) -> np.ndarray:
+    """Task ``t``'s held-out indices for TPGM's radii: ``radius_idx[t]``, or ``val_idx[t]``
+    when no separate split was drawn (``data.radius_fraction = 0``)."""
+    return self.val_idx[t] if self.radius_idx is None else self.radius_idx[t]
 
   @property
   def num_tasks(self) -> int:
@@ -306,7 +315,8 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
 
   Task ``t``'s training indices are subsampled to ``data.train_limit`` (seed
   ``1000 seed + t``) and split into a validation part of ``data.val_fraction`` (seed
-  ``(seed, t, 99)``) and the rest; its test indices to ``data.test_limit`` (seed
+  ``(seed, t, 99)``), a TPGM radius part of ``data.radius_fraction`` (seed ``(seed, t, 98)``,
+  from what validation left) and the rest; its test indices to ``data.test_limit`` (seed
   ``1000 seed + 7 + t``, with ``t = 0`` for a shared test set).
 
   Args:
@@ -324,17 +334,15 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
                        class_order=tuple(config.scenario.class_order),
                        first_task_classes=int(config.scenario.first_task_classes))
   tr_labels, te_labels = spec.relabel(train_labels), spec.relabel(test_labels)
-  train_idx, val_idx, test_idx = [], [], []
+  train_idx, val_idx, test_idx, radius_idx = [], [], [], []
   seed = config.seed
   for t in range(spec.num_tasks):
     tr = _subsample(spec.task_indices(t, tr_labels), config.data.train_limit, seed * 1000 + t)
-    n_val = int(round(config.data.val_fraction * len(tr)))
-    if n_val:  # held out from the task's training data (never the test data)
-      perm = np.random.default_rng((seed, t, 99)).permutation(len(tr))
-      val_idx.append(np.sort(tr[perm[:n_val]]))
-      tr = np.sort(tr[perm[n_val:]])
-    else:
-      val_idx.append(np.zeros(0, np.int64))
+    n_task = len(tr)
+    val, tr = _hold_out(tr, int(round(config.data.val_fraction * n_task)), (seed, t, 99))
+    rad, tr = _hold_out(tr, int(round(config.data.radius_fraction * n_task)), (seed, t, 98))
+    val_idx.append(val)  # held out from the task's training data (never the test data)
+    radius_idx.append(rad)
     train_idx.append(tr)
     test_task = 0 if spec.shares_test_set else t
     test_idx.append(_subsample(spec.task_indices(test_task, te_labels) if not spec.shares_test_set
@@ -345,4 +353,13 @@ def build_scenario(config: Any, train_labels: np.ndarray, test_labels: np.ndarra
                         f"{config.data.train_limit}, data.val_fraction={config.data.val_fraction})")
   if cumulative_data:  # joint training: task t sees the data of tasks 0..t
     train_idx = [np.concatenate(train_idx[:t + 1]) for t in range(spec.num_tasks)]
-  return Scenario(spec, tr_labels, te_labels, train_idx, val_idx, test_idx)
+  return Scenario(spec, tr_labels, te_labels, train_idx, val_idx, test_idx,
+                  radius_idx if config.data.radius_fraction > 0 else None)
+
+
+def _hold_out(idx: np.ndarray, n: int, seed) -> Tuple[np.ndarray, np.ndarray]:
+  """``(n of idx drawn with default_rng(seed), the rest)``, both sorted; n = 0: nothing held."""
+  if not n:
+    return np.zeros(0, np.int64), idx
+  perm = np.random.default_rng(seed).permutation(len(idx))
+  return np.sort(idx[perm[:n]]), np.sort(idx[perm[n:]])

@@ -372,10 +372,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                       split_head=method.freezes_peft)  # LAE: own Adam state for the backbone
   tx = robust_lib.wrap_optimizer(robust, method.wrap_optimizer(tx, opt_ctx), opt_ctx)
   needs_val = any(c.needs_val_batch for c in robust)
-  if needs_val and not any(len(v) for v in sc.val_idx):
+  if needs_val and not any(len(sc.radius_split(t)) for t in range(sc.num_tasks)):
     name = next(c.name for c in robust if c.needs_val_batch)
     raise ConfigError(f"method.projection={name} learns its radii on held-out "
-                      "training data: set data.val_fraction > 0 (e.g. 0.1)")
+                      "training data: set data.radius_fraction > 0 (e.g. 0.1)")
   train_step = make_train_step(built.module.apply, preprocess, loss_fn, tx, k, method,
                                axis_name=dev.axis_name, shardings=dev.shardings,
                                linearized=linearized, loss_scope=config.loss.scope,
@@ -583,7 +583,8 @@ def _task_batches(exp: Experiment, prog: Progress, t: int, skip_steps: int):
   nb = num_batches(len(sc.train_idx[t]), bs)
 
   def val_iter(epoch, skip):
-    it = _cycle(exp.ds.train_images, sc.train_labels, sc.val_idx[t], bs, (config.seed, t, epoch))
+    it = _cycle(exp.ds.train_images, sc.train_labels, sc.radius_split(t), bs,
+                (config.seed, t, epoch))
     for _ in range(skip):
       next(it)
     return it

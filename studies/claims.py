@@ -126,13 +126,13 @@ def _objective_claims(dataset: str, registered: str, post_hoc: bool, prefix: str
         "entropy-raising objectives lose to CE (label smoothing worst)")
     c("aepg_vs_epg", "aEPG (tuned tau) beats EPG", [f"aepg_{m}"], [f"epg_{m}"], 0.4,
       f"{_AEPG}: LoRA aEPG - EPG", "LoRA EPG 75.1, aEPG 75.5")
-    if primary_family is not None:  # the paper's central ordering, tested directly
-      c("entropy_ordering", "entropy-lowering objectives (EPG, entropy penalty, aEPG tau 6) beat "
-        "entropy-raising ones (label smoothing, confidence penalty, focal), mean of each group",
-        [f"epg_{m}", f"entropy_penalty_{m}", f"aepg_tau6_{m}"],
-        [f"label_smoothing_{m}", f"confidence_penalty_{m}", f"focal_{m}"], 1.0, _NO_NUMBER,
-        "lower output entropy enhances adaptation (the paper's abstract)",
-        primary if m == "seq" else secondary)
+    # the paper's central ordering, tested directly
+    c("entropy_ordering", "entropy-lowering objectives (EPG, entropy penalty, aEPG tau 6) beat "
+      "entropy-raising ones (label smoothing, confidence penalty, focal), mean of each group",
+      [f"epg_{m}", f"entropy_penalty_{m}", f"aepg_tau6_{m}"],
+      [f"label_smoothing_{m}", f"confidence_penalty_{m}", f"focal_{m}"], 1.0, _NO_NUMBER,
+      "lower output entropy enhances adaptation (the paper's abstract)",
+      primary if m == "seq" else secondary)
   out.append(Claim(f"{prefix}.lae_vs_seq.aepg", dataset, "objectives", secondary,
                    "LAE aEPG (tau 6) beats seq-LoRA aEPG (tau 6)", ("aepg_tau6_lae",),
                    ("aepg_tau6_seq",), 1.2, f"{_AEPG}: LAE + aEPG - LoRA aEPG",

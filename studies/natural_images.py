@@ -141,6 +141,7 @@ STUDIES: Dict[str, Dict[str, Any]] = {
     },
     "dlcft_data_il": {
         "paper": "DLCFT (Shon et al., ECCV 2022), Table 1",
+        "data_il": True,  # every task holds every class: task-IL = class-IL, one column
         "lr_grid": LR_GRID,
         "arms": [Arm("none", "dlcft_data_il", "none", "None (fine-tuning)"),
                  Arm("ewc", "dlcft_data_il", "ewc", "EWC", "method.strength", LAMBDA),
@@ -637,9 +638,11 @@ def stats_rule_text() -> str:
 def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
   spec = STUDIES[study]
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
-  single = spec.get("single_task", False)
+  single, data_il = spec.get("single_task", False), spec.get("data_il", False)
   head = ("| arm | selected (lr, own) | seeds | ID accuracy (test) | val ID accuracy | OOD "
           "corruption mean | ID - OOD drop | wall / run (min) | images / step |" if single else
+          "| arm | selected (lr, own) | seeds | final accuracy (all classes) | avg incremental | "
+          "val final accuracy | forgetting | wall / run (min) | images / step |" if data_il else
           "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
           "| val class-IL final | forgetting | wall / run (min) | images / step |")
   lines = [f"# {study} on {DATASETS[args.dataset]['label']}: the {spec['paper']} claims under "
@@ -666,7 +669,7 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
            if _get(m, ("ood", "corruption_mean")) is not None]
     else:
       cols = [m["final_accuracy"] for m in ms], [m["avg_incremental_accuracy"] for m in ms], \
-          [_get(m, ("task_il", "final_accuracy")) for m in ms], \
+          *([] if data_il else [[_get(m, ("task_il", "final_accuracy")) for m in ms]]), \
           [_get(m, ("val", "final_accuracy")) for m in ms], [m.get("forgetting") for m in ms]
     wall = mean_std([(m.get("wall_time_s") or float("nan")) / 60 for m in ms])
     images = images_per_step(natural_config(arm, 0, args, sel.get("learning_rate"),
@@ -679,6 +682,10 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
 
 def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
   reg = claims_lib.by_id()
+  first = {}
+  for r in results:
+    if r["status"] == "complete":
+      first.setdefault(r["same_as"], reg[r["id"]].text)
   lines = ["", "| claim | family | margin | seeds | paired difference (mean ± std) | 95% t interval "
            "| 95% bootstrap | raw verdict | Holm-adjusted verdict (p) | seeds needed (raw / Holm) |",
            "|---" * 10 + "|"]
@@ -690,8 +697,9 @@ def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
       lines.append(f"| {c.text} | {c.family} | {c.margin:g} | — | {why} | | | | | |")
       continue
     need = r.get("seeds_needed") or {}
+    same = first[r["same_as"]]
     lines.append(
-        f"| {c.text} | {c.family} | {c.margin:g} | {r['n']} | {r['mean']:+.2f} ± {r['std']:.2f} | "
+        f"| {c.text}{f' (the same runs as: {same}; one test)' if same != c.text else ''} | {c.family} | {c.margin:g} | {r['n']} | {r['mean']:+.2f} ± {r['std']:.2f} | "
         f"[{r['lo']:+.2f}, {r['hi']:+.2f}] | [{r['bootstrap'][0]:+.2f}, {r['bootstrap'][1]:+.2f}]"
         f" | {r.get('raw')} | **{r.get('holm')}** ({r.get('p_holm', float('nan')):.3g}) | "
         f"{need.get('raw') or '>1000'} / {need.get('holm') or '>1000'} |")

@@ -64,3 +64,23 @@ def test_scenario_errors_are_config_errors():
   c.scenario.num_tasks = 3
   with pytest.raises(ConfigError, match="choose one of \\[1, 2, 5, 10\\]"):
     scenarios.build_scenario(c, np.arange(10), np.arange(10), 10)
+
+
+def test_radius_split_is_disjoint_from_validation_and_training():
+  """``data.radius_fraction`` holds TPGM's radius data out of what validation leaves: the three
+  parts partition each task's images; without it TPGM's split is the validation split, and the
+  validation and training parts are exactly those of a run without a radius split."""
+  train_labels, test_labels = np.repeat(np.arange(10), 20), np.repeat(np.arange(10), 5)
+  c = _scenario_config("class_il", 0.25)
+  plain = scenarios.build_scenario(c, train_labels, test_labels, 10)
+  assert plain.radius_idx is None
+  np.testing.assert_array_equal(plain.radius_split(2), plain.val_idx[2])
+  c.data.radius_fraction = 0.2
+  sc = scenarios.build_scenario(c, train_labels, test_labels, 10)
+  for t in range(5):  # 40 images: 10 validation, 8 radius, 22 training
+    tr, val, rad = sc.train_idx[t], sc.val_idx[t], sc.radius_split(t)
+    assert (len(tr), len(val), len(rad)) == (22, 10, 8)
+    assert not (set(tr) & set(val) or set(tr) & set(rad) or set(val) & set(rad))
+    np.testing.assert_array_equal(np.sort(np.concatenate([tr, val, rad])),
+                                  np.sort(np.concatenate([plain.train_idx[t], plain.val_idx[t]])))
+    np.testing.assert_array_equal(val, plain.val_idx[t])  # the validation split is unchanged
