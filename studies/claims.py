@@ -380,6 +380,8 @@ DATASET_LABELS = {"tiny_imagenet": "Split Tiny-ImageNet (tiny-imagenet-mini, 10 
 def _ours(r: Dict[str, object]) -> str:
   if not r:
     return "not run yet"
+  if r.get("status") == "incomplete":
+    return "incomplete: " + ", ".join(f"{a} lacks seeds {s}" for a, s in r["missing"].items())
   if r.get("status") != "complete":
     return str(r.get("status"))
   return (f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] (n={r['n']})")
@@ -392,11 +394,11 @@ def verdict_table(dataset: str, out_dir: str = RESULTS) -> str:
   lines = []
   for fam in _families(dataset):
     lines += [f"**{fam}** ({len(family(dataset, fam))} claims, Holm within the family)", "",
-              "| claim | the paper's effect (margin) | ours: paired difference [95% interval] "
-              "| raw | Holm-adjusted |", "|---|---|---|---|---|"]
+              "| claim | the paper | margin | ours: paired difference [95% interval] (seeds) "
+              "| raw | Holm-adjusted |", "|---|---|---|---|---|---|"]
     for c in family(dataset, fam):
       v = vs[c.id]
-      lines.append(f"| {c.text} | +{c.margin:g} ({c.paper}) | {_ours(results.get(c.id, {}))} | "
+      lines.append(f"| {c.text} | {c.paper} | {c.margin:g} | {_ours(results.get(c.id, {}))} | "
                    f"{v['raw'] or '—'} | **{v['holm'] or '—'}** |")
     lines.append("")
   return "\n".join(lines).rstrip() + "\n"

@@ -489,7 +489,8 @@ def images_per_step(cfg) -> int:
   from cft_jax.config import validate_config  # pylint: disable=g-import-not-at-top
   cfg = validate_config(cfg)  # the method's own defaults (e.g. replay_batch_size) filled in
   images = int(cfg.train.batch_size)
-  if cfg.method.name in ("er", "der", "derpp", "dlcft", "dlcft_kfac"):
+  if cfg.method.name in ("er", "der", "derpp") or (cfg.method.name == "dlcft"
+                                                   and cfg.method.buffer_size > 0):
     images += int(cfg.method.replay_batch_size) * (2 if cfg.method.name == "derpp" else 1)
   return images
 
