@@ -8,7 +8,9 @@ the ``lint-imports`` binary is missing.
 """
 
 import ast
+import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +159,48 @@ def test_the_families_do_not_import_the_config_facade_or_the_registry():
   assert [m for m in low if graph[m] & {"cft_jax.config", "cft_jax.train"}] == []
   assert [m for m in low if "cft_jax.registry" in graph[m]] == []
   assert graph["cft_jax.errors"] == set() and graph["cft_jax.schema"] == {"cft_jax.errors"}
+
+
+def _contract_layers():
+  """The layers of ``.importlinter``'s layers contract, top first, each a set of module names."""
+  parser = configparser.ConfigParser()
+  parser.read(os.path.join(ROOT, ".importlinter"))
+  lines = parser["importlinter:contract:layers"]["layers"].strip().splitlines()
+  return [{m.strip() for m in line.split("|")} for line in lines if line.strip()]
+
+
+def _readme_layers():
+  """The layers of README.md's layout block (``  name | name/   meaning`` lines under cft_jax/)."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  block = text[text.index("## Layout"):].split("```")[1]
+  layers = []
+  for line in block.split("cft_jax/\n", 1)[1].splitlines():
+    if not line.startswith("  "):
+      break
+    names = re.split(r"\s{2,}", line.strip())[0]
+    layers.append({m.strip().rstrip("/") for m in names.split("|")})
+  return layers
+
+
+def test_readme_contracts_and_package_show_one_picture():
+  layers = _contract_layers()
+  assert layers == _readme_layers()
+  top_level = {m.split(".")[1] for m in _modules(ROOT) if "." in m}
+  assert set().union(*layers) == top_level  # every top-level module is in exactly one layer
+  assert sum(map(len, layers)) == len(top_level)
+
+
+def test_every_import_points_down_the_declared_layers():
+  # The layers contract checked without import-linter, on the ast graph (function-level imports
+  # and TYPE_CHECKING imports included): an import between top-level modules goes to a lower
+  # layer; modules of one layer do not import each other.
+  level = {m: i for i, layer in enumerate(_contract_layers()) for m in layer}
+  graph = import_graph(ROOT)
+  top = lambda m: (m + ".").split(".")[1]
+  upward = [f"{a} -> {b}" for a, targets in sorted(graph.items()) for b in sorted(targets)
+            if top(a) and top(b) and top(a) != top(b) and level[top(a)] >= level[top(b)]]
+  assert upward == []
 
 
 def _lint_imports(cwd, pythonpath=None):
