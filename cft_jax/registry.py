@@ -4,11 +4,12 @@ The component families declare their own keys next to their code (:class:`cft_ja
 tuples: :data:`cft_jax.scenarios.CONFIG_KEYS`, :data:`cft_jax.data.CONFIG_KEYS`,
 :data:`cft_jax.models.CONFIG_KEYS` + :data:`cft_jax.linearize.CONFIG_KEYS`,
 :data:`cft_jax.peft.CONFIG_KEYS`, :data:`cft_jax.methods.SECTION_KEYS` (the methods' and the robust
-components' keys), :data:`cft_jax.objectives.CONFIG_KEYS`, :data:`cft_jax.steps.OPTIM_KEYS`) and
+components' keys), :data:`cft_jax.objectives.CONFIG_KEYS`, :data:`cft_jax.steps.OPTIM_KEYS`,
+:data:`cft_jax.parallel.DISTRIBUTED_KEYS`) and
 their registries (datasets, models, objectives, methods). This module stands above all of them
 and below the trainer: it assembles :func:`base_config` (the single list of keys the trainer
-understands), declares the trainer's own sections (``seed``, ``train``, ``eval``, ``checkpoint``,
-``distributed``: the trainer stands above this module, so its keys are declared here), and
+understands), declares the trainer's own sections (``seed``, ``train``, ``eval``, ``checkpoint``:
+the trainer stands above this module, so its keys are declared here), and
 implements :func:`validate_config`, :func:`describe` and :func:`apply_overrides`. No family
 imports it; the public names are re-exported by :mod:`cft_jax.config`.
 """
@@ -27,6 +28,7 @@ from cft_jax import linearize
 from cft_jax import methods
 from cft_jax import models
 from cft_jax import objectives
+from cft_jax import parallel
 from cft_jax import peft
 from cft_jax import robust
 from cft_jax import scenarios
@@ -72,11 +74,6 @@ CHECKPOINT_KEYS = (
     Key("max_to_keep", 0, "0 -> keep every checkpoint", non_negative=True),
     Key("every_steps", 0, ">0: also checkpoint every n steps inside a task", non_negative=True),
 )
-DISTRIBUTED_KEYS = (  # multi-host: jax.distributed.initialize(...) (cft_jax.parallel)
-    Key("coordinator_address", "", '"host:port" of process 0 ("" : single host)'),
-    Key("num_processes", 0, "multi-host: number of processes (0: auto-detect)", non_negative=True),
-    Key("process_id", -1, "multi-host: this process's id (-1: auto-detect)"),
-)
 
 # Every section, in the order of the written config.json, with its owner's keys.
 SECTIONS: Tuple[Tuple[str, Tuple[Key, ...]], ...] = (
@@ -90,7 +87,7 @@ SECTIONS: Tuple[Tuple[str, Tuple[Key, ...]], ...] = (
     ("train", TRAIN_KEYS),
     ("eval", EVAL_KEYS),
     ("checkpoint", CHECKPOINT_KEYS),
-    ("distributed", DISTRIBUTED_KEYS),
+    ("distributed", parallel.DISTRIBUTED_KEYS),
 )
 # "section.key" -> its declaration ("seed" for the top-level scalar).
 KEYS: Dict[str, Key] = {"seed": SEED, **{f"{section}.{k.name}": k

@@ -136,7 +136,7 @@ def get_method(cfg: ml_collections.ConfigDict, mse_alpha: Optional[float] = None
     ConfigError: unknown method name, or a key that is neither the method's nor the trainer's
       (with a "did you mean").
   """
-  name = cfg.get("name", "sequential")
+  name = cfg.get("name", CONFIG_KEYS[0].default)  # the declared default of method.name
   if name not in _FACTORIES:
     raise ConfigError(f"unknown method.name '{name}'; known: {list(method_names())}")
   check_method_keys(name, list(cfg.keys()))
