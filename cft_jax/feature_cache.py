@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cft_jax.peft import HEAD, copy_tree
+from cft_jax import objectives
 from cft_jax.data import Preprocess, batches
+from cft_jax.peft import HEAD, copy_tree
+from cft_jax.steps import TrainState, make_train_step
 
 PyTree = Any
 
@@ -138,7 +140,6 @@ def make_head_step(loss_fn: Callable, tx: optax.GradientTransformation,
   Raises:
     ValueError: unknown ``loss_scope``.
   """
-  from cft_jax.steps import TrainState, make_train_step  # pylint: disable=g-import-not-at-top
   train_step = make_train_step(head_apply, identity_preprocess, loss_fn, tx, classes_per_task,
                                loss_scope=loss_scope)
   frozen = {"params": {}, "collections": {}}
@@ -190,7 +191,6 @@ def train_linear_probe_on_features(
   Returns:
     ``(params, opt_state, last_metrics)``.
   """
-  from cft_jax import objectives  # pylint: disable=g-import-not-at-top
   loss_fn = loss_fn or objectives.make_loss_fn("ce")
   step = head_step or make_head_step(loss_fn, tx, classes_per_task, loss_scope=loss_scope)
   idx = np.arange(len(features)) if indices is None else np.asarray(indices)

@@ -23,6 +23,11 @@ from typing import Any, Callable, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from cft_jax import peft
+from cft_jax.data import batches
+from cft_jax.linearize import linearized_apply
+from cft_jax.peft import HEAD
+
 PyTree = Any
 
 
@@ -90,7 +95,6 @@ def make_feature_fn(apply_fn: Callable, linearized: Optional[str] = None) -> Cal
       :func:`cft_jax.train.make_forward` share it; the head is not used). ``frozen`` then holds
       ``params0``.
   """
-  from cft_jax import peft  # pylint: disable=g-import-not-at-top
 
   def feature_fn(params, frozen, x):
     def g(p):
@@ -98,8 +102,6 @@ def make_feature_fn(apply_fn: Callable, linearized: Optional[str] = None) -> Cal
       return apply_fn(variables, x, train=False, return_features=True)
 
     if linearized:
-      from cft_jax.linearize import linearized_apply  # pylint: disable=g-import-not-at-top
-      from cft_jax.peft import HEAD  # pylint: disable=g-import-not-at-top
       strip = lambda t: {key: v for key, v in t.items() if key != HEAD}
       return linearized_apply(g, strip(frozen["params0"]), strip(params))
     return g(params)
@@ -114,7 +116,6 @@ def extract_features(feature_fn: Callable, images: np.ndarray, indices: np.ndarr
   ``feature_fn(x) -> [B, D]`` (close over params; jit it). Batches are padded to a fixed size so
   the function compiles once.
   """
-  from cft_jax.data import batches  # pylint: disable=g-import-not-at-top
   labels = np.zeros(len(images), np.int32)
   out = []
   for xb, _, mb in batches(images, labels, np.asarray(indices), batch_size):

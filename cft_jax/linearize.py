@@ -45,16 +45,25 @@ import jax
 import jax.numpy as jnp
 
 from cft_jax.models.bn_fold import fold_batchnorm, fold_batchnorm_module  # re-exported
-from cft_jax.peft import HEAD
+from cft_jax.peft import HEAD, merge_params
+from cft_jax.schema import Key
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
 
-__all__ = ["LINEARIZE_MODES", "linearize_mode", "linearize", "linearized_apply", "linearize_features", "linearized_features_apply",
-           "module_apply_fn", "split_head", "fold_batchnorm", "fold_batchnorm_module"]
+__all__ = ["CONFIG_KEYS", "LINEARIZE_MODES", "linearize_mode", "linearize", "linearized_apply",
+           "linearize_features", "linearized_features_apply", "make_forward", "module_apply_fn",
+           "split_head", "fold_batchnorm", "fold_batchnorm_module"]
 
 
 LINEARIZE_MODES = ("none", "full", "features")
+
+# The key of the ``model`` section this module reads (:mod:`cft_jax.registry` appends it to the
+# backbone family's keys, :data:`cft_jax.models.CONFIG_KEYS`).
+CONFIG_KEYS = (
+    Key("linearize", "none", "DLCFT: none | full (whole network) | features (eqs. 6-7)",
+        choices=LINEARIZE_MODES),
+)
 
 
 def linearize_mode(value: Any) -> Optional[str]:
@@ -191,3 +200,41 @@ def linearize_features(feature_fn: ApplyFn, params0: Dict[str, Any],
                                      **kwargs)
 
   return apply
+
+
+def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
+  """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
+
+  ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
+  collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
+  the expansion point of the trainable leaves (``frozen['params0']``). ``linearized`` (see
+  :func:`cft_jax.linearize.linearize_mode`): ``None``/``False`` the network itself;
+  ``"full"``/``True`` ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` with one ``jax.jvp``
+  in eval mode; ``"features"`` DLCFT's eqs. 6-7, ``g_lin(x; psi) W + b``: the trainable backbone
+  leaves enter through the jvp of the pooled features (``apply_fn(..., return_features=True)``)
+  and the top-level ``head`` (``kernel [D, C]``, ``bias [C]``) is an ordinary linear layer
+  (docs/methods.md#linearization). Re-exported by :mod:`cft_jax.steps`.
+
+  Raises:
+    ValueError: unknown ``linearized`` mode.
+  """
+  mode = linearize_mode(linearized)
+
+  def forward(params, frozen, x, train=False, rng=None):
+    def f(p, **kw):
+      variables = dict(frozen["collections"], params=merge_params(p, frozen["params"]))
+      if train and mode is None and rng is not None:
+        out = apply_fn(variables, x, train=True, rngs={"dropout": rng}, **kw)
+      else:
+        out = apply_fn(variables, x, train=False, **kw)
+      # Losses, softmax and curvature statistics in float32 whatever the compute dtype.
+      return out.astype(jnp.float32) if jnp.issubdtype(out.dtype, jnp.floating) else out
+
+    if mode == "full":
+      return linearized_apply(f, frozen["params0"], params)
+    if mode == "features":
+      return linearized_features_apply(lambda p: f(p, return_features=True),
+                                       frozen["params0"], params)
+    return f(params)
+
+  return forward

@@ -23,11 +23,15 @@ The trainer uses :func:`make_loss_fn`, which maps a config section
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from cft_jax.schema import Key
 
 Array = jax.Array
 
@@ -528,8 +532,103 @@ def make_loss_fn(name: str, **hparams: Any) -> LossFn:
   return loss_fn
 
 
+# --------------------------------------------------------------------------------------------
+# The ``loss`` section of the config.
+# --------------------------------------------------------------------------------------------
+
+# Keys, defaults and allowed values of the ``loss`` section (:mod:`cft_jax.schema`; assembled by
+# :mod:`cft_jax.registry`). The objectives' own hyper-parameters (:data:`OBJECTIVE_HPARAMS`,
+# e.g. ``beta``) are accepted as well; their defaults are those of the functions above.
+CONFIG_KEYS = (
+    Key("name", "aepg", "training objective (see cft_jax.objectives)"),
+    Key("schedule", "sigmoid", "aepg: sigmoid | linear | cosine | constant",
+        choices=tuple(SCHEDULES)),
+    Key("tau", 6.0, "aepg sigmoid temperature"),
+    Key("schedule_scope", "task", "T counts steps of the current task, or of the whole run",
+        choices=("task", "global")),
+    Key("scope", "local", "local: current task's classes (aEPG paper) | all: every output",
+        choices=("local", "all")),
+)
+
+# Keys of the ``loss`` section the trainer reads itself (the rest go to the objective).
+LOSS_TRAINER_KEYS = ("name", "schedule_scope", "scope")
+
+
+def loss_hparams(loss) -> Dict[str, Any]:
+  """The objective's hyper-parameters of a ``loss`` section (all but :data:`LOSS_TRAINER_KEYS`).
+
+  Args:
+    loss: the ``config.loss`` section (a ConfigDict or dict).
+
+  Returns:
+    ``{key: value}`` to pass to :func:`make_loss_fn` as keyword arguments.
+  """
+  return {k: v for k, v in loss.items() if k not in LOSS_TRAINER_KEYS}
+
+
+def mse_alpha_default() -> float:
+  """Default MSE target scale ``alpha`` (that of :func:`mse`, 15)."""
+  return float(inspect.signature(mse).parameters["alpha"].default)
+
+
+def mse_alpha(config) -> float:
+  """The run's MSE target scale: ``loss.alpha`` when ``loss.name='mse'``, else the default
+  (the curvature and replay terms of DLCFT use the same value as the loss).
+
+  Args:
+    config: a config with a ``loss`` section.
+  """
+  if config.loss.name == "mse" and "alpha" in config.loss:
+    return float(config.loss.alpha)
+  return mse_alpha_default()
+
+
+# --------------------------------------------------------------------------------------------
+# The task's logits: the columns a local loss (``loss.scope='local'``) sees.
+# --------------------------------------------------------------------------------------------
+
+
+def task_widths(classes_per_task) -> Tuple[int, Optional[Tuple[int, ...]]]:
+  """``(k, bounds)`` of ``classes_per_task``: an int (every task has ``k`` classes; ``bounds``
+  None) or the per-task class counts (``k`` = the widest task; ``bounds`` = the cumulative
+  counts when the tasks differ, e.g. ``(50, 60, ..., 100)`` for B50-Inc10)."""
+  if isinstance(classes_per_task, (tuple, list)):
+    sizes = tuple(int(c) for c in classes_per_task)
+    if len(set(sizes)) > 1:
+      return max(sizes), tuple(itertools.accumulate(sizes))
+    return sizes[0], None
+  return int(classes_per_task), None
+
+
+def task_slice(logits: jax.Array, task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None
+               ) -> jax.Array:
+  """The task's logits ``logits[:, task_lo:task_lo + k]`` (``[B, k]``; ``task_lo`` traced).
+
+  With unequal tasks (``bounds``, see :func:`task_widths`) the slice is ``k`` wide (the widest
+  task) and the columns past the task's last class are set to ``-1e9`` (zero probability, no
+  gradient), so one compiled step serves every task.
+  """
+  if bounds is None:
+    return jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
+  padded = jnp.pad(logits, ((0, 0), (0, k)), constant_values=-1e9)
+  local = jax.lax.dynamic_slice_in_dim(padded, task_lo, k, axis=1)
+  b = jnp.asarray(bounds)
+  width = b[jnp.searchsorted(b, task_lo, side="right")] - task_lo
+  return jnp.where(jnp.arange(k) < width, local, jnp.asarray(-1e9, local.dtype))
+
+
+def task_hi(task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None):
+  """End ``hi`` of the task starting at ``task_lo`` (traced)."""
+  if bounds is None:
+    return task_lo + k
+  b = jnp.asarray(bounds)
+  return b[jnp.searchsorted(b, task_lo, side="right")]
+
+
 __all__ = [
+    "CONFIG_KEYS",
     "LOSS_HPARAMS",
+    "LOSS_TRAINER_KEYS",
     "OBJECTIVES",
     "OBJECTIVE_HPARAMS",
     "REINFORCE_BASELINES",
@@ -546,8 +645,14 @@ __all__ = [
     "focal",
     "label_smoothing",
     "linear_schedule",
+    "loss_hparams",
     "make_loss_fn",
     "mse",
+    "mse_alpha",
+    "mse_alpha_default",
     "reinforce",
     "sigmoid_schedule",
+    "task_hi",
+    "task_slice",
+    "task_widths",
 ]

@@ -28,6 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from cft_jax.schema import Key, fill_defaults
+
 PyTree = Any
 PARALLELISM = ("auto", "sharding", "pmap")
 DATA_AXIS = "data"
@@ -51,6 +53,15 @@ def _auto_detect() -> bool:
       os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+# The ``distributed`` section of the config (read by :func:`init_distributed`): keys, defaults and
+# allowed values (:mod:`cft_jax.schema`; assembled by :mod:`cft_jax.registry`).
+DISTRIBUTED_KEYS = (
+    Key("coordinator_address", "", '"host:port" of process 0 ("" : single host)'),
+    Key("num_processes", 0, "multi-host: number of processes (0: auto-detect)", non_negative=True),
+    Key("process_id", -1, "multi-host: this process's id (-1: auto-detect)"),
+)
+
+
 def init_distributed(cfg: Optional[ml_collections.ConfigDict]) -> bool:
   """Starts JAX's multi-process runtime, if this run has several processes. Call it first.
 
@@ -71,10 +82,10 @@ def init_distributed(cfg: Optional[ml_collections.ConfigDict]) -> bool:
   from jax._src import distributed as _dist  # pylint: disable=g-import-not-at-top
   if getattr(_dist.global_state, "client", None) is not None:
     return True
-  cfg = cfg or ml_collections.ConfigDict()
-  addr = cfg.get("coordinator_address", "") or ""
-  num = int(cfg.get("num_processes", 0) or 0)
-  pid = cfg.get("process_id", -1)
+  cfg = fill_defaults(DISTRIBUTED_KEYS, cfg)  # keys a partial section lacks: their defaults
+  addr = cfg.coordinator_address or ""
+  num = int(cfg.num_processes or 0)
+  pid = cfg.process_id
   pid = -1 if pid is None else int(pid)
   if addr:
     if num < 1 or pid < 0:

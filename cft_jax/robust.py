@@ -35,11 +35,32 @@ import optax
 
 from cft_jax import objectives
 from cft_jax import projection
+from cft_jax.linearize import make_forward
+from cft_jax.objectives import task_slice, task_widths
 from cft_jax.peft import HEAD
+from cft_jax.schema import Key
 
 PyTree = Any
 
 PROJECTIONS = ("", "none", "tpgm", "ftp", "l2sp")
+
+# The components' config keys (:mod:`cft_jax.schema`), read by :func:`from_config`: METHOD_KEYS
+# belong to the ``method`` section (every method accepts them, :data:`cft_jax.methods.SECTION_KEYS`)
+# and EVAL_KEYS to the ``eval`` section (:mod:`cft_jax.registry` places them).
+METHOD_KEYS = (
+    Key("projection", "", '"" | tpgm | ftp | l2sp: robust fine-tuning toward theta_0',
+        choices=PROJECTIONS),
+    Key("projection_norm", "", 'l2 | mars ("" -> tpgm: l2, ftp: mars)', choices=("", "l2", "mars")),
+    Key("proj_freq", 1, "tpgm: project every n steps"),
+    Key("max_iters", 1, "tpgm: radius updates per projection"),
+    Key("radius_lr", 1e-2, "tpgm / ftp: Adam lr of the radii"),
+    Key("ftp_k", 1.0, "ftp: positive-gradient gain k"),
+    Key("l2sp_alpha", 0.01, "l2sp: penalty alpha"),
+)
+EVAL_KEYS = (
+    Key("wise_ft_alpha", 1.0, "WiSE-FT: evaluate (1 - a) theta_0 + a theta (1.0: off)",
+        unit=(0.0, 1.0, True)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +122,6 @@ class TPGM(RobustFT):
 
   def wrap_optimizer(self, tx, ctx):
     """``optax.chain(tx, projection.tpgm(anchor, val_loss_fn, ...))``, head excluded."""
-    # pylint: disable-next=g-import-not-at-top
-    from cft_jax.steps import make_forward, task_slice, task_widths
     forward = make_forward(ctx.apply_fn, ctx.linearized)
     k, bounds = task_widths(ctx.classes_per_task)
     axis_name = ctx.axis_name

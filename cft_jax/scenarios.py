@@ -13,7 +13,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from cft_jax.config import ConfigError
+from cft_jax.data import subsample
+from cft_jax.errors import ConfigError
+from cft_jax.schema import Key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +201,20 @@ class DataIncremental:
 
 SCENARIO_TYPES = ("class_il", "task_il", "data_il")
 
+# The ``scenario`` section of the config: keys, defaults and allowed values
+# (:mod:`cft_jax.schema`; assembled by :mod:`cft_jax.registry`).
+CONFIG_KEYS = (
+    Key("type", "class_il", "class_il | task_il (evaluated with the task id) | data_il (all "
+        "classes in every task, one shared test set)", choices=SCENARIO_TYPES),
+    Key("num_tasks", 5, "number of tasks T (class-/task-IL: must divide the classes)",
+        positive=True),
+    Key("seed", 1993, "class-order permutation seed"),
+    Key("shuffle_classes", True, "permute the class order with scenario.seed (False: natural)"),
+    Key("class_order", (), "explicit class order (each class id once); () -> seeded shuffle"),
+    Key("first_task_classes", 0, ">0: first task's classes, the rest split equally (B50-Inc10)",
+        non_negative=True),
+)
+
 
 def make_scenario(kind: str, num_classes: int, num_tasks: int, seed: int = 0,
                   shuffle_classes: bool = True, class_order: Sequence[int] = (),
@@ -305,7 +321,6 @@ class Scenario:
 
 
 def _subsample(idx: np.ndarray, limit: Any, seed: int) -> np.ndarray:
-  from cft_jax.data import subsample  # pylint: disable=g-import-not-at-top
   return subsample(idx, limit, seed=seed)
 
 

@@ -26,7 +26,6 @@ use the same code after ``jax.distributed.initialize``.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax
@@ -38,10 +37,14 @@ import optax
 
 from cft_jax import methods as methods_lib
 from cft_jax import objectives
-from cft_jax import peft
-from cft_jax.peft import HEAD
+from cft_jax import projection
 from cft_jax import robust as robust_lib
 from cft_jax.data import Preprocess
+from cft_jax.linearize import linearize_mode, make_forward  # make_forward: re-exported
+from cft_jax.methods.lae import hold_frozen_leaves
+from cft_jax.objectives import task_hi, task_slice, task_widths  # re-exported
+from cft_jax.peft import HEAD
+from cft_jax.schema import Key, fill_defaults
 
 PyTree = Any
 
@@ -61,6 +64,21 @@ class TrainState:
   params: PyTree
   opt_state: PyTree
   method_state: PyTree = flax.struct.field(default_factory=dict)
+
+
+# The ``optim`` section of the config (read by :func:`make_optimizer`): keys, defaults and
+# allowed values (:mod:`cft_jax.schema`; assembled by :mod:`cft_jax.registry`).
+OPTIM_KEYS = (
+    Key("name", "adam", "optimiser", choices=("adam", "adamw", "sgd")),
+    Key("learning_rate", 1e-3, "learning rate", positive=True),
+    Key("weight_decay", 0.0, "weight decay (adamw: decoupled; adam / sgd: added to the gradient)",
+        non_negative=True),
+    Key("grad_clip", 0.0, "global gradient-norm clip (0: off)", non_negative=True),
+    Key("reset_per_task", True, "fresh optimiser state at every task (TPGM/FTP radii kept)"),
+    Key("momentum", 0.9, "sgd"),
+    Key("backbone_lr_scale", 1.0, "learning rate of the non-head leaves = scale x learning_rate",
+        non_negative=True),
+)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
@@ -89,13 +107,11 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
   Raises:
     ValueError: for an unknown optimiser name.
   """
-  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
-  optim = with_defaults("optim", optim)  # keys a partial section lacks: the library defaults
+  optim = fill_defaults(OPTIM_KEYS, optim)  # keys a partial section lacks: their defaults
   name = optim.name
   lr = optim.learning_rate
   wd = optim.weight_decay
   if wd and linearized and name in ("adam", "adamw", "sgd"):
-    from cft_jax import projection  # pylint: disable=g-import-not-at-top
     decay = projection.decay_toward_anchor(wd)
     tx = (optax.chain(decay, optax.sgd(lr, momentum=optim.momentum)) if name == "sgd"
           else optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(lr)))
@@ -124,45 +140,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, linearized: Any = None,
               for k, v in params.items()}
     tx = optax.chain(tx, optax.masked(optax.scale(scale), not_head))
   return tx
-
-
-def make_forward(apply_fn: Callable, linearized: Any = None) -> Callable:
-  """``forward(params, frozen, x, train, rng) -> logits [B, C]`` of the (optionally linearized) model.
-
-  ``frozen`` holds the frozen parameter subtree (``frozen['params']``), the other variable
-  collections (``frozen['collections']``, e.g. BatchNorm statistics) and, for a linearized model,
-  the expansion point of the trainable leaves (``frozen['params0']``). ``linearized`` (see
-  :func:`cft_jax.linearize.linearize_mode`): ``None``/``False`` the network itself;
-  ``"full"``/``True`` ``f(theta_0, x) + J f(theta_0, x) (theta - theta_0)`` with one ``jax.jvp``
-  in eval mode; ``"features"`` DLCFT's eqs. 6-7, ``g_lin(x; psi) W + b``: the trainable backbone
-  leaves enter through the jvp of the pooled features (``apply_fn(..., return_features=True)``)
-  and the top-level ``head`` (``kernel [D, C]``, ``bias [C]``) is an ordinary linear layer
-  (docs/methods.md#linearization; :mod:`cft_jax.linearize`).
-
-  Raises:
-    ValueError: unknown ``linearized`` mode.
-  """
-  from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
-  mode = lin.linearize_mode(linearized)
-
-  def forward(params, frozen, x, train=False, rng=None):
-    def f(p, **kw):
-      variables = dict(frozen["collections"], params=peft.merge_params(p, frozen["params"]))
-      if train and mode is None and rng is not None:
-        out = apply_fn(variables, x, train=True, rngs={"dropout": rng}, **kw)
-      else:
-        out = apply_fn(variables, x, train=False, **kw)
-      # Losses, softmax and curvature statistics in float32 whatever the compute dtype.
-      return out.astype(jnp.float32) if jnp.issubdtype(out.dtype, jnp.floating) else out
-
-    if mode == "full":
-      return lin.linearized_apply(f, frozen["params0"], params)
-    if mode == "features":
-      return lin.linearized_features_apply(lambda p: f(p, return_features=True),
-                                           frozen["params0"], params)
-    return f(params)
-
-  return forward
 
 
 def _global_rows_dropout(offset, total: int):
@@ -206,43 +183,6 @@ class _TraceCounter:
     return self.fn(*args, **kwargs)
 
 
-def task_widths(classes_per_task) -> Tuple[int, Optional[Tuple[int, ...]]]:
-  """``(k, bounds)`` of ``classes_per_task``: an int (every task has ``k`` classes; ``bounds``
-  None) or the per-task class counts (``k`` = the widest task; ``bounds`` = the cumulative
-  counts when the tasks differ, e.g. ``(50, 60, ..., 100)`` for B50-Inc10)."""
-  if isinstance(classes_per_task, (tuple, list)):
-    sizes = tuple(int(c) for c in classes_per_task)
-    if len(set(sizes)) > 1:
-      return max(sizes), tuple(itertools.accumulate(sizes))
-    return sizes[0], None
-  return int(classes_per_task), None
-
-
-def task_slice(logits: jax.Array, task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None
-               ) -> jax.Array:
-  """The task's logits ``logits[:, task_lo:task_lo + k]`` (``[B, k]``; ``task_lo`` traced).
-
-  With unequal tasks (``bounds``, see :func:`task_widths`) the slice is ``k`` wide (the widest
-  task) and the columns past the task's last class are set to ``-1e9`` (zero probability, no
-  gradient), so one compiled step serves every task.
-  """
-  if bounds is None:
-    return jax.lax.dynamic_slice_in_dim(logits, task_lo, k, axis=1)
-  padded = jnp.pad(logits, ((0, 0), (0, k)), constant_values=-1e9)
-  local = jax.lax.dynamic_slice_in_dim(padded, task_lo, k, axis=1)
-  b = jnp.asarray(bounds)
-  width = b[jnp.searchsorted(b, task_lo, side="right")] - task_lo
-  return jnp.where(jnp.arange(k) < width, local, jnp.asarray(-1e9, local.dtype))
-
-
-def task_hi(task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None):
-  """End ``hi`` of the task starting at ``task_lo`` (traced)."""
-  if bounds is None:
-    return task_lo + k
-  b = jnp.asarray(bounds)
-  return b[jnp.searchsorted(b, task_lo, side="right")]
-
-
 def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callable,
                     tx: optax.GradientTransformation, classes_per_task: int,
                     method: Optional[methods_lib.Method] = None, *, linearized: Any = None,
@@ -284,8 +224,7 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
   k, bounds = task_widths(classes_per_task)  # bounds: unequal tasks (B50-Inc10), else None
   method = method or methods_lib.Method()
   forward = make_forward(apply_fn, linearized)
-  from cft_jax import linearize as lin  # pylint: disable=g-import-not-at-top
-  lin_mode = lin.linearize_mode(linearized)
+  lin_mode = linearize_mode(linearized)
   tx_extra = optax.with_extra_args_support(tx)
   # methods that freeze their PEFT leaves for some epochs (LAE) override ``frozen_peft``
   can_freeze = type(method).frozen_peft is not methods_lib.Method.frozen_peft
@@ -310,7 +249,6 @@ def make_train_step(apply_fn: Callable, preprocess: Preprocess, loss_fn: Callabl
                                   preprocess, lin_mode)
     updates, opt_state = tx_extra.update(grads, state.opt_state, state.params, **extra)
     if can_freeze:
-      from cft_jax.methods.lae import hold_frozen_leaves  # pylint: disable=g-import-not-at-top
       opt_state = hold_frozen_leaves(opt_state, state.opt_state, keep == 0.0)
     updates = _scale_non_head(updates, keep)
     params = optax.apply_updates(state.params, updates)
@@ -427,7 +365,6 @@ def _step_metrics(m: Dict[str, Any], params, frozen, axis_name: Optional[str]
                  accuracy=100.0 * psum(m["correct"]) / m["denom"],
                  entropy=psum(m["entropy_sum"]) / m["denom"], alpha=m["alpha"])
   if "anchor" in frozen:
-    from cft_jax import projection  # pylint: disable=g-import-not-at-top
     metrics["dist_to_init"] = projection.dist_to_init(params, frozen["anchor"])
   return metrics
 

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from cft_jax import config as config_lib
+from cft_jax import feature_cache as fc
 from cft_jax import methods as methods_lib
 from cft_jax import knn as knn_lib
 from cft_jax import metrics as metrics_lib
@@ -41,10 +42,12 @@ from cft_jax import scenarios
 from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_diffs, mse_alpha,
                             same_run, validate_config)
-from cft_jax.data import Preprocess, batches, data_options, load_dataset, num_batches, subsample
+from cft_jax.data import (Preprocess, batches, corruptions, data_options, load_dataset,
+                          num_batches, subsample)
 from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
+from cft_jax.projection import reset_base_state
 from cft_jax.provenance import provenance
 from cft_jax.parallel import DeviceLayout, init_distributed, layout_from_config  # re-exported
 from cft_jax.writers import MetricWriter
@@ -422,7 +425,6 @@ def _use_cached_features(exp: Experiment, loss_fn) -> None:
   head's train / in-distribution eval steps run on them (OOD sets still go through images)."""
   config, dev, sc = exp.config, exp.dev, exp.scenario
   _check_cache_features(config)
-  from cft_jax import feature_cache as fc  # pylint: disable=g-import-not-at-top
   t_cache = time.time()
   full_vars = dict(exp.frozen["collections"],
                    params=peft.merge_params(exp.params0, exp.frozen["params"]))
@@ -530,7 +532,6 @@ def _begin_task(exp: Experiment, prog: Progress, t: int) -> None:
   and the method's ``begin_task`` hook."""
   host = exp.dev.unreplicate(prog.state)
   if exp.config.optim.reset_per_task:
-    from cft_jax.projection import reset_base_state  # pylint: disable=g-import-not-at-top
     host = host.replace(opt_state=reset_base_state(exp.tx, host.opt_state, host.params))
   host = host.replace(method_state=exp.method.begin_task(t, host.params, host.method_state,
                                                          exp.task_context(t)))
@@ -884,7 +885,6 @@ def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, sc
     ``{"id": acc, "corruptions": {name: {severity: acc}}, "corruption_mean": acc,
     "dataset": acc}`` (keys present when computed).
   """
-  from cft_jax.data import corruptions  # pylint: disable=g-import-not-at-top
   bs = config.eval.batch_size
 
   def acc(images, labels, idx):

@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+from cft_jax import plots
+
 
 def _tensorboard_writer(workdir: str):
   """A TensorBoard event-file writer on ``workdir/tensorboard`` (tensorboardX: no TensorFlow);
@@ -118,7 +120,6 @@ class MetricWriter:
     """PNG plots of the workdir's records (:func:`cft_jax.plots.plot_run`); their paths."""
     if not self.enabled:
       return []
-    from cft_jax import plots  # pylint: disable=g-import-not-at-top
     return plots.plot_run(self.workdir)
 
   def close(self) -> None:

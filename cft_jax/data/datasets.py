@@ -53,6 +53,7 @@ import numpy as np
 
 from cft_jax.data.sources import (BadDataError, DatasetNotFoundError, FileSource,
                                   StreamingDataset, SubsetSource, TfdsSource)
+from cft_jax.schema import Key, fill_defaults
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
@@ -636,11 +637,55 @@ def load_dataset(name: str, root: Optional[str] = None, image_size: int = 224, *
   return REGISTRY[name](root=root, image_size=image_size, **options)
 
 
+# The ``data`` section of the config: the data family's keys (loaders, host preprocessing, input
+# pipeline), their defaults and allowed values (:mod:`cft_jax.schema`; assembled by
+# :mod:`cft_jax.registry` into :func:`cft_jax.config.base_config`).
+CONFIG_KEYS = (
+    Key("name", "fashion_mnist", "dataset (fashion_mnist, mnist, image_folder, cifar100, "
+        "imagenet_r, domainnet, tfds:<name>)"),
+    Key("root", "", '"" -> the loader\'s default location'),
+    Key("image_size", 64, "pixels; Lite0's native 224 is too slow for a 2-core CPU",
+        positive=True),
+    Key("train_limit", 1000, "max training images per task (0 / None: all)", non_negative=True),
+    Key("test_limit", 500, "max test images per task (0 / None: all)", non_negative=True),
+    Key("augment", "crop_flip", "none | crop_flip | rrc_flip",
+        choices=("none", "crop_flip", "rrc_flip")),
+    Key("rrc_scale", (0.05, 1.0), "rrc_flip: area-fraction range of RandomResizedCrop"),
+    Key("val_fraction", 0.0, "held-out share of each task's training data (validation)",
+        unit=(0.0, 1.0, False)),
+    Key("radius_fraction", 0.0, ">0: TPGM's radius split, disjoint from the validation split "
+        "(0: TPGM uses the validation split)", unit=(0.0, 1.0, False)),
+    Key("pipeline", "auto", "auto (grain for streamed datasets) | device | grain",
+        choices=("auto", "device", "grain")),
+    Key("workers", 0, "grain worker processes (-1: one per core; 0: read threads)"),
+    Key("read_threads", 8, "grain read threads per process"),
+    Key("skip_corrupt", False, "skip (and count) undecodable image files instead of stopping"),
+    Key("test_crop_fraction", 0.875, "test: shorter side to image_size / f, centre crop",
+        unit=(1e-6, 1.0, True)),
+    Key("rrc_ratio", (0.75, 4.0 / 3.0), "rrc_flip: aspect-ratio range of RandomResizedCrop"),
+    Key("resample", "bilinear", "host resizing filter: bilinear | bicubic | nearest",
+        choices=("bilinear", "bicubic", "nearest")),
+    Key("train_list", "", 'split lists "relative/path [label]" (image_folder, imagenet_r)'),
+    Key("test_list", "", "split list of the test images (see data.train_list)"),
+    Key("split_seed", 0, "seed of the per-class 80/20 split of one-split datasets"),
+    Key("test_fraction", 0.2, "test share of that split (ImageNet-R: 0.2)",
+        unit=(0.0, 1.0, False)),
+    Key("domains", (), "domainnet: domains pooled (() -> all six)"),
+)
+
+
 def data_options(data_cfg) -> Dict[str, Any]:
-  """Loader options from a ``config.data`` section (keys absent there take the library defaults,
-  :func:`cft_jax.config.base_config`)."""
-  from cft_jax.config import with_defaults  # pylint: disable=g-import-not-at-top
-  data_cfg = with_defaults("data", data_cfg)
+  """Loader options from a ``config.data`` section (keys absent there take their declared
+  defaults, :data:`CONFIG_KEYS`).
+
+  Args:
+    data_cfg: the ``config.data`` section (a ConfigDict or dict, possibly partial).
+
+  Returns:
+    Keyword options of :func:`load_dataset` (test crop, split seed and fraction, split lists,
+    DomainNet domains).
+  """
+  data_cfg = fill_defaults(CONFIG_KEYS, data_cfg)
   out = {"crop_fraction": float(data_cfg.test_crop_fraction),
          "split_seed": int(data_cfg.split_seed), "test_fraction": float(data_cfg.test_fraction)}
   for key in ("train_list", "test_list"):

@@ -25,15 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cft_jax.data.preprocess import HostTransform
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """A dataset's files are missing; the message says how to install them."""
-
-
-class BadDataError(DatasetNotFoundError, ValueError):
-  """The data are present but unusable (corrupt file, missing class, label out of range, empty
-  split); the message names the file, class or split. The CLI prints it as one line."""
+from cft_jax.errors import BadDataError, DatasetNotFoundError  # noqa: F401  (re-exported)
 
 
 def decode_image_bytes(data: bytes, what: str) -> Image.Image:

@@ -8,23 +8,39 @@ New learners are added with :func:`register`; ``config.method.name`` then select
 registered :class:`Method` dataclass is built from the ``config.method`` keys that are its fields,
 and those fields are the method's config keys (:func:`method_config_fields`): resolved to their
 defaults, type-checked, listed by ``--describe``, and any other key is an error with a "did you
-mean" suggestion (:func:`cft_jax.config.validate_config`).
+mean" suggestion (:func:`check_method_keys`, called by :func:`get_method` and
+:func:`cft_jax.config.validate_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import ml_collections
 
+from cft_jax import robust as robust_lib
+from cft_jax.errors import ConfigError
 from cft_jax.methods.base import Method, TaskContext
 from cft_jax.methods.joint import Joint
 from cft_jax.methods.lae import LAE
 from cft_jax.methods.lwf import LwF
 from cft_jax.methods.regularizers import DLCFT, EWC, MAS, KroneckerRegularizer
 from cft_jax.methods.replay import DER, DERPP, ER
+from cft_jax.schema import Key, did_you_mean
 
+
+# The ``method`` section's keys every method accepts (:mod:`cft_jax.schema`), besides its own
+# fields (:func:`method_config_fields`): the name, LAE's two trainer-level keys, and the robust
+# fine-tuning components' keys (:data:`cft_jax.robust.METHOD_KEYS`, any method combines with them).
+CONFIG_KEYS = (
+    Key("name", "sequential", "continual-learning method (see cft_jax.methods)"),
+    Key("ema_decay", 0.999, "lae: offline EMA decay", unit=(0.0, 1.0, False)),
+    Key("freeze_epochs", 0, "lae: PEFT frozen for the first k epochs of tasks t >= 1",
+        non_negative=True),
+)
+SECTION_KEYS = CONFIG_KEYS + robust_lib.METHOD_KEYS
 
 # Dataclass fields of a method that are not config keys: the protocol's own fields, and the MSE
 # target scale, which is ``loss.alpha`` (one value for the loss, the curvature and the replay terms).
@@ -120,10 +136,68 @@ def get_method(cfg: ml_collections.ConfigDict, mse_alpha: Optional[float] = None
     ConfigError: unknown method name, or a key that is neither the method's nor the trainer's
       (with a "did you mean").
   """
-  from cft_jax.config import ConfigError, check_method_keys  # pylint: disable=g-import-not-at-top
-  name = cfg.get("name", "sequential")
+  name = cfg.get("name", CONFIG_KEYS[0].default)  # the declared default of method.name
   if name not in _FACTORIES:
     raise ConfigError(f"unknown method.name '{name}'; known: {list(method_names())}")
   check_method_keys(name, list(cfg.keys()))
   extra = {} if mse_alpha is None else {"mse_alpha": float(mse_alpha)}
   return _FACTORIES[name][0](cfg, **extra)
+
+
+def checked_method_fields(name: str) -> Optional[Dict[str, Any]]:
+  """:func:`method_config_fields` of ``name``, with a ConfigError for an unknown name.
+
+  Raises:
+    ConfigError: unknown method (the known ones and a "did you mean").
+  """
+  if name not in method_names():
+    raise ConfigError(f"config.method.name={name!r}; choose one of {list(method_names())}"
+                      + did_you_mean(str(name), method_names()))
+  return method_config_fields(name)
+
+
+def other_methods_hint(key: str, name: str) -> str:
+  """`` ('method.KEY' is a key of METHODS ...)`` when ``key`` (or a close spelling) is a field of
+  methods other than ``name`` ("" otherwise): the hint of an unknown ``method.*`` key."""
+  owners = {}
+  for other in method_names():
+    for field in method_config_fields(other) or {}:
+      owners.setdefault(field, []).append(other)
+  match = key if key in owners else (difflib.get_close_matches(key, sorted(owners), 1) or [None])[0]
+  if match is None:
+    return ""
+  return (f" ('method.{match}' is a key of {', '.join(owners[match])}, not of '{name}': set "
+          f"method.name first)")
+
+
+def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
+  """Checks the keys of a ``config.method`` section against method ``name``'s declared fields
+  (:func:`method_config_fields`) and the keys every method accepts (:data:`SECTION_KEYS`).
+
+  Args:
+    name: the method's name.
+    keys: the keys of the ``config.method`` section.
+
+  Returns:
+    ``{key: default}`` of the method's own fields (None: a method registered without fields).
+
+  Raises:
+    ConfigError: unknown method, or an unknown key (with a "did you mean").
+  """
+  fields = checked_method_fields(name)
+  if fields is None:
+    return None
+  trainer_keys = {k.name for k in SECTION_KEYS}
+  allowed = trainer_keys | set(fields)
+  for key in keys:
+    if key == "mse_alpha":
+      raise ConfigError("config.method.mse_alpha: the MSE target scale is loss.alpha (one value "
+                        "for the loss and the curvature / replay terms); set loss.alpha instead")
+    if key not in allowed:
+      raise ConfigError(f"unknown config key 'method.{key}' for method '{name}'"
+                        + (did_you_mean(key, fields, "method.")
+                           or other_methods_hint(key, name)
+                           or did_you_mean(key, allowed, "method."))
+                        + f" Keys of method '{name}': {sorted(fields)}; trainer keys: "
+                        f"{sorted(trainer_keys)}")
+  return fields

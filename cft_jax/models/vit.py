@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cft_jax.errors import ConfigError
 from cft_jax.models.vit_checkpoint import (  # noqa: F401  (re-exported)
     AUGREG_FILES, AUGREG_URL, CHECKPOINT_FORMATS, I21K_FILES, I21K_URL, _as_size,
     _normalise_checkpoint, detect_checkpoint_format, init_leaves, load_pretrained,
@@ -303,7 +304,6 @@ def build(variant: str, num_classes: int, *, pretrained: bool = True,
       path = pretrained_path(variant, path or None, checkpoint_format)
     fmt = detect_checkpoint_format(path)
     if checkpoint_format not in ("auto", fmt):
-      from cft_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
       raise ConfigError(f"model.checkpoint_format={checkpoint_format!r} but {path} is a {fmt} "
                        f"checkpoint ({'has' if fmt == 'i21k' else 'no'} pre_logits); set "
                        f"model.checkpoint_format='{fmt}' or 'auto'")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cft_jax.errors import DatasetNotFoundError
 from cft_jax.peft import is_head
 
 __all__ = ["AUGREG_FILES", "I21K_FILES", "CHECKPOINT_FORMATS", "resample_posemb", "init_leaves",
@@ -217,9 +218,8 @@ def save_npz(variables: Dict[str, Any], path: Union[str, os.PathLike]) -> None:
 
 
 def _not_found(message: str) -> Exception:
-  """A missing checkpoint: ``cft_jax.data.DatasetNotFoundError`` (a FileNotFoundError), which
-  the CLI prints as one line."""
-  from cft_jax.data.sources import DatasetNotFoundError  # pylint: disable=g-import-not-at-top
+  """A missing checkpoint: :class:`cft_jax.errors.DatasetNotFoundError` (a FileNotFoundError),
+  which the CLI prints as one line."""
   return DatasetNotFoundError(message)
 
 

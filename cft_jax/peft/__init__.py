@@ -19,10 +19,10 @@ from typing import Any, Dict, Sequence, Tuple, Union
 
 from flax import traverse_util
 
-from cft_jax.peft.spec import NO_PEFT, PeftSpec  # pylint: disable=unused-import
+# pylint: disable-next=unused-import
+from cft_jax.peft.spec import CONFIG_KEYS, NO_PEFT, PEFT_METHODS, PeftSpec
 
 PyTree = Any
-PEFT_METHODS = ("lora", "adapter", "prefix", "linear_probe", "full")
 # Name of the classifier (the top-level ``params`` entry every backbone calls its last Dense).
 HEAD = "head"
 

@@ -11,8 +11,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Tuple
 
+from cft_jax.schema import Key
+
 # Names whose modules live inside the backbone (the others only choose trainable leaves).
 MODULE_PEFTS = ("lora", "adapter", "prefix")
+# Every ``peft.name`` (``linear_probe``: the head only; ``full``: every parameter).
+PEFT_METHODS = ("lora", "adapter", "prefix", "linear_probe", "full")
+
+# The ``peft`` section of the config (read by :meth:`PeftSpec.from_config`): keys, defaults and
+# allowed values (:mod:`cft_jax.schema`; assembled by :mod:`cft_jax.registry`).
+CONFIG_KEYS = (
+    Key("name", "lora", "lora | adapter | prefix (ViT) | linear_probe | full",
+        choices=PEFT_METHODS),
+    Key("rank", 4, "LoRA rank r (lora; 0: no LoRA)", non_negative=True),
+    Key("alpha", 0.0, "LoRA scale alpha / rank; 0 -> alpha = rank"),
+    Key("blocks", (0, 1, 2, 3, 4), "ViT: blocks that get the PEFT module (paper: 0-4)"),
+    Key("lora_targets", ("k", "v"), "ViT LoRA targets among q, k, v, o"),
+    Key("adapter_hidden", 5, "ViT adapter bottleneck"),
+    Key("adapter_position", "attn", "ViT adapter parallel to attn | mlp", choices=("attn", "mlp")),
+    Key("prefix_length", 10, "ViT prefix length L"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
