@@ -404,9 +404,11 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
         "tune_seeds": list(args.tune_seeds), "val_fraction": args.val_fraction,
         **({"own_grid_reduced_to": list(args.grid[arm.name])} if arm.name in args.grid else {}),
         "extended": extended, "still_at_edge": at_edge,
-        "val_class_il_final": {_setting_name(arm, l, v): s for (l, v), s in scores.items()}}
-    with open(path, "w") as f:
-      json.dump(selected, f, indent=1)
+        "val_class_il_final": {_setting_name(arm, l, v): s for (l, v), s in scores.items()},
+        "tune_scores": {_setting_name(arm, l, v): {str(seed): x for seed, x in
+                                                    zip(args.tune_seeds, s)}
+                        for (l, v), s in scores.items()}}
+    _write_json(path, selected)
   return selected
 
 
@@ -414,7 +416,10 @@ def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
   """One tuning run's validation score: a recorded score (the selected JSON of an earlier call,
   same setting and seed) or the run (trained, resumed or read back)."""
   name = _setting_name(arm, lr, value)
-  rec = prior.get("val_class_il_final", {}).get(name)
+  done = prior.get("tune_scores", {}).get(name, {})
+  if str(seed) in done:
+    return float(done[str(seed)])
+  rec = prior.get("val_class_il_final", {}).get(name)  # selected JSONs of before tune_scores
   seeds = prior.get("tune_seeds", [])
   if rec is not None and seed in seeds and seeds.index(seed) < len(rec):
     return float(rec[seeds.index(seed)])
@@ -426,7 +431,21 @@ def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
   score = tune_score(natural_config(arm, seed, args, lr, value, tuning=True), wd)
   log(f"tune {arm.name} {name} seed {seed}: val class-IL final "
       f"{'diverged (scored 0)' if np.isnan(score) else f'{score:.2f}'} ({time.time() - t:.0f}s)")
+  path = _out(args, study, "_selected.json")  # recorded at once: a study resumes across sessions
+  selected = _read_json(path)
+  selected.setdefault(arm.name, {}).setdefault("tune_scores", {}).setdefault(name, {})[
+      str(seed)] = score
+  _write_json(path, selected)
   return score
+
+
+def _write_json(path: str, data: Dict[str, Any]) -> None:
+  """Writes ``data`` to ``path`` through a temporary file (an interrupted write leaves the old
+  file, never half a file)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -455,8 +474,8 @@ def recorded_runs(path: str, keys: Dict[str, Any],
   data = _read_json(path)
   old_sel = data.get("selected", {})
   out = {}
-  for r in data.get("runs", ()):
-    arm, now, then = r["arm"], selected.get(r["arm"]), old_sel.get(r["arm"])
+  for r in data.get("runs", ()):  # a record's own settings, else the file's selection (older files)
+    arm, now, then = r["arm"], selected.get(r["arm"]), r.get("settings") or old_sel.get(r["arm"])
     if arm in keys and now and then and all(
         now.get(k) == then.get(k) for k in ("learning_rate", keys[arm]) if k):
       out[(arm, r["seed"])] = r
@@ -495,9 +514,17 @@ def images_per_step(cfg) -> int:
   return images
 
 
-def _record(arm: Arm, seed: int, wd: str, m: Dict[str, Any]) -> Dict[str, Any]:
+def _settings(arm: Arm, sel: Dict[str, Any]) -> Dict[str, Any]:
+  """The selected values a final run of ``arm`` ran at: ``{"learning_rate", <own key>}``."""
+  own = ",".join(_keys(arm))
+  return {"learning_rate": sel.get("learning_rate"), **({own: sel.get(own)} if own else {})}
+
+
+def _record(arm: Arm, seed: int, wd: str, m: Dict[str, Any], sel: Dict[str, Any]
+            ) -> Dict[str, Any]:
   prov = m.get("provenance") or {}
   return {"arm": arm.name, "seed": seed, "workdir": os.path.relpath(wd, ROOT),
+          "settings": _settings(arm, sel),
           "provenance": {k: prov.get(k) for k in PROVENANCE_KEYS} if prov else None,
           "metrics": {k: m.get(k) for k in ("final_accuracy", "avg_incremental_accuracy",
                                             "forgetting", "task_il", "val", "ood",
@@ -545,10 +572,23 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[
     return None
   t = time.time()
   m = run_one(cfg, wd) if train else _read_json(os.path.join(wd, "metrics.json"))
+  rec = _record(arm, seed, wd, m, sel)
   if train:
     log(f"final {arm.name} seed {seed}: class-IL final {m['final_accuracy']:.2f}, task-IL "
         f"{m['task_il']['final_accuracy']:.2f} ({time.time() - t:.0f}s)")
-  return _record(arm, seed, wd, m)
+    _persist(study, rec, args)
+  return rec
+
+
+def _persist(study: str, rec: Dict[str, Any], args) -> None:
+  """Adds one finished final run to ``<out>/<dataset>_<study>.json`` at once (replacing an
+  earlier record of the same arm and seed), so a study stopped mid-phase keeps every finished
+  run in the committed file; the report rewrites the file whole."""
+  path = _out(args, study)
+  data = _read_json(path)
+  data["runs"] = [r for r in data.get("runs", ()) if (r["arm"], r["seed"]) !=
+                  (rec["arm"], rec["seed"])] + [rec]
+  _write_json(path, data)
 
 
 def claim_scores(runs: List[Dict[str, Any]], claim: claims_lib.Claim) -> Dict[str, Dict[int, float]]:
@@ -617,9 +657,8 @@ def report(study: str, selected: Dict[str, Any], runs: List[Dict], args, wall_s:
   text = "\n".join(lines)
   with open(_out(args, study, ".md"), "w") as f:
     f.write(text)
-  with open(_out(args, study), "w") as f:
-    json.dump({"dataset": args.dataset, "study": study, "seeds": seed_set, "selected": selected,
-               "claims": results, "runs": runs}, f, indent=1)
+  _write_json(_out(args, study), {"dataset": args.dataset, "study": study, "seeds": seed_set,
+                                   "selected": selected, "claims": results, "runs": runs})
   return text
 
 

@@ -458,3 +458,63 @@ def test_a_call_naming_some_arms_reports_every_arm_and_only_registered_claims(
   assert c["d"] == [-19.0, -18.5, -18.0] and c["raw"] == c["holm"] == "worse than the baseline"
   md = (out / "cifar10_class_il_recipes.md").read_text()
   assert "| a beats b | test | 1 | 3 | -18.50 ± 0.50 |" in md
+
+
+def test_a_study_stopped_mid_phase_keeps_every_finished_run(tmp_path, monkeypatch, registered):
+  """Each finished tuning score and final run is written to the study's JSON files at once: a
+  session that ends mid-phase (here: the third run raises) loses nothing that finished, and the
+  next call trains only what is missing."""
+  sel = {"ce_seq": {"learning_rate": 1e-3}, "er_seq": {"learning_rate": 3e-3}}
+  (tmp_path / "cifar10_class_il_recipes_selected.json").write_text(json.dumps(sel))
+  calls = []
+
+  def flaky_run(cfg, workdir):
+    calls.append((cfg.method.name, cfg.seed))
+    if len(calls) == 3:
+      raise KeyboardInterrupt("session over")
+    return _metrics(50.0 + cfg.seed)
+
+  monkeypatch.setattr(natural_images, "run_one", flaky_run)
+  args = _args(tmp_path, phase="final")
+  arms = [a for a in natural_images.study_arms("cifar10", "class_il_recipes")
+          if a.name in ("ce_seq", "er_seq")]
+  with pytest.raises(KeyboardInterrupt):
+    natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2], args, lambda s: None)
+  saved = json.loads((tmp_path / "cifar10_class_il_recipes.json").read_text())["runs"]
+  assert sorted((r["arm"], r["seed"]) for r in saved) == [("ce_seq", 0), ("er_seq", 0)]
+  assert saved[0]["settings"] == {"learning_rate": sel[saved[0]["arm"]]["learning_rate"]}
+  calls.clear()
+  monkeypatch.setattr(natural_images, "run_one", lambda cfg, wd: calls.append(cfg.seed) or
+                      _metrics(50.0 + cfg.seed))
+  got = natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2], args, lambda s: None)
+  assert sorted(calls) == [1, 1, 2, 2] and len(got) == 6   # seeds 0 came from the file
+  # A record made at another learning rate is not reused after the selection changes.
+  moved = {**sel, "er_seq": {"learning_rate": 1e-2}}
+  path = str(tmp_path / "cifar10_class_il_recipes.json")
+  keys = {"ce_seq": None, "er_seq": None}
+  assert {a for a, _ in natural_images.recorded_runs(path, keys, moved)} == {"ce_seq"}
+
+
+def test_tuning_scores_are_recorded_as_they_finish(tmp_path, monkeypatch):
+  arm = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}["er_seq"]
+  seen = []
+
+  def flaky_score(cfg, workdir):
+    seen.append((cfg.optim.learning_rate, cfg.seed))
+    if len(seen) == 4:
+      raise KeyboardInterrupt("session over")
+    return 40.0 + len(seen)
+
+  monkeypatch.setattr(natural_images, "tune_score", flaky_score)
+  args = _args(tmp_path)
+  with pytest.raises(KeyboardInterrupt):
+    natural_images.tune("class_il_recipes", [arm], args, lambda s: None)
+  rec = json.loads((tmp_path / "cifar10_class_il_recipes_selected.json").read_text())
+  assert rec["er_seq"]["tune_scores"] == {"lr0.0003": {"100": 41.0, "101": 42.0},
+                                          "lr0.001": {"100": 43.0}}
+  seen.clear()
+  monkeypatch.setattr(natural_images, "tune_score", lambda cfg, wd: seen.append(
+      (cfg.optim.learning_rate, cfg.seed)) or 30.0)
+  natural_images.tune("class_il_recipes", [arm], args, lambda s: None)
+  # Only what was missing, then the low edge's extension (3e-4 leads with 41.5).
+  assert seen == [(1e-3, 101), (3e-3, 100), (3e-3, 101), (1e-4, 100), (1e-4, 101)]
