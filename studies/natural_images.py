@@ -617,7 +617,9 @@ def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
   mine = [r for r in runs if r["arm"] in arms and r["seed"] in seed_set]
   pair = claims_lib.paired_scores(claim, claim_scores(mine, claim), seed_set)
   out: Dict[str, Any] = {"id": claim.id, "seeds": list(seed_set), "status": "complete",
-                         "same_as": "|".join(sorted({r["workdir"].rsplit("/", 1)[0]
+                         # the same test: same metric, kind and margin on the same runs
+                         "same_as": f"{'.'.join(claim.metric)} {claim.kind} {claim.margin:g}: "
+                         + "|".join(sorted({r["workdir"].rsplit("/", 1)[0]
                                                      for r in mine if r["arm"] in claim.better}))
                          + " vs " + "|".join(sorted({r["workdir"].rsplit("/", 1)[0]
                                                      for r in mine if r["arm"] in claim.worse}))}

@@ -518,3 +518,14 @@ def test_tuning_scores_are_recorded_as_they_finish(tmp_path, monkeypatch):
   natural_images.tune("class_il_recipes", [arm], args, lambda s: None)
   # Only what was missing, then the low edge's extension (3e-4 leads with 41.5).
   assert seen == [(1e-3, 101), (3e-3, 100), (3e-3, 101), (1e-4, 100), (1e-4, 101)]
+
+
+def test_claims_on_the_same_runs_but_another_metric_are_separate_tests(monkeypatch):
+  ood = _claim(id="t.ood", metric=("ood", "corruption_mean"))
+  idc = _claim(id="t.id", metric=("ood", "id"), kind="non_inferiority")
+  monkeypatch.setattr(claims, "REGISTRY", (ood, idc))
+  runs = [{"arm": a, "seed": s, "workdir": f"w/{a}/seed{s}", "provenance": None,
+           "metrics": {"ood": {"corruption_mean": 40.0 + s * (a == "ce_seq"), "id": 45.0 + s}}}
+          for a in ("ce_seq", "er_seq") for s in range(3)]
+  a, b = (natural_images.compare(runs, c, (0, 1, 2)) for c in (ood, idc))
+  assert a["same_as"] != b["same_as"]
