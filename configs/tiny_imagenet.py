@@ -7,8 +7,8 @@ objectives (``ce``, ``epg``, ``aepg``, ``entropy_penalty``, ``confidence_penalty
 ``label_smoothing``, ``focal``, ``reinforce``; hyper-parameters the aEPG paper's, see
 ``configs/objectives_study.py``), method ``sequential`` (default, seq-LoRA), ``lae``, or a
 replay method on top of seq-LoRA: ``er`` / ``derpp`` (reservoir buffer of 500 images = 2.5 per
-class, CE over every seen class), or ``dlcft`` (the DLCFT class-IL recipe: linearised features,
-MSE, buffer 500). Commands::
+class, 32 replayed per step and term, CE over every seen class; DER++ alpha 0.1, beta 0.5).
+Commands::
 
     python -m cft_jax.main --config configs/tiny_imagenet.py:ce --workdir runs/tin_ce
     python -m cft_jax.main --config configs/tiny_imagenet.py:aepg,lae --workdir runs/tin_aepg_lae
@@ -37,7 +37,7 @@ import ml_collections
 
 from cft_jax.config import base_config, load_config_module, parse_config_arg
 
-METHODS = ("sequential", "lae", "er", "derpp", "dlcft")
+METHODS = ("sequential", "lae", "er", "derpp")
 ENV_ROOT = "CFT_JAX_TINY_IMAGENET_MINI"
 
 
