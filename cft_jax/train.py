@@ -42,6 +42,7 @@ from cft_jax.checkpoint import TaskCheckpointer
 from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_diffs, mse_alpha,
                             same_run, validate_config)
 from cft_jax.data import Preprocess, batches, data_options, load_dataset, num_batches, subsample
+from cft_jax.data.check import check_splits
 from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
@@ -235,6 +236,7 @@ class Experiment:
   stream: Optional[StreamInput] = None  # data.pipeline grain: streamed batches (host augments)
   jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict)
   robust: Tuple[robust_lib.RobustFT, ...] = ()
+  skipped_corrupt: Optional[Dict[str, int]] = None  # per split (streamed data: _check_files)
 
   @property
   def steps_per_task(self) -> List[int]:
@@ -348,6 +350,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   method = methods_lib.get_method(config.method, mse_alpha=mse_alpha(config))
   sc = scenarios.build_scenario(config, ds.train_labels, ds.test_labels, ds.num_classes,
                                 cumulative_data=method.cumulative_data)
+  skipped_corrupt = _check_files(config, ds, sc)  # before anything trains (None: in memory)
   k, C = sc.task_sizes, sc.num_classes  # classes of each task (the steps slice the task's)
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
@@ -393,7 +396,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       needs_val=needs_val, rng=rng, n_train=n_train,
       n_total=n_train + peft.count_params(frozen["params"]),
       feature_fn=(jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
-                  if config.eval.knn_k else None), stream=stream, robust=robust)
+                  if config.eval.knn_k else None), stream=stream, robust=robust,
+      skipped_corrupt=skipped_corrupt)
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
@@ -404,6 +408,33 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
           f"{exp.n_total:,} parameters ({100.0 * exp.n_train / exp.n_total:.2f}%); loss "
           f"{config.loss.name}")
   return exp
+
+
+def _check_files(config: ml_collections.ConfigDict, ds: Any, sc: scenarios.Scenario
+                 ) -> Optional[Dict[str, int]]:
+  """Checks every image file (or record) of a streamed dataset that the run uses — its tasks'
+  train, validation and test examples — before anything trains (:mod:`cft_jax.data.check`).
+
+  Returns:
+    Bad examples per split (``{"train", "val", "test"}``; all 0 for clean data), skipped with
+    ``data.skip_corrupt``; None for in-memory datasets (nothing to decode).
+
+  Raises:
+    BadDataError: naming every bad file (up to 20), unless ``data.skip_corrupt``.
+  """
+  if not getattr(ds, "streaming", False):
+    return None
+  cat = lambda ix: np.concatenate([np.asarray(i, np.int64) for i in ix] + [np.zeros(0, np.int64)])
+  verbose = config.train.verbose
+  counts, lines = check_splits(
+      {"train": (ds.train, cat(sc.train_idx)), "val": (ds.train, cat(sc.val_idx)),
+       "test": (ds.test, cat(sc.test_idx))}, skip_corrupt=config.data.skip_corrupt,
+      threads=config.data.read_threads, progress=verbose and config.train.progress)
+  if lines and verbose:
+    print(f"[cft_jax] data.skip_corrupt=True: skipping {sum(counts.values())} image(s) that "
+          f"cannot be decoded (train {counts['train']}, val {counts['val']}, test "
+          f"{counts['test']}):\n" + "\n".join(lines))
+  return counts
 
 
 def _sizes_text(sizes) -> str:
@@ -751,6 +782,8 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
   }
   if ood:
     result["ood"] = ood
+  if exp.skipped_corrupt is not None:  # streamed data: files that could not be decoded, skipped
+    result["skipped_corrupt"] = dict(exp.skipped_corrupt)
   if config.eval.knn_k:
     result["knn_accuracy"] = prog.knn_acc
   if prog.V is not None:  # data.val_fraction > 0: the same metrics on the validation split

@@ -53,7 +53,7 @@ import numpy as np
 
 from cft_jax.data.sources import (BadDataError, DatasetNotFoundError, FileSource,
                                   MissingDependencyError, StreamingDataset, SubsetSource,
-                                  TfdsSource)
+                                  TfdsSource, check_example)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",
@@ -255,12 +255,18 @@ def load_mnist(root: Optional[str] = None, **_) -> ImageDataset:
 
 
 def _list_images(d: str) -> List[str]:
+  """The image files of folder ``d``, sorted; hidden files (``.*``, e.g. macOS's ``._x.jpg``
+  resource forks) are not images."""
   return sorted(os.path.join(d, f) for f in os.listdir(d)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(d, f)))
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                and os.path.isfile(os.path.join(d, f)))
 
 
 def _class_dirs(d: str) -> List[str]:
-  return sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+  """The class sub-folders of ``d``, sorted; hidden folders (``.ipynb_checkpoints``, ...) are
+  not classes."""
+  return sorted(c for c in os.listdir(d)
+                if not c.startswith(".") and os.path.isdir(os.path.join(d, c)))
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
@@ -520,6 +526,11 @@ class ConcatSource:
   def __getitem__(self, i: int):
     s, j = self._locate(i)
     return s[j]
+
+  def check(self, i: int) -> Optional[str]:
+    """:func:`~cft_jax.data.sources.check_example` of the example in its own source."""
+    s, j = self._locate(i)
+    return check_example(s, j)
 
   def describe(self, i: int) -> str:
     s, j = self._locate(i)
