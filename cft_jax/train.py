@@ -539,6 +539,7 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
   meta = {"accuracy_matrix": _nan_to_none(prog.R),
           "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
           "class_order": list(exp.scenario.class_order), "config": exp.config_json,
+          "class_names": [exp.ds.class_names[c] for c in exp.scenario.class_order],
           "entropy_end_of_task": prog.entropy_end,
           "num_finished_tasks": t + 1 if finished else t, "task_finished": finished,
           "step_in_task": step_in_task, "epoch": epoch}
