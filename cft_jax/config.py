@@ -192,7 +192,8 @@ _DOC = {
     "loss.name": "training objective (see cft_jax.objectives)",
     "optim.name": "optimiser",
     "optim.learning_rate": "learning rate",
-    "optim.weight_decay": "weight decay (adamw: decoupled; adam / sgd: added to the gradient)",
+    "optim.weight_decay": "weight decay (adam / adamw: decoupled, optax.adamw; sgd: added to "
+                          "the gradient; linearized runs: toward theta_0)",
     "optim.grad_clip": "global gradient-norm clip (0: off)",
     "optim.reset_per_task": "fresh optimiser state at every task (TPGM/FTP radii kept)",
     "train.epochs": "epochs per task",

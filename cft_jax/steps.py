@@ -370,10 +370,11 @@ def _make_objective(forward: Callable, preprocess: Preprocess, loss_fn: Callable
     batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
 
     def logits_fn(p, imgs, r):
+      r_aug, r_drop = jax.random.split(r)  # independent augmentation and dropout draws
       if rows is None or imgs is not images:  # a replicated batch (e.g. replay): no slicing
-        return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+        return forward(p, frozen, preprocess(imgs, r_aug, train=True), True, r_drop)
       with nn.intercept_methods(_global_rows_dropout(*rows)):
-        return forward(p, frozen, preprocess(imgs, r, train=True, rows=rows), True, r)
+        return forward(p, frozen, preprocess(imgs, r_aug, train=True, rows=rows), True, r_drop)
 
     # Terms that do not depend on this device's shard are divided by the device count, so the
     # psum of the gradients counts them once.

@@ -269,7 +269,9 @@ class Experiment:
             batches, self.ds.train_images, sc.train_labels, sc.train_idx[t],
             self.config.train.batch_size),
         loss_name=self.config.loss.name, apply=self.apply_eval, params0=frozen.get("params0"),
-        linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache)
+        linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache,
+        # the run's key (config.seed) for host-hook sampling, apart from the training steps'
+        rng=None if t is None else jax.random.fold_in(jax.random.split(self.rng)[1], t))
 
   def eval_state(self, host_state: TrainState) -> TrainState:
     """The state evaluated: its params passed through every robust component's
@@ -737,8 +739,10 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
                         sc.num_seen(t), ilo))
   knn_k = config.eval.knn_k
   if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
+    shown = exp.eval_state(host)  # the evaluated params (WiSE-FT), each of the method's sets
     prog.knn_acc.append(knn_lib.knn_probe(
-        exp.feature_fn, host.params, exp.frozen, exp.ds.train_images, sc.train_labels,
+        exp.feature_fn, tuple(exp.method.eval_params(shown.params, shown.method_state)),
+        exp.frozen, exp.ds.train_images, sc.train_labels,
         sc.knn_memory(t), exp.ds.test_images, sc.test_labels, sc.seen_test(t), exp.preprocess,
         k=knn_k, batch_size=config.eval.batch_size))
   if config.train.verbose:
@@ -791,8 +795,10 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
     val_sizes = [len(v) for v in sc.val_idx]
     result["val_accuracy_matrix"] = _nan_to_none(prog.V)
     result["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
-    result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes)
-    result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes)
+    has_val = [n > 0 for n in val_sizes]  # a task without validation images is left out
+    result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes, tasks=has_val)
+    result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes,
+                                                  tasks=has_val)
   writer.write_metrics(result)
   pngs = writer.plots() if config.train.plots else []
   if config.train.verbose:

@@ -241,3 +241,30 @@ def test_checkpoint_meta_is_a_snapshot_of_the_progress():
   assert step == train.checkpoint_id(7, False) == 14
   assert meta["entropy_end_of_task"] == [] and meta["knn_accuracy"] == []
   assert (meta["num_finished_tasks"], meta["step_in_task"], meta["task_finished"]) == (0, 3, False)
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("overrides", [{"eval.wise_ft_alpha": 0.5}, {"method.name": "lae"}],
+                         ids=["wise_ft", "lae"])
+def test_knn_probe_sees_the_evaluation_parameters(tmp_path, monkeypatch, overrides):
+  """Issue 26 item 7: the k-NN probe used the raw ``state.params``; it now gets the evaluated
+  parameter sets (WiSE-FT's interpolation; LAE's online and offline modules)."""
+  import cft_jax  # pylint: disable=g-import-not-at-top
+  seen = []
+  probe = train.knn_lib.knn_probe
+
+  def spy(feature_fn, params, *args, **kwargs):
+    seen.append(jax.device_get(params))
+    return probe(feature_fn, params, *args, **kwargs)
+
+  monkeypatch.setattr(train.knn_lib, "knn_probe", spy)
+  m = train.run(tiny_config(**{"scenario.num_tasks": 2, "eval.knn_k": 3, **overrides}),
+                str(tmp_path / "run"))
+  assert len(m["knn_accuracy"]) == 2 and len(seen) == 2
+  predictor = cft_jax.load_run(str(tmp_path / "run"))  # the evaluated params of the last task
+  params, state = predictor._params, predictor._method_state  # pylint: disable=protected-access
+  from cft_jax import methods  # pylint: disable=g-import-not-at-top
+  sets = methods.get_method(predictor.config.method).eval_params(params, state)
+  assert len(seen[-1]) == len(sets) == (2 if "method.name" in overrides else 1)
+  for got, expected in zip(seen[-1], sets):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(expected))
