@@ -529,7 +529,7 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
         print(report(result))
       return prog, result
     if verbose:
-      where = f", task {prog.start_task + 1} step {prog.resume_step}" if prog.resume_step else ""
+      where = f", task {prog.start_task} step {prog.resume_step}" if prog.resume_step else ""
       print(f"[cft_jax] resuming from {ckpt.directory}: {prog.start_task}/{T} tasks done{where}")
   prog.state = exp.dev.replicate(prog.state)
   return prog, None
@@ -633,7 +633,7 @@ def _task_batches(exp: Experiment, prog: Progress, t: int, skip_steps: int):
       prog.input_state = it.get_state()
       yield epoch, batch, ({"val_batch": dev.shard(next(vals))} if exp.needs_val else {})
     if it.skipped_corrupt and config.train.verbose:
-      print(f"[cft_jax] task {t + 1}: skipped {it.skipped_corrupt} corrupt image(s) "
+      print(f"[cft_jax] task {t}: skipped {it.skipped_corrupt} corrupt image(s) "
             f"(data.skip_corrupt=True)")
     prog.input_state = None
     return
@@ -671,7 +671,7 @@ def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
   offset = 0 if not exp.global_schedule else sum(steps[:t])
   every_steps = config.checkpoint.every_steps
   show_bar = config.train.verbose and config.train.progress
-  bar = _progress(range(steps[t]), steps[t], f"task {t + 1}/{sc.num_tasks}", show_bar,
+  bar = _progress(range(steps[t]), steps[t], f"task {t} [0-{sc.num_tasks - 1}]", show_bar,
                   initial=skip_steps)
   step_in_task, last = skip_steps, {}
   for epoch, (xb, yb, mb), extra in _task_batches(exp, prog, t, skip_steps):
@@ -747,7 +747,7 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
         k=knn_k, batch_size=config.eval.batch_size))
   if config.train.verbose:
     print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
-    print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
+    print(f"  after task {t}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
           f"{np.mean(R_task[t, :t + 1]):.2f}%"
           + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else "")
           + (f"; validation class-IL avg {np.nanmean(prog.V[t, :t + 1]):.2f}%"
@@ -890,8 +890,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     writer.close()
   if stop_after < T and prog.start_task < stop_after:
     if config.train.verbose:
-      print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
-            f"command without it to continue")
+      print(f"[cft_jax] stopped after {stop_after} of {T} tasks (train.stop_after_task); run "
+            f"the same command without it to continue")
     return {"accuracy_matrix": _nan_to_none(prog.R), "num_finished_tasks": stop_after}
   return _final_result(exp, prog, writer, t_start, workdir)
 

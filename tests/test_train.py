@@ -268,3 +268,12 @@ def test_knn_probe_sees_the_evaluation_parameters(tmp_path, monkeypatch, overrid
   assert len(seen[-1]) == len(sets) == (2 if "method.name" in overrides else 1)
   for got, expected in zip(seen[-1], sets):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(expected))
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_printed_task_ids_are_0_based(tmp_path, capsys):
+  """Issue 26 item 6: the matrix rows said "after task 0" and the next line "after task 1"."""
+  train.run(tiny_config(**{"scenario.num_tasks": 2, "train.verbose": True}), str(tmp_path / "r"))
+  out = capsys.readouterr().out
+  assert "after task 0: class-IL avg" in out and "after task 1: class-IL avg" in out
+  assert "after task 2" not in out
