@@ -229,6 +229,7 @@ def test_checkpoint_meta_is_a_snapshot_of_the_progress():
   ckpt = types.SimpleNamespace(save=lambda step, state, meta: saved.append((step, meta)))
   exp = types.SimpleNamespace(
       scenario=types.SimpleNamespace(class_order=(1, 0)), config_json={"seed": 0}, stream=None,
+      ds=types.SimpleNamespace(class_names=("a", "b")),
       config=types.SimpleNamespace(eval=types.SimpleNamespace(knn_k=1)),
       dev=types.SimpleNamespace(unreplicate=lambda s: s))
   prog = train.Progress(state=types.SimpleNamespace(step=np.int32(7)),
@@ -241,6 +242,7 @@ def test_checkpoint_meta_is_a_snapshot_of_the_progress():
   assert step == train.checkpoint_id(7, False) == 14
   assert meta["entropy_end_of_task"] == [] and meta["knn_accuracy"] == []
   assert (meta["num_finished_tasks"], meta["step_in_task"], meta["task_finished"]) == (0, 3, False)
+  assert meta["class_names"] == ["b", "a"]  # in class order: what cft_jax.load_run names
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
