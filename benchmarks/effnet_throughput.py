@@ -6,6 +6,7 @@ Adam, gradients taken w.r.t. the LoRA leaves + the ``head`` only) for each
 warm-up (compile) call.
 
     python benchmarks/effnet_throughput.py [--batch 64] [--size 96] [--repeats 3]
+    python benchmarks/effnet_throughput.py --smoke   # batch 2, 32 px, one repeat, shift only (CI)
 
 Uses the pretrained weights when the weights package is installed, else a random init.
 """
@@ -98,7 +99,11 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--impls", default="shift,xla")
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest run (batch 2, 32 px, one repeat, the default impl): CI")
     args = p.parse_args()
+    if args.smoke:
+        args.batch, args.size, args.repeats, args.impls = 2, 32, 1, "shift"
 
     try:  # speed does not depend on the values; this is just the quickest way to get them
         variables = load_pretrained(args.variant, args.num_classes, PeftSpec.lora(args.lora_rank))

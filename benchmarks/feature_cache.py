@@ -14,6 +14,7 @@ run of ``E`` epochs is ``E * uncached / (extract + E * cached)``. Test accuracie
 (they see the same batches, so they agree to float rounding) and of NCM are printed.
 
     python benchmarks/feature_cache.py [--train 2048] [--test 1000] [--epochs 5] [--repeats 3]
+    python benchmarks/feature_cache.py --smoke   # 8 / 8 images, 32 px, one repeat (CI)
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--epochs", type=int, default=5, help="E of the reported end-to-end speed-up")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--smoke", action="store_true", help="smallest run (8 / 8 images, 32 px): CI")
   args = ap.parse_args()
+  if args.smoke:
+    args.train, args.test, args.size, args.batch, args.epochs, args.repeats = 8, 8, 32, 4, 1, 1
   try:
     ds = load_dataset("fashion_mnist")
     xtr, ytr = ds.train_images[:args.train], ds.train_labels[:args.train].astype(np.int32)

@@ -16,6 +16,7 @@ host and the "device" share the cores, so the gain is small; on a GPU/TPU the sy
 the accelerator's queue every step.
 
     python benchmarks/host_sync.py [--steps 40] [--repeats 5] [--log-every 10]
+    python benchmarks/host_sync.py --smoke   # tiny_cnn only, 2 steps, one repeat (CI)
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--log-every", type=int, default=10)
   ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument("--smoke", action="store_true",
+                  help="smallest run (tiny_cnn case, 2 steps, one repeat): CI")
   args = ap.parse_args()
+  if args.smoke:
+    args.steps, args.repeats, args.log_every, args.cases = 2, 1, 1, "tiny_cnn_16px"
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.2f}")
   out = {}

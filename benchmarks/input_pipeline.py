@@ -26,6 +26,7 @@ Streaming pipeline (image folders, :mod:`cft_jax.data.loader`), same JSON line:
 
     python benchmarks/input_pipeline.py [--batch 64] [--repeats 7] [--augment crop_flip]
     python benchmarks/input_pipeline.py --skip-step --jpeg-images 512 --rss-images 300
+    python benchmarks/input_pipeline.py --smoke   # batch 2, 20 JPEGs, 1 CLI run, tiny models (CI)
 """
 
 from __future__ import annotations
@@ -172,22 +173,23 @@ def streaming_figures(args) -> dict:
   import tempfile  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count() or 1
   out = {"host_jpeg_workers": cores}
-  out["host_jpeg_224_img_per_s"] = round(host_jpeg_throughput(args.jpeg_images, 32, cores), 1)
+  b = min(32, args.batch)  # 32 (the smoke run's 2: enough batches for a steady-state half)
+  out["host_jpeg_224_img_per_s"] = round(host_jpeg_throughput(args.jpeg_images, b, cores), 1)
   out["host_jpeg_224_img_per_s_threads"] = round(
-      host_jpeg_throughput(args.jpeg_images, 32, 0), 1)
+      host_jpeg_throughput(args.jpeg_images, b, 0), 1)
   print(f"host pipeline, 224 px RRC+flip from 400x300 JPEG: {out['host_jpeg_224_img_per_s']} "
         f"img/s with {cores} worker processes, {out['host_jpeg_224_img_per_s_threads']} img/s "
         f"with read threads only", flush=True)
   n = args.rss_images
   with tempfile.TemporaryDirectory() as d:
     peaks = {}
-    for k in (n, 4 * n):
+    for k in (n,) if args.smoke else (n, 4 * n):  # smoke: the CLI run once (no 4N figure)
       root = write_jpegs(os.path.join(d, f"imgs{k}"), k, split_test=True)
       peaks[k] = peak_rss_of_cli(root, os.path.join(d, f"run{k}"), cores)
       print(f"CLI on an image folder of {k} images: peak RSS {peaks[k]:.0f} MiB", flush=True)
   out.update({"rss_images": n, "rss_peak_mib_n": round(peaks[n], 1),
-              "rss_peak_mib_4n": round(peaks[4 * n], 1),
-              "rss_growth_4x": round(peaks[4 * n] / peaks[n], 3)})
+              "rss_peak_mib_4n": round(peaks[4 * n], 1) if 4 * n in peaks else None,
+              "rss_growth_4x": round(peaks[4 * n] / peaks[n], 3) if 4 * n in peaks else None})
   return out
 
 
@@ -201,7 +203,15 @@ def main() -> None:
   ap.add_argument("--rss-images", type=int, default=300, help="N of the N vs 4N RSS runs")
   ap.add_argument("--skip-step", action="store_true", help="only the streaming figures")
   ap.add_argument("--skip-streaming", action="store_true", help="only the step figures")
+  ap.add_argument("--smoke", action="store_true",
+                  help="smallest run (batch 2, 20 JPEGs, one CLI run for the RSS, Lite0 at 32 "
+                       "px, the 2-block vit_tiny at 16 px, one repeat): CI")
   args = ap.parse_args()
+  models = (("effnet_lora_96", "efficientnet_lite0", 96), ("vit_ti4_full_32", "vit_ti4", 32))
+  if args.smoke:
+    args.batch, args.repeats, args.host_batches = 2, 1, 1
+    args.jpeg_images, args.rss_images = 20, 20  # every class gets a test image (i % 5 == 4)
+    models = (("effnet_lora_32", "efficientnet_lite0", 32), ("vit_tiny_full_16", "vit_tiny", 16))
   streaming = {} if args.skip_streaming else streaming_figures(args)
   if args.skip_step:
     print(json.dumps(streaming))
@@ -227,8 +237,7 @@ def main() -> None:
 
   cands = {"host": (run_host, args.host_batches)}
   steps = {}
-  for name, model, size in (("effnet_lora_96", "efficientnet_lite0", 96),
-                            ("vit_ti4_full_32", "vit_ti4", 32)):
+  for name, model, size in models:
     run, run_pre, step = make_step(model, size, args.augment, b, images, labels)
     cands[f"preprocess_{size}"] = (run_pre, 1)
     cands[f"step_{name}"] = (run, 1)

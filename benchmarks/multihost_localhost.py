@@ -9,6 +9,7 @@ largest differences and wall times, then one JSON line.
 
     python benchmarks/multihost_localhost.py [--workdir DIR] [--tasks 5] [--epochs 2]
         [extra --config.* overrides ...]
+    python benchmarks/multihost_localhost.py --smoke   # 1 task, 1 epoch, 32 / 20 images (CI)
 
 The default job is small (tiny_cnn at 16 px, Fashion-MNIST subsets, crop+flip augmentation) so
 it runs in a few minutes on a laptop CPU; pass overrides for another model. On real clusters run
@@ -56,7 +57,12 @@ def main():
   ap.add_argument("--workdir", default="")
   ap.add_argument("--tasks", type=int, default=5)
   ap.add_argument("--epochs", type=int, default=2)
+  ap.add_argument("--smoke", action="store_true",
+                  help="smallest run (1 task, 1 epoch, 32 train / 20 test images): CI")
   args, extra = ap.parse_known_args()
+  if args.smoke:
+    args.tasks, args.epochs = 1, 1
+    extra = ["--config.data.train_limit=32", "--config.data.test_limit=20", *extra]
   root = args.workdir or tempfile.mkdtemp(prefix="cft_multihost_")
   base = [sys.executable, "-m", "cft_jax.main", "--config", "configs/default.py",
           "--config.model.name=tiny_cnn", "--config.model.pretrained=False",

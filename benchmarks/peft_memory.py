@@ -10,6 +10,7 @@ gradients, workspace) and aliased (donated) buffers. ``peak = args + outputs + t
 frozen weights do not cost).
 
     python benchmarks/peft_memory.py [--variant ti4] [--size 32] [--batch 64,4] [--classes 100]
+    python benchmarks/peft_memory.py --smoke   # the 2-block vit_tiny at 16 px, batch 2 (CI)
 
 PEFT follows the aEPG paper's setup: blocks 0-4, LoRA r=4 on k,v; adapter h=5 parallel to
 attention; prefix length 10 (gated). Runs on whatever backend JAX picks (CPU here).
@@ -112,7 +113,11 @@ def main() -> None:
   ap.add_argument("--classes", type=int, default=100)
   ap.add_argument("--no-remat", dest="remat", action="store_false",
                   help="skip the rows with VisionTransformer(remat=True) (config model.remat)")
+  ap.add_argument("--smoke", action="store_true",
+                  help="smallest run (variant tiny, 16 px, batch 2, 10 classes, no remat): CI")
   args = ap.parse_args()
+  if args.smoke:
+    args.variant, args.size, args.batch, args.classes, args.remat = "tiny", 16, "2", 10, False
   for b in args.batch.split(","):
     table(argparse.Namespace(**{**vars(args), "batch": int(b)}))
   print("\npeak = args + out + temp - alias (donated trainable params + optimiser state); "

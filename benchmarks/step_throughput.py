@@ -41,8 +41,14 @@ accounting (``memory_analysis()``: arguments + outputs + temporaries - donated) 
 well (``XLA peak MiB``).
 
     python benchmarks/step_throughput.py [--repeats 7] [--steps 2] [--batch 64] [--no-memory]
+    python benchmarks/step_throughput.py --smoke   # every case once, tiny (CI: no timing)
 
-Needs the ``torch-compare`` extra (``pip install torch``). Ends with one JSON line
+The PyTorch side needs the ``torch-compare`` extra (``pip install torch``); without torch only
+the JAX side runs (and no ratio is printed). ``--smoke`` runs every case at its smallest size
+(batch 2, Lite0 at 32 px, the 2-block ``vit_tiny`` at 16 px for ViT-Ti/4, one step, no memory
+children, no XLA memory analysis; the Lite0 full fine-tuning cases traced and lowered only): what
+``tests/test_benchmarks.py`` runs so that a change of the library's API cannot break the script
+unseen. Ends with one JSON line
 (``jax_over_torch_*`` are throughput ratios, > 1: JAX faster; ``*_linearized_over_plain`` are
 step-time ratios of the linearized to the plain full fine-tuning step).
 """
@@ -114,7 +120,7 @@ def build_variables(spec: dict):
     except (ImportError, ValueError, FileNotFoundError):
       return build_model(spec["model"], NUM_CLASSES, peft=PeftSpec.lora(rank), pretrained=False,
                          **kw), False
-  kw.update(peft=spec["peft"] if spec["peft"] == "lora" else "none", head_init_std=0.02)
+  kw.update(peft=PeftSpec.lora(4) if spec["peft"] == "lora" else PeftSpec(), head_init_std=0.02)
   if spec.get("remat"):
     kw["remat"] = True
   return build_model(spec["model"], NUM_CLASSES, pretrained=False, **kw), False
@@ -274,7 +280,14 @@ def measure_memory(case: str, framework: str, b: int) -> dict:
 # ------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+# --smoke: the smallest inputs, and the 2-block ViT of the tests for ViT-Ti/4 (same code path);
+# the Lite0 full fine-tuning cases are only traced and lowered (each XLA:CPU compile of Lite0
+# takes 10-30 s here; tracing catches what a change of the library's API breaks).
+SMOKE_MODELS = {"efficientnet_lite0": ("efficientnet_lite0", 32), "vit_ti4": ("vit_tiny", 16)}
+SMOKE_LOWER_ONLY = ("effnet_full", "effnet_full_linearized", "effnet_full_features")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--repeats", type=int, default=7)
@@ -282,47 +295,60 @@ def main() -> None:
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--cases", default=",".join(CASES))
   ap.add_argument("--no-memory", dest="memory", action="store_false")
+  ap.add_argument("--smoke", action="store_true",
+                  help="every case once at its smallest size (batch 2, 1 step, no memory)")
   ap.add_argument("--memory-child", nargs=2, metavar=("CASE", "FRAMEWORK"),
                   help=argparse.SUPPRESS)
-  args = ap.parse_args()
-  if args.memory_child:
-    memory_child(*args.memory_child, args.batch)
-    return
+  args = ap.parse_args(argv)
+  if args.smoke:
+    args.batch, args.repeats, args.steps, args.warmup, args.memory = 2, 1, 1, 1, False
+  return args
 
-  import torch  # pylint: disable=g-import-not-at-top
-  threads = os.cpu_count() or 1
-  torch.set_num_threads(threads)
-  cases = args.cases.split(",")
-  load_before = os.getloadavg()
-  print(f"machine: {platform.processor() or platform.machine()}, {threads} cores, "
-        f"python {platform.python_version()}, jax {jax.__version__} "
-        f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"batch {args.batch}, float32, {args.repeats} alternating rounds of {args.steps} steps "
-        f"after {args.warmup} warm-up steps; load average before: "
-        f"{' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
 
+def _import_torch():
+  """``torch`` with one thread per core, or None when it is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  return torch
+
+
+def build_candidates(cases, args, with_torch: bool):
+  """Builds, compiles and warms up every (framework, case) step: ``(candidates, info)``."""
   cands, info = {}, {}
   for case in cases:
     spec = case_spec(case)
+    if args.smoke:
+      spec["model"], spec["size"] = SMOKE_MODELS[spec["model"]]
     t = time.perf_counter()
     jc = JaxCase(spec, args.batch)
+    if args.smoke and case in SMOKE_LOWER_ONLY:
+      jc.step.lower(jc.state, jc.frozen, *jc.args, 0, 0, 100, jc.rng, False, None)
+      print(f"  {case}: built + lowered (smoke) in {time.perf_counter() - t:.0f} s", flush=True)
+      continue
     cands[f"jax_{case}"] = jc
-    info[case] = dict(diff=float("nan"), xla_peak=jc.xla_peak_mib(), pretrained=jc.pretrained)
-    if case not in JAX_ONLY:
+    info[case] = dict(diff=float("nan"), pretrained=jc.pretrained,  # smoke: no second compile
+                      xla_peak=float("nan") if args.smoke else jc.xla_peak_mib())
+    if with_torch and case not in JAX_ONLY:
       tc = TorchCase(spec, args.batch, jc)
       cands[f"torch_{case}"] = tc
       info[case]["diff"] = tc.max_feature_diff(jc)
-    if case == "vit_full":
-      cands["torch_vit_full_math"] = TorchCase(spec, args.batch, jc, attention="math")
+      if case == "vit_full":
+        cands["torch_vit_full_math"] = TorchCase(spec, args.batch, jc, attention="math")
     for name in [n for n in cands if n.endswith(case) or n == f"torch_{case}_math"]:
       for _ in range(args.warmup):
         cands[name]()
-    check = ("JAX only" if case in JAX_ONLY else
+    check = ("JAX only" if case in JAX_ONLY or not with_torch else
              f"features: max |torch - jax| / max |jax| = {info[case]['diff']:.1e}")
     print(f"  {case}: built + compiled + warmed up in {time.perf_counter() - t:.0f} s; {check}"
           + (" (Lite0: ImageNet weights)" if jc.pretrained else ""), flush=True)
+  return cands, info
 
+
+def time_candidates(cands, args):
+  """Median seconds per step of every candidate over ``args.repeats`` alternating rounds."""
   times = {n: [] for n in cands}
   for _ in range(args.repeats):
     for name, fn in cands.items():
@@ -330,25 +356,17 @@ def main() -> None:
       for _ in range(args.steps):
         fn()
       times[name].append((time.perf_counter() - t) / args.steps)
-  load_after = os.getloadavg()
-  med = {n: statistics.median(v) for n, v in times.items()}
-  ips = {n: args.batch / v for n, v in med.items()}
+  return {n: statistics.median(v) for n, v in times.items()}
 
-  mem = {}
-  if args.memory:
-    print("memory: one child process per (case, framework) ...", flush=True)
-    for case in cases:
-      for fw in ("jax",) if case in JAX_ONLY else ("jax", "torch"):
-        mem[(case, fw)] = measure_memory(case, fw, args.batch)
 
-  print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)}")
+def print_table(cases, args, med, ips, mem, info) -> None:
+  nan = float("nan")
   hdr = (f"{'case':22} {'JAX img/s':>9} {'torch img/s':>11} {'JAX/torch':>9} "
          f"{'JAX ms':>8} {'torch ms':>8}")
   if args.memory:
     hdr += f" {'JAX peak MiB':>12} {'torch peak MiB':>14} {'XLA peak MiB':>12}"
   print(hdr)
   print("-" * len(hdr))
-  nan = float("nan")
   for case in cases:
     j, tname = f"jax_{case}", f"torch_{case}"
     ti, tm = ips.get(tname, nan), med.get(tname, nan)
@@ -364,48 +382,77 @@ def main() -> None:
   if "torch_vit_full_math" in ips:
     print(f"{'(torch vit_full, math attention)':34} {ips['torch_vit_full_math']:11.1f}")
 
+
+def _ratio(num: dict, den: dict, a: str, b: str):
+  """``num[a] / den[b]`` rounded, or None when either is missing (no torch, case not run)."""
+  return round(num[a] / den[b], 3) if a in num and b in den else None
+
+
+def summarize(cases, args, med, ips, mem, info, threads, loads) -> dict:
+  """The JSON summary (``jax_over_torch_*``: throughput ratios; ``*_over_plain``: step-time
+  ratios; None where a side did not run)."""
   summary = {"batch": args.batch, "threads": threads, "repeats": args.repeats,
-             "load_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+             "load_before_after": [round(loads[0][0], 2), round(loads[1][0], 2)],
              "img_per_s": {n: round(v, 1) for n, v in ips.items()}}
-  if "effnet_lora" in cases:
-    summary["jax_over_torch_effnet"] = round(ips["jax_effnet_lora"] / ips["torch_effnet_lora"], 3)
-  if "vit_full" in cases:
-    summary["jax_over_torch_vit"] = round(ips["jax_vit_full"] / ips["torch_vit_full"], 3)
-  if "vit_lora" in cases:
-    summary["jax_over_torch_vit_lora"] = round(ips["jax_vit_lora"] / ips["torch_vit_lora"], 3)
-  if "vit_full" in cases and "vit_full_linearized" in cases:
-    summary["jax_linearized_over_plain"] = round(med["jax_vit_full_linearized"]
-                                                 / med["jax_vit_full"], 3)
-    summary["torch_linearized_over_plain"] = round(med["torch_vit_full_linearized"]
-                                                   / med["torch_vit_full"], 3)
-    summary["jax_over_torch_vit_linearized"] = round(
-        ips["jax_vit_full_linearized"] / ips["torch_vit_full_linearized"], 3)
+  for key, case in (("jax_over_torch_effnet", "effnet_lora"), ("jax_over_torch_vit", "vit_full"),
+                    ("jax_over_torch_vit_lora", "vit_lora"),
+                    ("jax_over_torch_vit_linearized", "vit_full_linearized"),
+                    ("jax_over_torch_effnet_full", "effnet_full")):
+    summary[key] = _ratio(ips, ips, f"jax_{case}", f"torch_{case}")
   for pre in ("jax", "torch"):
-    if "effnet_full" in cases and "effnet_full_linearized" in cases:
-      summary[f"{pre}_linearized_over_plain_effnet"] = round(
-          med[f"{pre}_effnet_full_linearized"] / med[f"{pre}_effnet_full"], 3)
-  if "effnet_full" in cases and "effnet_full_features" in cases:
-    summary["jax_features_linearized_over_plain_effnet"] = round(
-        med["jax_effnet_full_features"] / med["jax_effnet_full"], 3)
-  if "effnet_full" in cases:
-    summary["jax_over_torch_effnet_full"] = round(ips["jax_effnet_full"]
-                                                  / ips["torch_effnet_full"], 3)
+    summary[f"{pre}_linearized_over_plain"] = _ratio(med, med, f"{pre}_vit_full_linearized",
+                                                     f"{pre}_vit_full")
+    summary[f"{pre}_linearized_over_plain_effnet"] = _ratio(
+        med, med, f"{pre}_effnet_full_linearized", f"{pre}_effnet_full")
+  summary["jax_features_linearized_over_plain_effnet"] = _ratio(
+      med, med, "jax_effnet_full_features", "jax_effnet_full")
+  summary["jax_remat_slowdown_vit_lora"] = _ratio(med, med, "jax_vit_lora_remat", "jax_vit_lora")
   if args.memory:
     summary["peak_mib"] = {f"{fw}_{case}": round(m["persistent_mib"] + m["step_mib"], 1)
                            for (case, fw), m in mem.items()}
     for peft_case in ("vit_lora", "vit_lora_remat"):
-      if "vit_full" in cases and peft_case in cases:
-        summary[f"jax_{peft_case}_over_full_peak"] = round(
-            summary["peak_mib"][f"jax_{peft_case}"] / summary["peak_mib"]["jax_vit_full"], 3)
+      summary[f"jax_{peft_case}_over_full_peak"] = _ratio(
+          summary["peak_mib"], summary["peak_mib"], f"jax_{peft_case}", "jax_vit_full")
   summary["xla_peak_mib"] = {c: round(i["xla_peak"], 1) for c, i in info.items()}
+  xla = {c: i["xla_peak"] for c, i in info.items()}
   for peft_case in ("vit_lora", "vit_lora_remat"):
-    if "vit_full" in cases and peft_case in cases:
-      summary[f"xla_{peft_case}_over_full_peak"] = round(info[peft_case]["xla_peak"]
-                                                         / info["vit_full"]["xla_peak"], 3)
-  if "vit_lora" in cases and "vit_lora_remat" in cases:
-    summary["jax_remat_slowdown_vit_lora"] = round(med["jax_vit_lora_remat"]
-                                                   / med["jax_vit_lora"], 3)
-  print(json.dumps(summary))
+    summary[f"xla_{peft_case}_over_full_peak"] = _ratio(xla, xla, peft_case, "vit_full")
+  return summary
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.memory_child:
+    memory_child(*args.memory_child, args.batch)
+    return
+  torch = _import_torch()
+  threads = os.cpu_count() or 1
+  cases = args.cases.split(",")
+  load_before = os.getloadavg()
+  print(f"machine: {platform.processor() or platform.machine()}, {threads} cores, "
+        f"python {platform.python_version()}, jax {jax.__version__} "
+        f"({jax.default_backend()}), "
+        + (f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else
+           "torch not installed: JAX side only (pip install torch for the comparison)")
+        + f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"batch {args.batch}, float32, {args.repeats} alternating rounds of {args.steps} steps "
+        f"after {args.warmup} warm-up steps; load average before: "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}", flush=True)
+  cands, info = build_candidates(cases, args, with_torch=torch is not None)
+  cases = [c for c in cases if f"jax_{c}" in cands]  # (smoke: the lowered-only cases left out)
+  med = time_candidates(cands, args)
+  load_after = os.getloadavg()
+  ips = {n: args.batch / v for n, v in med.items()}
+  mem = {}
+  if args.memory:
+    print("memory: one child process per (case, framework) ...", flush=True)
+    for case in cases:
+      for fw in ("jax",) if case in JAX_ONLY or torch is None else ("jax", "torch"):
+        mem[(case, fw)] = measure_memory(case, fw, args.batch)
+  print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)}")
+  print_table(cases, args, med, ips, mem, info)
+  print(json.dumps(summarize(cases, args, med, ips, mem, info, threads,
+                             (load_before, load_after))))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,24 @@ class TaskCheckpointer:
           f"({e}). Use a new --workdir for a different configuration.") from e
     return restored.state, restored.meta
 
+  def all_steps(self) -> Tuple[int, ...]:
+    """Orbax steps of every checkpoint, ascending."""
+    return tuple(sorted(self._manager.all_steps()))
+
+  def restore_untyped(self, step: int) -> Tuple[PyTree, dict]:
+    """Restores checkpoint ``step`` without a target: ``(state, meta)`` with ``state`` the saved
+    tree as nested dicts of NumPy arrays (``{"step", "params", "opt_state", "method_state"}``),
+    for readers that need no optimiser (:mod:`cft_jax.predict`).
+
+    Raises:
+      FileNotFoundError: no checkpoint ``step``.
+    """
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint {step} in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
   def close(self) -> None:
     """Waits for pending writes and releases the manager."""
     self._manager.wait_until_finished()

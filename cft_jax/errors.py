@@ -18,6 +18,11 @@ class DatasetNotFoundError(FileNotFoundError):
   """A dataset's files are missing; the message says how to install them."""
 
 
+class MissingDependencyError(DatasetNotFoundError):
+  """A Python package that a data source needs (e.g. one tfds imports lazily while preparing a
+  dataset) is not installed; the message names it and the ``pip install`` command."""
+
+
 class BadDataError(DatasetNotFoundError, ValueError):
   """The data are present but unusable (corrupt file, missing class, label out of range, empty
   split); the message names the file, class or split. The CLI prints it as one line."""

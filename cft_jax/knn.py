@@ -129,9 +129,21 @@ def knn_probe(feature_fn: Callable, params: PyTree, frozen: PyTree, images_train
               k: int = 20, batch_size: int = 256) -> float:
   """k-NN accuracy (%) of the model's features: memory ``train_indices``, queries ``test_indices``.
 
-  ``feature_fn`` is a jitted :func:`make_feature_fn` result.
+  ``feature_fn`` is a jitted :func:`make_feature_fn` result. ``params``: the evaluated
+  parameters (the trainer passes its evaluation parameters: WiSE-FT's interpolation, and each of
+  ``method.eval_params``); a tuple / list of several sets (LAE's online and offline modules)
+  gives the concatenation of each set's L2-normalised features (so the cosine similarity is the
+  mean of the sets' similarities; **(our choice)**, docs/methods.md#knn).
   """
-  fn = lambda x: feature_fn(params, frozen, x)
+  sets = tuple(params) if isinstance(params, (tuple, list)) else (params,)
+
+  def fn(x):
+    feats = [feature_fn(p, frozen, x) for p in sets]
+    if len(feats) == 1:
+      return feats[0]
+    return jnp.concatenate([f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+                            for f in feats], -1)
+
   tr = extract_features(fn, images_train, train_indices, preprocess, batch_size)
   te = extract_features(fn, images_test, test_indices, preprocess, batch_size)
   return knn_accuracy(tr, np.asarray(labels_train)[train_indices], te,

@@ -117,13 +117,47 @@ def avg_incremental_accuracy_sample_weighted(R, test_sizes,
   return float(np.mean(sample_weighted_accuracies(R, test_sizes, num_trained)))
 
 
-def summarize(R, num_trained: Optional[int] = None, test_sizes=None) -> dict:
+def _summarize_tasks(R, tasks, num_trained: Optional[int], test_sizes) -> dict:
+  """:func:`summarize` over the columns ``i`` with ``tasks[i]`` only (the formulas of
+  :func:`final_accuracy` ... :func:`bwt` with their means restricted to those tasks)."""
+  R = _rows(R, num_trained)
+  T = R.shape[0]
+  keep = np.asarray(tasks, bool)[:T]
+  if not keep.any():
+    raise ValueError("no task holds data: nothing to summarize")
+  rows = [R[t, :t + 1][keep[:t + 1]] for t in range(T) if keep[:t + 1].any()]
+  old = [i for i in range(T - 1) if keep[i]]
+  out = {"final_accuracy": float(np.mean(R[-1, keep])),
+         "avg_incremental_accuracy": float(np.mean([np.mean(r) for r in rows])),
+         "forgetting": float(np.mean([np.max(R[i:T - 1, i]) - R[T - 1, i] for i in old]))
+                       if old else 0.0,
+         "bwt": float(np.mean([R[T - 1, i] - R[i, i] for i in old])) if old else 0.0}
+  if test_sizes is not None:
+    n = _sizes(test_sizes, T)
+    acc = [float(np.sum(n[:t + 1][keep[:t + 1]] * R[t, :t + 1][keep[:t + 1]])
+                 / n[:t + 1][keep[:t + 1]].sum())
+           for t in range(T) if n[:t + 1][keep[:t + 1]].sum() > 0]
+    out["final_accuracy_sample_weighted"] = acc[-1]
+    out["avg_incremental_accuracy_sample_weighted"] = float(np.mean(acc))
+  return out
+
+
+def summarize(R, num_trained: Optional[int] = None, test_sizes=None, tasks=None) -> dict:
   """All scalar metrics of one accuracy matrix as a dict (keys as in ``metrics.json``).
 
   With ``test_sizes`` (test samples per task) it also holds
   ``final_accuracy_sample_weighted`` and ``avg_incremental_accuracy_sample_weighted``
   (:func:`sample_weighted_accuracies`); the other values do not depend on it.
+
+  ``tasks``: ``[T]`` bools, the tasks whose column holds data (e.g. a validation split: a task
+  without validation images has a NaN column); every mean then runs over those tasks only
+  (None: all).
+
+  Raises:
+    ValueError: a non-square matrix, bad sizes, or no task in ``tasks``.
   """
+  if tasks is not None:
+    return _summarize_tasks(R, tasks, num_trained, test_sizes)
   out = {
       "final_accuracy": final_accuracy(R, num_trained),
       "avg_incremental_accuracy": avg_incremental_accuracy(R, num_trained),

@@ -58,6 +58,8 @@ def accuracy_vs_task(curves: Mapping[str, Sequence[float]], path: Optional[str] 
                      ylabel: str = "average accuracy on seen tasks (%)"):
   """Lines of accuracy after each task, one per name (e.g. ``class_il``/``task_il`` or objectives).
 
+  The x axis is the task id ``t`` (0-based, as everywhere in cft_jax), one integer tick each.
+
   Args:
     curves: name -> ``[T]`` accuracy after task ``t`` (mean over seen tasks).
     path: PNG path (None: do not save).
@@ -65,14 +67,16 @@ def accuracy_vs_task(curves: Mapping[str, Sequence[float]], path: Optional[str] 
   """
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 4))
+  T = max((len(ys) for ys in curves.values()), default=0)
   for name, ys in curves.items():
     ys = np.asarray(ys, float)
-    xs = np.arange(1, len(ys) + 1)
+    xs = np.arange(len(ys))
     ax.plot(xs, ys, marker="o", label=name)
     if stds and name in stds:
       s = np.asarray(stds[name], float)
       ax.fill_between(xs, ys - s, ys + s, alpha=0.2)
-  ax.set_xlabel("tasks learned")
+  ax.set_xticks(range(T))
+  ax.set_xlabel("after training task t")
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -82,8 +86,13 @@ def accuracy_vs_task(curves: Mapping[str, Sequence[float]], path: Optional[str] 
 def entropy_alpha_vs_step(records: Iterable[Mapping], path: Optional[str] = None):
   """Mean prediction entropy (nats) and the aEPG weight ``alpha_t`` against the global step.
 
+  Task boundaries (dashed) are drawn at the global step where each task starts: a record's
+  ``global_step - step`` (``step``: steps done in its task), not at the new task's first logged
+  step (``train.log_every`` steps later).
+
   Args:
-    records: ``log.jsonl`` records with ``global_step``, ``entropy``, ``alpha`` and ``task``.
+    records: ``log.jsonl`` records with ``global_step``, ``step``, ``entropy``, ``alpha`` and
+      ``task``.
   """
   plt = _plt()
   records = list(records)
@@ -96,8 +105,9 @@ def entropy_alpha_vs_step(records: Iterable[Mapping], path: Optional[str] = None
   ax2.set_xlabel("training step")
   for r0, r1 in zip(records, records[1:]):
     if r1["task"] != r0["task"]:
+      start = r1["global_step"] - r1.get("step", 0)
       for ax in (ax1, ax2):
-        ax.axvline(r1["global_step"], color="grey", lw=0.5, ls="--")
+        ax.axvline(start, color="grey", lw=0.5, ls="--")
   ax1.grid(alpha=0.3)
   ax2.grid(alpha=0.3)
   return _finish(fig, path)

@@ -71,7 +71,8 @@ class TrainState:
 OPTIM_KEYS = (
     Key("name", "adam", "optimiser", choices=("adam", "adamw", "sgd")),
     Key("learning_rate", 1e-3, "learning rate", positive=True),
-    Key("weight_decay", 0.0, "weight decay (adamw: decoupled; adam / sgd: added to the gradient)",
+    Key("weight_decay", 0.0, "weight decay (adam / adamw: decoupled, optax.adamw; sgd: added to "
+        "the gradient; linearized runs: toward theta_0)",
         non_negative=True),
     Key("grad_clip", 0.0, "global gradient-norm clip (0: off)", non_negative=True),
     Key("reset_per_task", True, "fresh optimiser state at every task (TPGM/FTP radii kept)"),
@@ -308,10 +309,11 @@ def _make_objective(forward: Callable, preprocess: Preprocess, loss_fn: Callable
     batch = {"images": images, "labels": labels, "mask": mask, "task_lo": task_lo}
 
     def logits_fn(p, imgs, r):
+      r_aug, r_drop = jax.random.split(r)  # independent augmentation and dropout draws
       if rows is None or imgs is not images:  # a replicated batch (e.g. replay): no slicing
-        return forward(p, frozen, preprocess(imgs, r, train=True), True, r)
+        return forward(p, frozen, preprocess(imgs, r_aug, train=True), True, r_drop)
       with nn.intercept_methods(_global_rows_dropout(*rows)):
-        return forward(p, frozen, preprocess(imgs, r, train=True, rows=rows), True, r)
+        return forward(p, frozen, preprocess(imgs, r_aug, train=True, rows=rows), True, r_drop)
 
     # Terms that do not depend on this device's shard are divided by the device count, so the
     # psum of the gradients counts them once.
@@ -448,15 +450,7 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
     seen = cls < num_seen
     all_logits = [forward(p, frozen, x) for p in method.eval_params(state.params,
                                                                     state.method_state)]
-
-    def predict(valid):
-      if len(all_logits) == 1:
-        z = all_logits[0]
-        return jnp.argmax(jnp.where(valid, z, jnp.finfo(z.dtype).min), -1)
-      probs = [jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1) for z in all_logits]
-      return jnp.argmax(jnp.max(jnp.stack(probs), 0), -1)
-
-    class_il, task_il = predict(seen), predict(in_task)
+    class_il, task_il = class_scores(all_logits, seen)[0], class_scores(all_logits, in_task)[0]
     out = jnp.stack([jnp.sum((class_il == labels) & mask), jnp.sum((task_il == labels) & mask)])
     return jax.lax.psum(out, axis_name) if axis_name else out
 
@@ -467,6 +461,55 @@ def make_eval_step(apply_fn: Callable, preprocess: Preprocess, classes_per_task:
     return jax.jit(eval_step, in_shardings=(rep, rep, data, data, data, rep, rep),
                    out_shardings=rep)
   return jax.jit(eval_step)
+
+
+def class_scores(all_logits: Sequence[jax.Array], valid: jax.Array
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """The prediction among the ``valid`` classes and its class scores (what evaluation and
+  :mod:`cft_jax.predict` compute).
+
+  One parameter set: ``argmax`` of the logits with the other classes masked, scores
+  ``softmax`` over the valid classes. Several (``method.eval_params``, e.g. LAE's online and
+  offline modules, docs/methods.md#lae): the score of class ``c`` is ``max_m softmax(z_m)_c``
+  over the valid classes, the prediction its argmax.
+
+  Args:
+    all_logits: ``M`` arrays ``[B, C]`` (one per parameter set).
+    valid: ``[C]`` bool, the classes in play (class-IL: every seen class).
+
+  Returns:
+    ``(prediction [B] int32, scores [B, C])`` (scores 0 outside ``valid``).
+  """
+  if len(all_logits) == 1:
+    z = all_logits[0]
+    pred = jnp.argmax(jnp.where(valid, z, jnp.finfo(z.dtype).min), -1)
+    return pred, jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1)
+  scores = jnp.max(jnp.stack([jax.nn.softmax(jnp.where(valid, z, -jnp.inf), -1)
+                              for z in all_logits]), 0)
+  return jnp.argmax(scores, -1), scores
+
+
+def make_predict_step(apply_fn: Callable, preprocess: Preprocess, num_classes: int,
+                      method: Optional[methods_lib.Method] = None, *,
+                      linearized: Any = None) -> Callable:
+  """Builds the jitted class-IL prediction of :class:`cft_jax.predict.Predictor`.
+
+  ``predict_step(params, method_state, frozen, images, num_seen) -> (ids [B] int32,
+  probs [B, C] float32)``: ``images`` uint8 ``[B, H, W, C]`` go through the evaluation
+  preprocessing; the prediction ranges over the ``num_seen`` classes seen so far, exactly as
+  :func:`make_eval_step` scores it (:func:`class_scores`); ``probs`` are the class scores
+  normalised to sum to 1 over the seen classes (the softmax for one parameter set).
+  """
+  method = method or methods_lib.Method()
+  forward = make_forward(apply_fn, linearized)
+
+  def predict_step(params, method_state, frozen, images, num_seen):
+    x = preprocess(images, train=False)
+    all_logits = [forward(p, frozen, x) for p in method.eval_params(params, method_state)]
+    ids, scores = class_scores(all_logits, jnp.arange(num_classes) < num_seen)
+    return ids.astype(jnp.int32), scores / jnp.sum(scores, -1, keepdims=True)
+
+  return jax.jit(predict_step)
 
 
 PROJECTIONS = robust_lib.PROJECTIONS  # method.projection names (cft_jax.robust)

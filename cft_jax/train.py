@@ -44,6 +44,7 @@ from cft_jax.config import (RUN_IGNORED, RUN_SECTIONS, ConfigError, describe_dif
                             same_run, validate_config)
 from cft_jax.data import (Preprocess, batches, corruptions, data_options, load_dataset,
                           num_batches, subsample)
+from cft_jax.data.check import check_splits
 from cft_jax.data.stream import StreamInput, uses_grain
 from cft_jax.linearize import linearize_mode
 from cft_jax.models import build_model
@@ -239,6 +240,7 @@ class Experiment:
   stream: Optional[StreamInput] = None  # data.pipeline grain: streamed batches (host augments)
   jit_cache: Dict[Any, Any] = dataclasses.field(default_factory=dict)
   robust: Tuple[robust_lib.RobustFT, ...] = ()
+  skipped_corrupt: Optional[Dict[str, int]] = None  # per split (streamed data: _check_files)
 
   @property
   def steps_per_task(self) -> List[int]:
@@ -271,7 +273,9 @@ class Experiment:
             batches, self.ds.train_images, sc.train_labels, sc.train_idx[t],
             self.config.train.batch_size),
         loss_name=self.config.loss.name, apply=self.apply_eval, params0=frozen.get("params0"),
-        linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache)
+        linearize=self.linearized, loss_scope=self.config.loss.scope, jit_cache=self.jit_cache,
+        # the run's key (config.seed) for host-hook sampling, apart from the training steps'
+        rng=None if t is None else jax.random.fold_in(jax.random.split(self.rng)[1], t))
 
   def eval_state(self, host_state: TrainState) -> TrainState:
     """The state evaluated: its params passed through every robust component's
@@ -352,6 +356,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   method = methods_lib.get_method(config.method, mse_alpha=mse_alpha(config))
   sc = scenarios.build_scenario(config, ds.train_labels, ds.test_labels, ds.num_classes,
                                 cumulative_data=method.cumulative_data)
+  skipped_corrupt = _check_files(config, ds, sc)  # before anything trains (None: in memory)
   k, C = sc.task_sizes, sc.num_classes  # classes of each task (the steps slice the task's)
   rng, init_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   built, params0, frozen, linearized, preprocess = _model_and_frozen(config, C, init_rng)
@@ -397,7 +402,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       needs_val=needs_val, rng=rng, n_train=n_train,
       n_total=n_train + peft.count_params(frozen["params"]),
       feature_fn=(jax.jit(knn_lib.make_feature_fn(built.module.apply, linearized))
-                  if config.eval.knn_k else None), stream=stream, robust=robust)
+                  if config.eval.knn_k else None), stream=stream, robust=robust,
+      skipped_corrupt=skipped_corrupt)
   if config.train.cache_features:
     _use_cached_features(exp, loss_fn)
   if config.train.verbose:
@@ -408,6 +414,33 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
           f"{exp.n_total:,} parameters ({100.0 * exp.n_train / exp.n_total:.2f}%); loss "
           f"{config.loss.name}")
   return exp
+
+
+def _check_files(config: ml_collections.ConfigDict, ds: Any, sc: scenarios.Scenario
+                 ) -> Optional[Dict[str, int]]:
+  """Checks every image file (or record) of a streamed dataset that the run uses — its tasks'
+  train, validation and test examples — before anything trains (:mod:`cft_jax.data.check`).
+
+  Returns:
+    Bad examples per split (``{"train", "val", "test"}``; all 0 for clean data), skipped with
+    ``data.skip_corrupt``; None for in-memory datasets (nothing to decode).
+
+  Raises:
+    BadDataError: naming every bad file (up to 20), unless ``data.skip_corrupt``.
+  """
+  if not getattr(ds, "streaming", False):
+    return None
+  cat = lambda ix: np.concatenate([np.asarray(i, np.int64) for i in ix] + [np.zeros(0, np.int64)])
+  verbose = config.train.verbose
+  counts, lines = check_splits(
+      {"train": (ds.train, cat(sc.train_idx)), "val": (ds.train, cat(sc.val_idx)),
+       "test": (ds.test, cat(sc.test_idx))}, skip_corrupt=config.data.skip_corrupt,
+      threads=config.data.read_threads, progress=verbose and config.train.progress)
+  if lines and verbose:
+    print(f"[cft_jax] data.skip_corrupt=True: skipping {sum(counts.values())} image(s) that "
+          f"cannot be decoded (train {counts['train']}, val {counts['val']}, test "
+          f"{counts['test']}):\n" + "\n".join(lines))
+  return counts
 
 
 def _sizes_text(sizes) -> str:
@@ -499,7 +532,7 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
         print(report(result))
       return prog, result
     if verbose:
-      where = f", task {prog.start_task + 1} step {prog.resume_step}" if prog.resume_step else ""
+      where = f", task {prog.start_task} step {prog.resume_step}" if prog.resume_step else ""
       print(f"[cft_jax] resuming from {ckpt.directory}: {prog.start_task}/{T} tasks done{where}")
   prog.state = exp.dev.replicate(prog.state)
   return prog, None
@@ -511,6 +544,7 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
   meta = {"accuracy_matrix": _nan_to_none(prog.R),
           "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
           "class_order": list(exp.scenario.class_order), "config": exp.config_json,
+          "class_names": [exp.ds.class_names[c] for c in exp.scenario.class_order],
           "entropy_end_of_task": prog.entropy_end,
           "num_finished_tasks": t + 1 if finished else t, "task_finished": finished,
           "step_in_task": step_in_task, "epoch": epoch}
@@ -602,7 +636,7 @@ def _task_batches(exp: Experiment, prog: Progress, t: int, skip_steps: int):
       prog.input_state = it.get_state()
       yield epoch, batch, ({"val_batch": dev.shard(next(vals))} if exp.needs_val else {})
     if it.skipped_corrupt and config.train.verbose:
-      print(f"[cft_jax] task {t + 1}: skipped {it.skipped_corrupt} corrupt image(s) "
+      print(f"[cft_jax] task {t}: skipped {it.skipped_corrupt} corrupt image(s) "
             f"(data.skip_corrupt=True)")
     prog.input_state = None
     return
@@ -640,7 +674,7 @@ def train_task(exp: Experiment, prog: Progress, t: int, ckpt: TaskCheckpointer,
   offset = 0 if not exp.global_schedule else sum(steps[:t])
   every_steps = config.checkpoint.every_steps
   show_bar = config.train.verbose and config.train.progress
-  bar = _progress(range(steps[t]), steps[t], f"task {t + 1}/{sc.num_tasks}", show_bar,
+  bar = _progress(range(steps[t]), steps[t], f"task {t} [0-{sc.num_tasks - 1}]", show_bar,
                   initial=skip_steps)
   step_in_task, last = skip_steps, {}
   for epoch, (xb, yb, mb), extra in _task_batches(exp, prog, t, skip_steps):
@@ -708,13 +742,15 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
                         sc.num_seen(t), ilo))
   knn_k = config.eval.knn_k
   if knn_k:  # k-NN probe of the features (DLCFT Fig. 6): memory = training data seen so far
+    shown = exp.eval_state(host)  # the evaluated params (WiSE-FT), each of the method's sets
     prog.knn_acc.append(knn_lib.knn_probe(
-        exp.feature_fn, host.params, exp.frozen, exp.ds.train_images, sc.train_labels,
+        exp.feature_fn, tuple(exp.method.eval_params(shown.params, shown.method_state)),
+        exp.frozen, exp.ds.train_images, sc.train_labels,
         sc.knn_memory(t), exp.ds.test_images, sc.test_labels, sc.seen_test(t), exp.preprocess,
         k=knn_k, batch_size=config.eval.batch_size))
   if config.train.verbose and config.eval.test:
     print(metrics_lib.format_matrix(R, t + 1, "class-IL acc (%)"))
-    print(f"  after task {t + 1}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
+    print(f"  after task {t}: class-IL avg {np.mean(R[t, :t + 1]):.2f}%, task-IL avg "
           f"{np.mean(R_task[t, :t + 1]):.2f}%"
           + (f", {knn_k}-NN probe {prog.knn_acc[-1]:.2f}%" if knn_k else "")
           + (f"; validation class-IL avg {np.nanmean(prog.V[t, :t + 1]):.2f}%"
@@ -760,14 +796,18 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
   }
   if ood:
     result["ood"] = ood
+  if exp.skipped_corrupt is not None:  # streamed data: files that could not be decoded, skipped
+    result["skipped_corrupt"] = dict(exp.skipped_corrupt)
   if config.eval.knn_k:
     result["knn_accuracy"] = prog.knn_acc
   if prog.V is not None:  # data.val_fraction > 0: the same metrics on the validation split
     val_sizes = [len(v) for v in sc.val_idx]
     result["val_accuracy_matrix"] = _nan_to_none(prog.V)
     result["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
-    result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes)
-    result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes)
+    has_val = [n > 0 for n in val_sizes]  # a task without validation images is left out
+    result["val"] = metrics_lib.summarize(prog.V, test_sizes=val_sizes, tasks=has_val)
+    result["val_task_il"] = metrics_lib.summarize(prog.V_task, test_sizes=val_sizes,
+                                                  tasks=has_val)
   writer.write_metrics(result)
   pngs = writer.plots() if config.train.plots and config.eval.test else []
   if config.train.verbose and config.eval.test:
@@ -859,8 +899,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
     writer.close()
   if stop_after < T and prog.start_task < stop_after:
     if config.train.verbose:
-      print(f"[cft_jax] stopped after task {stop_after}/{T} (train.stop_after_task); run the same "
-            f"command without it to continue")
+      print(f"[cft_jax] stopped after {stop_after} of {T} tasks (train.stop_after_task); run "
+            f"the same command without it to continue")
     return {"accuracy_matrix": _nan_to_none(prog.R), "num_finished_tasks": stop_after}
   return _final_result(exp, prog, writer, t_start, workdir)
 

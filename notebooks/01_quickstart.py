@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -159,3 +159,23 @@ plots.accuracy_heatmap(metrics["task_il_accuracy_matrix"], title="task-IL accura
 # %%
 records = plots.read_log(os.path.join(WORKDIR, "log.jsonl"))
 plots.entropy_alpha_vs_step(records)
+
+# %% [markdown]
+# ## Predict with the finished run
+#
+# `cft_jax.load_run(workdir)` loads the model of the run's last finished task with the
+# parameters its evaluation used (LAE's ensemble, WiSE-FT's interpolation) and the test
+# preprocessing; `predict` returns class ids among every class seen so far and their
+# probabilities. On the run's test images it reproduces `metrics.json`'s accuracy exactly.
+# From a shell: `python -m cft_jax.predict --workdir WORKDIR --top_k 3 IMAGE...`.
+
+# %%
+import numpy as np
+from cft_jax.data import load_dataset
+
+predictor = cft_jax.load_run(WORKDIR)
+test = load_dataset("fashion_mnist")
+images = test.test_images[:8]  # uint8 [N, 28, 28, 1]
+ids, probs = predictor.predict(images)
+for i, p, true in zip(ids, probs, test.test_labels[:8]):
+    print(f"{predictor.class_names[i]:>12} ({p[i]:.2f})   true: {test.class_names[true]}")

@@ -41,3 +41,20 @@ def test_partial_matrix_and_single_task():
 def test_format_matrix_lower_triangle():
   text = metrics.format_matrix(R)
   assert "after task 2" in text and "50.00" in text and "nan" not in text
+
+
+def test_summarize_leaves_out_tasks_without_data():
+  """Issue 26 item 7: a task with no validation images has a NaN column in the validation
+  matrix, which made every ``metrics.json['val']`` entry NaN."""
+  nan = np.nan
+  V = np.array([[80.0, nan, nan], [60.0, nan, nan], [50.0, nan, 90.0]])  # task 1: no images
+  out = metrics.summarize(V, test_sizes=[10, 0, 30], tasks=[True, False, True])
+  assert out["final_accuracy"] == pytest.approx(70.0)                 # mean(50, 90)
+  assert out["avg_incremental_accuracy"] == pytest.approx((80 + 60 + 70) / 3)
+  assert out["forgetting"] == pytest.approx(30.0)                     # task 0: 80 -> 50
+  assert out["bwt"] == pytest.approx(-30.0)
+  assert out["final_accuracy_sample_weighted"] == pytest.approx((10 * 50 + 30 * 90) / 40)
+  assert out["avg_incremental_accuracy_sample_weighted"] == pytest.approx((80 + 60 + 80) / 3)
+  full = np.array([[80.0, nan, nan], [60.0, 70.0, nan], [50.0, 40.0, 90.0]])
+  assert metrics.summarize(full, test_sizes=[1, 2, 3], tasks=[True] * 3) == pytest.approx(
+      metrics.summarize(full, test_sizes=[1, 2, 3]))

@@ -19,3 +19,18 @@ def test_plots_write_pngs(tmp_path):
   plots.entropy_alpha_vs_step(recs, p3)
   assert Image.open(p3).size[0] > 100
   np.testing.assert_allclose(plots.seen_task_means(np.array(R, float)), [90.0, 75.0])
+
+
+def test_task_boundaries_ticks_and_task_ids_are_0_based(tmp_path):
+  """Issue 26 item 6: boundaries at the steps where tasks start (32, 64 for 32 steps a task,
+  logged every 5 steps: not 37, 69), integer ticks 0..T-1 on accuracy_vs_task."""
+  recs = [{"task": t, "step": s, "global_step": 32 * t + s, "entropy": 1.0, "alpha": 0.5}
+          for t in range(3) for s in list(range(5, 32, 5)) + [32]]
+  fig = plots.entropy_alpha_vs_step(recs)
+  for ax in fig.axes:
+    xs = sorted({float(line.get_xdata()[0]) for line in ax.lines if line.get_linestyle() == "--"})
+    assert xs == [32.0, 64.0]
+  fig = plots.accuracy_vs_task({"class_il": [90, 70, 60]})
+  np.testing.assert_array_equal(fig.axes[0].get_xticks(), [0, 1, 2])
+  assert fig.axes[0].get_xlabel() == "after training task t"
+  assert [float(x) for x in fig.axes[0].lines[0].get_xdata()] == [0.0, 1.0, 2.0]

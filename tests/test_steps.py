@@ -90,3 +90,33 @@ def test_padding_rows_of_a_later_task_leave_the_step_finite(loss):
   alone, loss_alone = run(images[:3], labels[:3], mask[:3])
   np.testing.assert_allclose(loss_padded, loss_alone, rtol=1e-5)
   chex.assert_trees_all_close(padded, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_extra_loss_logits_fn_draws_augmentation_and_dropout_from_different_keys():
+  """Issue 26 item 7: the replay ``logits_fn`` used one key for both (the main objective splits
+  its key into augmentation and dropout keys)."""
+  from cft_jax import methods  # pylint: disable=g-import-not-at-top
+  seen = {"aug": [], "drop": []}
+
+  def preprocess(images, rng=None, train=False, **_):
+    seen["aug"].append(np.asarray(jax.random.key_data(rng)) if rng is not None else None)
+    return images.astype(jnp.float32)
+
+  def apply_fn(variables, x, train=False, rngs=None, **_):
+    del variables, train
+    seen["drop"].append(np.asarray(jax.random.key_data(rngs["dropout"])))
+    return jnp.zeros((x.shape[0], 4))
+
+  class Replay(methods.Method):
+    def extra_loss(self, params, method_state, batch, logits, logits_fn, rng):
+      return jnp.sum(logits_fn(params, batch["images"] + 0, rng))  # a replicated (other) batch
+
+  objective = steps._make_objective(  # pylint: disable=protected-access
+      steps.make_forward(apply_fn), preprocess, objectives.make_loss_fn("ce"), Replay(), 2,
+      None, "local", (), None)
+  frozen = {"params": {}, "collections": {}}
+  objective({}, {}, frozen, jnp.zeros((2, 4, 4, 3), jnp.uint8), jnp.array([0, 1]),
+            jnp.ones(2, bool), 0, 0, 10, jax.random.PRNGKey(0))
+  assert len(seen["aug"]) == len(seen["drop"]) == 2  # the main forward, then the replay one
+  assert not np.array_equal(seen["aug"][0], seen["drop"][0])
+  assert not np.array_equal(seen["aug"][1], seen["drop"][1])  # was the same key

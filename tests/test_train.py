@@ -229,6 +229,7 @@ def test_checkpoint_meta_is_a_snapshot_of_the_progress():
   ckpt = types.SimpleNamespace(save=lambda step, state, meta: saved.append((step, meta)))
   exp = types.SimpleNamespace(
       scenario=types.SimpleNamespace(class_order=(1, 0)), config_json={"seed": 0}, stream=None,
+      ds=types.SimpleNamespace(class_names=("a", "b")),
       config=types.SimpleNamespace(eval=types.SimpleNamespace(knn_k=1)),
       dev=types.SimpleNamespace(unreplicate=lambda s: s))
   prog = train.Progress(state=types.SimpleNamespace(step=np.int32(7)),
@@ -241,3 +242,40 @@ def test_checkpoint_meta_is_a_snapshot_of_the_progress():
   assert step == train.checkpoint_id(7, False) == 14
   assert meta["entropy_end_of_task"] == [] and meta["knn_accuracy"] == []
   assert (meta["num_finished_tasks"], meta["step_in_task"], meta["task_finished"]) == (0, 3, False)
+  assert meta["class_names"] == ["b", "a"]  # in class order: what cft_jax.load_run names
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("overrides", [{"eval.wise_ft_alpha": 0.5}, {"method.name": "lae"}],
+                         ids=["wise_ft", "lae"])
+def test_knn_probe_sees_the_evaluation_parameters(tmp_path, monkeypatch, overrides):
+  """Issue 26 item 7: the k-NN probe used the raw ``state.params``; it now gets the evaluated
+  parameter sets (WiSE-FT's interpolation; LAE's online and offline modules)."""
+  import cft_jax  # pylint: disable=g-import-not-at-top
+  seen = []
+  probe = train.knn_lib.knn_probe
+
+  def spy(feature_fn, params, *args, **kwargs):
+    seen.append(jax.device_get(params))
+    return probe(feature_fn, params, *args, **kwargs)
+
+  monkeypatch.setattr(train.knn_lib, "knn_probe", spy)
+  m = train.run(tiny_config(**{"scenario.num_tasks": 2, "eval.knn_k": 3, **overrides}),
+                str(tmp_path / "run"))
+  assert len(m["knn_accuracy"]) == 2 and len(seen) == 2
+  predictor = cft_jax.load_run(str(tmp_path / "run"))  # the evaluated params of the last task
+  params, state = predictor._params, predictor._method_state  # pylint: disable=protected-access
+  from cft_jax import methods  # pylint: disable=g-import-not-at-top
+  sets = methods.get_method(predictor.config.method).eval_params(params, state)
+  assert len(seen[-1]) == len(sets) == (2 if "method.name" in overrides else 1)
+  for got, expected in zip(seen[-1], sets):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.device_get(expected))
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_printed_task_ids_are_0_based(tmp_path, capsys):
+  """Issue 26 item 6: the matrix rows said "after task 0" and the next line "after task 1"."""
+  train.run(tiny_config(**{"scenario.num_tasks": 2, "train.verbose": True}), str(tmp_path / "r"))
+  out = capsys.readouterr().out
+  assert "after task 0: class-IL avg" in out and "after task 1: class-IL avg" in out
+  assert "after task 2" not in out

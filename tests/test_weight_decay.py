@@ -67,3 +67,19 @@ def test_linearized_train_step_decays_toward_params0(mode):
     offset["head"] = jax.tree_util.tree_map(np.asarray, params["head"])
   for d, o in zip(jax.tree_util.tree_leaves(diff), jax.tree_util.tree_leaves(offset)):
     np.testing.assert_allclose(d, -LR * WD * o, rtol=1e-4, atol=1e-7)
+
+
+def test_adam_weight_decay_is_decoupled_as_documented():
+  """Issue 26 item 7: the config documentation said Adam's weight decay is added to the gradient;
+  ``optim.name=adam`` with a weight decay is ``optax.adamw`` (decoupled)."""
+  from cft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  optim = ml_collections.ConfigDict({"name": "adam", "learning_rate": 0.1, "weight_decay": 0.5})
+  tx = make_optimizer(optim)
+  p = {"w": jnp.array([2.0])}
+  g = {"w": jnp.array([1e-3])}
+  updates, _ = tx.update(g, tx.init(p), p)
+  # decoupled: Adam's first step is -lr * sign(g) = -0.1, plus -lr * wd * w = -0.1; coupled
+  # (gradient g + wd * w = 1.001) would give -0.1 alone
+  np.testing.assert_allclose(updates["w"], [-0.2], rtol=1e-4)
+  doc = config_lib._DOC["optim.weight_decay"]  # pylint: disable=protected-access
+  assert "adam / adamw: decoupled" in doc and "adam / sgd: added" not in doc

@@ -5,5 +5,6 @@ from cft_jax.data.datasets import (CONFIG_KEYS, ImageDataset, REGISTRY, STREAMED
                                    load_dataset, read_idx, stratified_split)
 from cft_jax.data.loader import TaskBatches, eval_batches
 from cft_jax.data.preprocess import HostTransform
-from cft_jax.data.sources import BadDataError, DatasetNotFoundError, StreamingDataset
+from cft_jax.data.sources import (BadDataError, DatasetNotFoundError, MissingDependencyError,
+                                  StreamingDataset)
 from cft_jax.data.pipeline import Preprocess, batches, num_batches, subsample

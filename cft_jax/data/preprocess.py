@@ -13,8 +13,9 @@ These functions run inside the input pipeline's worker threads / processes
   224 px, MNIST) are instead resized to ``size x size`` directly (upsampling has no border to
   crop). ``crop_fraction=1`` gives resize-shorter-side + centre crop with no margin.
 
-Every image is converted to 3-channel RGB first: grey (``[H, W]`` or ``[H, W, 1]``), palette,
-CMYK and RGBA (alpha dropped) all work, and images of any size mix in one dataset.
+Every image is converted to 3-channel RGB first: grey (``[H, W]`` or ``[H, W, 1]``), 16-bit grey
+(PIL ``I;16``, scaled to 8 bits), palette, CMYK and RGBA (alpha dropped) all work, and images of
+any size mix in one dataset.
 Randomness is an explicit ``numpy.random.Generator`` (the loader seeds one per example from
 ``(seed, task, step, slot)``), so outputs are reproducible and independent of worker count.
 """
@@ -33,13 +34,27 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+def _to_8bit(im: "Image.Image") -> "Image.Image":
+  """A 16-bit grey image (PIL ``I;16*``, or ``I`` holding values above 255: 16-bit PNGs) as
+  8-bit ``L``, ``v -> round(v / 257)`` (65535 -> 255); PIL's own ``convert`` clips at 255 and
+  turns such an image almost all white."""
+  a = np.asarray(im)
+  if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+    a = np.round(a.astype(np.float64) / 257.0)
+  return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb_image(img: ImageLike) -> "Image.Image":
   """Any decoded image (PIL, or uint8 ``[H, W]`` / ``[H, W, 1|3|4]``) as an RGB PIL image.
+
+  16-bit grey images (``I;16``) are scaled to 8 bits first (:func:`_to_8bit`).
 
   Raises:
     ValueError: an array that is not 2-D or 3-D with 1, 3 or 4 channels.
   """
   if isinstance(img, Image.Image):
+    if img.mode.startswith("I;16") or img.mode == "I":
+      img = _to_8bit(img)
     return img if img.mode == "RGB" else img.convert("RGB")
   a = np.asarray(img)
   if a.dtype != np.uint8:

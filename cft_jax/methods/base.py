@@ -60,6 +60,9 @@ class TaskContext:
       functions in it (e.g. the curvature estimators, :mod:`cft_jax.curvature`) so later tasks
       reuse them instead of compiling again; valid because a run's model, frozen weights and
       ``forward``/``apply`` never change.
+    rng: a PRNG key of the run for this task's host hooks (e.g. the Monte-Carlo labels of a
+      Fisher estimate in ``end_task``), derived from ``config.seed`` and the task id, so runs of
+      different seeds draw differently (None: the hook falls back to its own seed).
   """
 
   task_id: Optional[int] = None
@@ -76,6 +79,7 @@ class TaskContext:
   linearize: Optional[str] = None
   loss_scope: str = "local"
   jit_cache: Optional[Dict[Any, Any]] = None
+  rng: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,7 +159,8 @@ class QuadraticRegularizer(Method):
     curvature_batches: training batches used for the curvature (0: the whole task).
     mse_alpha: target scale of the MSE loss (paper: 15).
     microbatch: examples per ``lax.map`` step of the per-example diagonal Fisher (0: vmap all).
-    seed: PRNG seed of the MC label sampling (folded with the task id).
+    seed: PRNG seed of the MC label sampling, folded into the run's key for the task
+      (``TaskContext.rng``, from ``config.seed``): every run seed draws its own labels.
   """
 
   name: str = "quadratic"
@@ -251,7 +252,11 @@ class QuadraticRegularizer(Method):
 
     return gen
 
-  def _rng(self, task_id: int):
+  def _rng(self, task_id: int, ctx=None):
+    """The MC-label key of task ``task_id``: ``ctx.rng`` (the run's, from ``config.seed``) folded
+    with :attr:`seed`; without one (a bare context), ``seed`` folded with the task id."""
+    if ctx is not None and getattr(ctx, "rng", None) is not None:
+      return jax.random.fold_in(ctx.rng, self.seed)
     return jax.random.fold_in(jax.random.PRNGKey(self.seed), task_id)
 
   def _head_filter(self, tree: PyTree) -> PyTree:
@@ -292,7 +297,7 @@ class EWC(QuadraticRegularizer):
     fwd = _require(_ctx(ctx, self.name).forward, "forward", self.name)
     return curvature.diagonal_fisher(
         lambda p, x: fwd(p, x)[:, lo:hi], params, self._batches_fn(ctx, lo)(),
-        loss=self._loss(ctx), fisher_type=self.fisher_type, rng=self._rng(task_id),
+        loss=self._loss(ctx), fisher_type=self.fisher_type, rng=self._rng(task_id, ctx),
         num_samples=self.num_samples, mse_alpha=self.mse_alpha,
         microbatch=self.microbatch or None, jit_cache=_jit_cache(ctx, self.name, lo, hi))
 
@@ -446,7 +451,7 @@ class KroneckerRegularizer(QuadraticRegularizer):
   def end_task(self, task_id, params, method_state, ctx=None):
     """K-FAC (+ diagonal fallback) of task ``task_id`` at ``theta_t``; accumulate; new anchor."""
     lo, hi = self._outputs(ctx)
-    new = self._curvature(params, ctx, lo, hi, self._batches_fn(ctx, lo), self._rng(task_id))
+    new = self._curvature(params, ctx, lo, hi, self._batches_fn(ctx, lo), self._rng(task_id, ctx))
     t = task_id + 1
     # factors: always the running mean (accumulate="sum" multiplies the penalty by t-1 instead)
     out = {**method_state, "kfac": curvature.average_factors(method_state["kfac"], new["kfac"], t)}

@@ -429,7 +429,7 @@ def test_cli_bad_data_is_one_clean_line(tmp_path):
   out = subprocess.run(base + ["--workdir", str(tmp_path / "r2"), "--config.data.skip_corrupt=True"],
                        cwd=repo, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "task 2: skipped 1 corrupt image(s)" in out.stdout
+  assert "task 1: skipped 1 corrupt image(s)" in out.stdout  # task ids from 0
   # a class with training images but none to test on
   for f in os.listdir(os.path.join(root, "test", "a")):
     os.remove(os.path.join(root, "test", "a", f))

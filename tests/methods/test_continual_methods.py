@@ -377,3 +377,31 @@ def test_every_method_runs_end_to_end(method, tmp_path):
   if method in ("ewc", "osla", "lwf", "dlcft", "dlcft_features"):  # loss = 1/2 L_data + active regulariser
     last = [r for r in log if r["task"] == 1][-1]
     assert last["loss"] != 0.5 * last["data_loss"], last
+
+
+def test_mc_fisher_labels_follow_the_run_seed():
+  """Issue 26 item 7: the Monte-Carlo Fisher drew its labels from ``method.seed`` only, so every
+  run seed shared them; they now come from the run's key (``TaskContext.rng``)."""
+  module = _Head(3)
+  x = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+  params = module.init(jax.random.PRNGKey(0), x)["params"]
+  ewc = regularizers.EWC(fisher_type="mc")
+
+  def importance(rng):
+    ctx = _ctx(module, params, x, np.zeros(16, np.int32), (0, 3), 3, loss="ce", scope="local")
+    ctx.linearize, ctx.rng = None, rng
+    st = ewc.begin_task(0, params, ewc.init_state(params))
+    return np.asarray(ewc.end_task(0, params, st, ctx)["importance"]["head"]["kernel"])
+
+  a, b = importance(jax.random.PRNGKey(1)), importance(jax.random.PRNGKey(2))
+  assert not np.allclose(a, b)  # other run seed, other labels
+  np.testing.assert_array_equal(a, importance(jax.random.PRNGKey(1)))  # reproducible
+  contexts = []
+  for seed in (0, 1):
+    config = default_config.get_config()
+    config.model.name, config.model.pretrained, config.data.image_size = "tiny_cnn", False, 16
+    config.data.train_limit, config.data.test_limit, config.seed = 8, 8, seed
+    config.train.verbose = False
+    contexts.append(train.build_experiment(train.validate_config(config)).task_context(1))
+  assert not np.array_equal(jax.random.key_data(contexts[0].rng),
+                            jax.random.key_data(contexts[1].rng))
