@@ -32,12 +32,38 @@ def _finish(fig, path: Optional[str]):
   return fig
 
 
-def accuracy_heatmap(R, path: Optional[str] = None, title: str = "class-IL accuracy (%)"):
-  """Heatmap of the accuracy matrix ``R [T, T]`` (row: after task t, column: task i; NaN blank)."""
+def task_labels(class_names: Sequence[str], num_tasks: int, shown: int = 2) -> List[str]:
+  """Short labels of the tasks' classes, ``"t: name, name +k"``, from the class names in class
+  order (``metrics.json['class_names']``); plain task ids when the classes do not split into
+  ``num_tasks`` equal tasks (e.g. data-IL, an unequal first task).
+
+  Args:
+    class_names: ``C`` names, task ``t`` holding names ``t C/T .. (t+1) C/T - 1``.
+    num_tasks: ``T``.
+    shown: names shown per task (the rest counted).
+  """
+  C = len(class_names)
+  if not C or C % num_tasks:
+    return [f"{t}" for t in range(num_tasks)]
+  k = C // num_tasks
+  out = []
+  for t in range(num_tasks):
+    names = list(class_names[t * k:(t + 1) * k])
+    more = f" +{len(names) - shown}" if len(names) > shown else ""
+    out.append(f"{t}: {', '.join(names[:shown])}{more}")
+  return out
+
+
+def accuracy_heatmap(R, path: Optional[str] = None, title: str = "class-IL accuracy (%)",
+                     class_names: Sequence[str] = ()):
+  """Heatmap of the accuracy matrix ``R [T, T]`` (row: after task t, column: task i; NaN blank);
+  with ``class_names`` (class order) the rows name each task's classes (:func:`task_labels`)."""
   plt = _plt()
   R = np.array(R, dtype=float)
   T = R.shape[0]
-  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * T, 0.8 + 0.7 * T))
+  rows = task_labels(class_names, T) if len(class_names) > T else [f"{t}" for t in range(T)]
+  width = 0.8 * T + 0.09 * max(len(r) for r in rows)
+  fig, ax = plt.subplots(figsize=(1.0 + width, 0.8 + 0.7 * T))
   im = ax.imshow(np.ma.masked_invalid(R), vmin=0, vmax=100, cmap="viridis")
   for t in range(T):
     for i in range(T):
@@ -45,7 +71,7 @@ def accuracy_heatmap(R, path: Optional[str] = None, title: str = "class-IL accur
         ax.text(i, t, f"{R[t, i]:.1f}", ha="center", va="center",
                 color="white" if R[t, i] < 60 else "black", fontsize=8)
   ax.set_xticks(range(T), [f"{i}" for i in range(T)])
-  ax.set_yticks(range(T), [f"{t}" for t in range(T)])
+  ax.set_yticks(range(T), rows)
   ax.set_xlabel("evaluated task i")
   ax.set_ylabel("after training task t")
   ax.set_title(title)
@@ -148,10 +174,11 @@ def plot_run(workdir: str) -> List[str]:
     m = json.load(f)
   out = []
   p = os.path.join(workdir, "accuracy_matrix.png")
-  accuracy_heatmap(m["accuracy_matrix"], p, "class-IL accuracy (%)")
+  names = m.get("class_names") or ()
+  accuracy_heatmap(m["accuracy_matrix"], p, "class-IL accuracy (%)", names)
   out.append(p)
   p = os.path.join(workdir, "task_il_accuracy_matrix.png")
-  accuracy_heatmap(m["task_il_accuracy_matrix"], p, "task-IL accuracy (%)")
+  accuracy_heatmap(m["task_il_accuracy_matrix"], p, "task-IL accuracy (%)", names)
   out.append(p)
   p = os.path.join(workdir, "accuracy_vs_task.png")
   accuracy_vs_task({"class_il": seen_task_means(m["accuracy_matrix"]),

@@ -34,3 +34,19 @@ def test_task_boundaries_ticks_and_task_ids_are_0_based(tmp_path):
   np.testing.assert_array_equal(fig.axes[0].get_xticks(), [0, 1, 2])
   assert fig.axes[0].get_xlabel() == "after training task t"
   assert [float(x) for x in fig.axes[0].lines[0].get_xdata()] == [0.0, 1.0, 2.0]
+
+
+def test_heatmap_rows_name_each_tasks_classes():
+  """Issue 27 item 1: the accuracy matrices name each task's classes (class order), e.g. Split
+  Tiny-ImageNet's readable WordNet names; without names (or unequal tasks) the rows are ids."""
+  names = ["goldfish", "bullfrog", "trilobite", "scorpion", "tarantula", "goose"]
+  assert plots.task_labels(names, 3) == ["0: goldfish, bullfrog", "1: trilobite, scorpion",
+                                         "2: tarantula, goose"]
+  assert plots.task_labels(names, 2) == ["0: goldfish, bullfrog +1", "1: scorpion, tarantula +1"]
+  assert plots.task_labels(names[:5], 2) == ["0", "1"]          # 5 classes do not split in 2
+  R = np.array([[90.0, np.nan], [70.0, 80.0]])
+  fig = plots.accuracy_heatmap(R, class_names=names[:4])
+  assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+      "0: goldfish, bullfrog", "1: trilobite, scorpion"]
+  fig = plots.accuracy_heatmap(R)
+  assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["0", "1"]
