@@ -57,10 +57,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
   try:
     config = config_lib.apply_overrides(_CONFIG.value, _OVERRIDES)
+    # pure: starts no JAX backend; a key given on the command line counts as set (its component
+    # must read it) even at its default value
+    resolved = config_lib.validate_config(config, explicit=[o.partition("=")[0]
+                                                            for o in _OVERRIDES])
     if _DESCRIBE.value:
       print(config_lib.describe(config))
       return
-    resolved = config_lib.validate_config(config)  # pure: starts no JAX backend
   except ConfigError as e:
     raise SystemExit(f"cft_jax: error: {e}") from None
   if not _WORKDIR.value:
