@@ -229,6 +229,17 @@ def parse_config_arg(arg, fields, example: str):
   return values
 
 
+def _config_files_hint(path: str) -> str:
+  """``" (configs/ holds: a.py, b.py)"`` for a missing config file whose folder exists, else
+  where the path was looked up."""
+  folder = os.path.dirname(path) or "."
+  if os.path.isdir(folder):
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+    if names:
+      return f" ({os.path.join(os.path.dirname(path), '') or './'} holds: {', '.join(names)})"
+  return f" (looked up from {os.getcwd()}: run from the checkout's root or give the full path)"
+
+
 def load_config_module(path_or_name: str, name: Optional[str] = None):
   """Imports a config file by path (``configs/dlcft_data_il.py``) or module name
   (``configs.dlcft_data_il``); the module has ``get_config(arg)``.
@@ -238,7 +249,8 @@ def load_config_module(path_or_name: str, name: Optional[str] = None):
   """
   if path_or_name.endswith(".py") or os.path.sep in path_or_name:
     if not os.path.isfile(path_or_name):
-      raise ConfigError(f"config file {path_or_name!r} not found")
+      raise ConfigError(f"config file {path_or_name!r} not found"
+                        + _config_files_hint(path_or_name))
     name = name or "cft_jax_config_" + os.path.splitext(os.path.basename(path_or_name))[0]
     spec = importlib.util.spec_from_file_location(name, path_or_name)
     module = importlib.util.module_from_spec(spec)
@@ -263,18 +275,23 @@ def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
     The (unresolved) config; :func:`cft_jax.config.validate_config` resolves it.
 
   Raises:
-    ConfigError: the file or module does not exist or has no ``get_config``.
+    ConfigError: the file or module does not exist or has no ``get_config``; ``get_config``
+      refused ``arg`` (its ValueError or ConfigError, the message prefixed with ``FILE:ARG``).
   """
-  module = path_or_module
+  module = path = path_or_module
   if isinstance(path_or_module, str):
-    path = path_or_module
     if ":" in path and path.rsplit(":", 1)[0].endswith(".py"):
       path, suffix = path.rsplit(":", 1)
       arg = suffix if arg is None else arg
     module = load_config_module(path)
+  else:
+    path = getattr(module, "__name__", "config")
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path_or_module!r} has no get_config(arg) function")
-  return module.get_config() if arg is None else module.get_config(arg)
+  try:
+    return module.get_config() if arg is None else module.get_config(arg)
+  except ValueError as e:  # a config file's own check of its argument (ConfigError included)
+    raise ConfigError(f"{path}{'' if arg is None else ':' + str(arg)}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------

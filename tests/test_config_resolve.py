@@ -79,7 +79,7 @@ def test_method_keys_of_another_method_are_rejected():
     config_lib.validate_config(c)
   assert str(e.value) == ("method.buffer_size=500 is not read by method.name='ewc' (read by: "
                           "der, derpp, dlcft, er); remove it or choose one of those")
-  with pytest.raises(ConfigError, match=r"^method.buffer_size=500 is not read by method.name='ewc'"):
+  with pytest.raises(ConfigError, match=r"^method.buffer_size=500 is not read by method.name="):
     methods.get_method(c.method)  # the method registry says the same
   c.method.name = "er"
   assert config_lib.validate_config(c).method.buffer_size == 500
@@ -184,8 +184,8 @@ def test_every_gated_key_has_a_reader_and_the_tables_match_the_registries():
         assert section == "loss" and key in objectives.LOSS_HPARAMS, key
 
 
-def test_cli_key_not_read_is_one_error_line():
-  out = _cli("--config", "configs/default.py", "--workdir", "/nonexistent/never",
+def test_cli_key_not_read_is_one_error_line(tmp_path):
+  out = _cli("--config", "configs/default.py", "--workdir", str(tmp_path / "never"),
              "--config.method.ema_decay=0.999")
   assert out.returncode == 1 and out.stderr.strip().splitlines() == [
       "cft_jax: error: method.ema_decay=0.999 is not read by method.name='sequential' (read by: "
