@@ -91,6 +91,15 @@ def _load_config():
 
 
 def main(argv):
+  """Loads, overrides and validates the config, then trains (or resumes) into ``--workdir``.
+
+  Args:
+    argv: the positional arguments absl left (only the program name is expected).
+
+  Raises:
+    SystemExit: after one ``cft_jax: error:`` line (status 2: the command line; 1: the config,
+      the data or a mismatching workdir), or 130 after an interrupt.
+  """
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]} (options are --name=value; --help lists them)",
           USAGE)
