@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from cft_jax.schema import Key
+from cft_jax.schema import Key, ReadBy
 
 Array = jax.Array
 
@@ -553,6 +553,18 @@ CONFIG_KEYS = (
 # Keys of the ``loss`` section the trainer reads itself (the rest go to the objective).
 LOSS_TRAINER_KEYS = ("name", "schedule_scope", "scope")
 
+# Who reads which ``loss`` key (:class:`cft_jax.schema.ReadBy`; :mod:`cft_jax.registry` refuses a
+# key that is set but not read): each objective its hyper-parameters (:data:`OBJECTIVE_HPARAMS`),
+# aEPG also ``schedule_scope`` (the trainer's count of the schedule's steps; no other objective
+# depends on the step); within aEPG, each schedule its own parameter. ``name`` and ``scope`` are
+# read under every objective.
+LOSS_READS = (
+    ReadBy("loss.name", {name: keys + (("schedule_scope",) if name == "aepg" else ())
+                         for name, keys in OBJECTIVE_HPARAMS.items()}),
+    ReadBy("loss.schedule", {"sigmoid": ("tau",), "constant": ("alpha",), "linear": (),
+                             "cosine": ()}, when=("loss.name", "aepg")),
+)
+
 
 def loss_hparams(loss) -> Dict[str, Any]:
   """The objective's hyper-parameters of a ``loss`` section (all but :data:`LOSS_TRAINER_KEYS`).
@@ -628,6 +640,7 @@ def task_hi(task_lo, k: int, bounds: Optional[Tuple[int, ...]] = None):
 __all__ = [
     "CONFIG_KEYS",
     "LOSS_HPARAMS",
+    "LOSS_READS",
     "LOSS_TRAINER_KEYS",
     "OBJECTIVES",
     "OBJECTIVE_HPARAMS",

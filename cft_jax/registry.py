@@ -34,8 +34,8 @@ from cft_jax import robust
 from cft_jax import scenarios
 from cft_jax import steps
 from cft_jax.errors import ConfigError
-from cft_jax.schema import (Key, allowed_text, check_value, did_you_mean, fill_defaults, flat,
-                            lookup, parse_override, plain, type_ok)
+from cft_jax.schema import (Key, ReadBy, allowed_text, check_value, did_you_mean, fill_defaults,
+                            flat, lookup, not_read, parse_override, plain, type_ok)
 
 # ----------------------------------------------------------------------------------------------
 # The trainer's own keys (cft_jax.train reads them; it stands above this module).
@@ -185,7 +185,8 @@ def _normalise(user: Dict[str, Any]) -> None:
       raise ConfigError(str(e)) from None
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def validate_config(config: ml_collections.ConfigDict,
+                    explicit: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Checks a config and returns it *resolved*: every key of :func:`base_config` present (the
   user's value or the library default), plus the chosen method's own fields
   (:func:`cft_jax.methods.method_config_fields`) at their defaults, ``model.linearize`` spelled
@@ -193,18 +194,25 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
   The trainer reads only resolved configs, so no code needs an inline default.
 
+  A key that the chosen loss / schedule / method / robust component / PEFT module does not read
+  (:func:`key_readers`) is an error when it is *set*: given with a value other than its
+  :func:`base_config` default, given at all when :func:`base_config` lacks it (``loss.beta``, a
+  method's field), or named in ``explicit``.
+
   Args:
     config: the user's config (a partial one is completed with the defaults).
+    explicit: full key names the user set explicitly (the command line's
+      ``--config.KEY=VALUE``): set even at their default value.
 
   Returns:
     A new, unlocked ``ConfigDict`` (the argument is not modified).
 
   Raises:
     ConfigError: naming the first offending key, what is wrong and the fix (unknown keys get a
-      "did you mean" suggestion).
+      "did you mean" suggestion; a key not read by the chosen component names its readers).
   """
   try:
-    return _validate(config)
+    return _validate(config, explicit)
   except (TypeError, AttributeError, KeyError) as e:  # a value of the wrong kind deep inside
     raise ConfigError(f"invalid config: {type(e).__name__}: {e}. Compare with "
                       f"configs/default.py") from e
@@ -228,7 +236,7 @@ def _resolve_section(section: str, value: Dict[str, Any], default: Dict[str, Any
     if method_fields is None:  # a method registered without declared fields: open section
       allowed |= set(value)
     else:
-      methods.check_method_keys(value.get("name", default["name"]), value.keys())
+      methods.check_method_keys(value.get("name", default["name"]), value)
       defaults.update(method_fields)
       allowed |= set(method_fields)
   for key, v in value.items():
@@ -270,8 +278,10 @@ def _resolve(user: Dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(resolved)
 
 
-def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Resolves and checks keys, types, values and method x setting compatibility.
+def _validate(config: ml_collections.ConfigDict,
+              explicit: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Resolves and checks keys, types, values, who reads them and method x setting
+  compatibility.
 
   Raises:
     ConfigError: naming the first offending key, what is wrong and the fix.
@@ -287,9 +297,62 @@ def _validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.loss.name not in objectives.OBJECTIVES:
     raise ConfigError(f"config.loss.name={c.loss.name!r}; choose one of "
                       f"{sorted(objectives.OBJECTIVES)}")
+  _check_read(c, user, explicit)
   _check_compatibility(c)
   _check_builders(c)
   return c
+
+
+def key_readers() -> Tuple[ReadBy, ...]:
+  """Who reads which key: every family's :class:`cft_jax.schema.ReadBy` declarations (the
+  objectives and aEPG's schedules :data:`cft_jax.objectives.LOSS_READS`, the methods' fields
+  :func:`cft_jax.methods.method_reads`, the robust components
+  :data:`cft_jax.robust.PROJECTION_READS`, the PEFT modules :data:`cft_jax.peft.PEFT_READS`).
+  Keys no declaration gates (data, trainer, ``loss.scope``, ``eval.wise_ft_alpha``, ...) are
+  read under every choice."""
+  return objectives.LOSS_READS + (methods.method_reads(), robust.PROJECTION_READS,
+                                  peft.PEFT_READS)
+
+
+def _is_set(full: str, section: Dict[str, Any], explicit: Sequence[str]) -> bool:
+  """Whether the user set ``full`` (present in their ``section`` with a value other than the
+  :func:`base_config` default, present at all when the base config lacks it, or explicit)."""
+  key = full.split(".", 1)[1]
+  if key not in section:
+    return False
+  if full in explicit or full not in KEYS:
+    return True
+  value, default = section[key], KEYS[full].default
+  if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+    return list(value) != list(default)
+  return value != default
+
+
+def _check_read(c: ml_collections.ConfigDict, user: Dict[str, Any],
+                explicit: Sequence[str]) -> None:
+  """Refuses a key the user set (:func:`_is_set`) that the chosen component does not read.
+
+  Args:
+    c: the resolved config (the selectors' values).
+    user: the user's config as a dict (what was set).
+    explicit: full key names set explicitly (the command line).
+
+  Raises:
+    ConfigError: ``loss.beta=0.1 is not read by loss.name='aepg' (read by: ...); remove it or
+      choose one of those``.
+  """
+  values = plain(c)
+  for by in key_readers():
+    if by.when is not None and lookup(values, by.when[0]) != by.when[1]:
+      continue
+    selected = lookup(values, by.selector)
+    if not isinstance(selected, str) or selected not in by.reads:
+      continue  # a component that declares no keys: not checked
+    section = user.get(by.section) or {}
+    for key in by.gated:
+      full = f"{by.section}.{key}"
+      if key not in by.reads[selected] and _is_set(full, section, explicit):
+        raise not_read(full, by, selected, section[key])
 
 
 def _check_compatibility(c: ml_collections.ConfigDict) -> None:
@@ -480,6 +543,9 @@ def _known_keys(out: ml_collections.ConfigDict, key: str) -> Tuple[Dict[str, Any
     known.update({f"method.{k}": v for k, v in fields.items()})
     if methods.method_config_fields(name) is None and key.startswith("method."):
       known.setdefault(key, None)  # a method registered without declared fields
+  for other in methods.method_names():  # another method's field: validate_config names readers
+    for k, v in (methods.method_config_fields(other) or {}).items():
+      known.setdefault(f"method.{k}", v)
   known.update({f"loss.{k}": None for k in objectives.LOSS_HPARAMS if f"loss.{k}" not in known})
   return known, name
 

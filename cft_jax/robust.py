@@ -38,7 +38,7 @@ from cft_jax import projection
 from cft_jax.linearize import make_forward
 from cft_jax.objectives import task_slice, task_widths
 from cft_jax.peft import HEAD
-from cft_jax.schema import Key
+from cft_jax.schema import Key, ReadBy
 
 PyTree = Any
 
@@ -57,6 +57,14 @@ METHOD_KEYS = (
     Key("ftp_k", 1.0, "ftp: positive-gradient gain k"),
     Key("l2sp_alpha", 0.01, "l2sp: penalty alpha"),
 )
+# Who reads which ``method`` key of the components (:class:`cft_jax.schema.ReadBy`; the registry
+# refuses a key that is set but not read): each ``method.projection`` its own (:func:`from_config`).
+PROJECTION_READS = ReadBy("method.projection", {
+    "": (), "none": (),
+    "tpgm": ("projection_norm", "proj_freq", "max_iters", "radius_lr"),
+    "ftp": ("projection_norm", "radius_lr", "ftp_k"),
+    "l2sp": ("l2sp_alpha",),
+})
 EVAL_KEYS = (
     Key("wise_ft_alpha", 1.0, "WiSE-FT: evaluate (1 - a) theta_0 + a theta (1.0: off)",
         unit=(0.0, 1.0, True)),

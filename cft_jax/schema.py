@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import json
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_collections
 
@@ -49,6 +49,67 @@ class Key:
   positive: bool = False
   non_negative: bool = False
   unit: Optional[Tuple[float, float, bool]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBy:
+  """Who reads which keys of a section: the value of one selector key (``loss.name``) chooses
+  the component, and each component reads only its own keys of the selector's section.
+
+  Declared by the family that owns the components (e.g. :data:`cft_jax.objectives.LOSS_READS`);
+  :func:`cft_jax.registry.validate_config` refuses a key that is set but not read by the chosen
+  component (:func:`not_read`).
+
+  Attributes:
+    selector: the full name of the selector key (``"loss.name"``); the keys it gates belong to
+      its section.
+    reads: ``{selector value: keys of the section it reads}`` (short names, e.g. ``"beta"``).
+      The gated keys are every key listed under some value; a key listed nowhere is not gated.
+      A selector value missing from ``reads`` (e.g. a component registered without declared
+      keys) gates nothing.
+    when: ``(full key, value)``: the table applies only while that key has that value (e.g. the
+      aEPG schedules' keys matter only under ``loss.name='aepg'``); None: always.
+  """
+
+  selector: str
+  reads: Mapping[Any, Tuple[str, ...]]
+  when: Optional[Tuple[str, Any]] = None
+
+  @property
+  def section(self) -> str:
+    """The section of the selector and of the keys it gates (``"loss"``)."""
+    return self.selector.split(".")[0]
+
+  @property
+  def gated(self) -> Tuple[str, ...]:
+    """The keys (short names) some value of the selector reads, sorted."""
+    return tuple(sorted({k for keys in self.reads.values() for k in keys}))
+
+  def readers(self, key: str) -> Tuple[Any, ...]:
+    """The selector values that read ``key`` (short name), sorted."""
+    return tuple(sorted((value for value, keys in self.reads.items() if key in keys), key=str))
+
+
+_NO_VALUE = object()
+
+
+def not_read(full: str, by: ReadBy, selected: Any, value: Any = _NO_VALUE) -> ConfigError:
+  """The error of a key that is set but not read by the chosen component.
+
+  Args:
+    full: the key's full name (``"loss.beta"``).
+    by: the declaration gating the key.
+    selected: the selector's value (``"aepg"``).
+    value: the key's value (left out: the message names the key only).
+
+  Returns:
+    ``ConfigError("loss.beta=0.1 is not read by loss.name='aepg' (read by: confidence_penalty,
+    entropy_penalty); remove it or choose one of those")``, to raise.
+  """
+  readers = ", ".join(str(r) for r in by.readers(full.split(".", 1)[1]))
+  shown = full if value is _NO_VALUE else f"{full}={value!r}"
+  return ConfigError(f"{shown} is not read by {by.selector}={selected!r} (read by: {readers}); "
+                     f"remove it or choose one of those")
 
 
 def defaults(keys: Sequence[Key]) -> ml_collections.ConfigDict:
@@ -168,6 +229,17 @@ def parse_config_arg(arg, fields, example: str):
   return values
 
 
+def _config_files_hint(path: str) -> str:
+  """``" (configs/ holds: a.py, b.py)"`` for a missing config file whose folder exists, else
+  where the path was looked up."""
+  folder = os.path.dirname(path) or "."
+  if os.path.isdir(folder):
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+    if names:
+      return f" ({os.path.join(os.path.dirname(path), '') or './'} holds: {', '.join(names)})"
+  return f" (looked up from {os.getcwd()}: run from the checkout's root or give the full path)"
+
+
 def load_config_module(path_or_name: str, name: Optional[str] = None):
   """Imports a config file by path (``configs/dlcft_data_il.py``) or module name
   (``configs.dlcft_data_il``); the module has ``get_config(arg)``.
@@ -177,7 +249,8 @@ def load_config_module(path_or_name: str, name: Optional[str] = None):
   """
   if path_or_name.endswith(".py") or os.path.sep in path_or_name:
     if not os.path.isfile(path_or_name):
-      raise ConfigError(f"config file {path_or_name!r} not found")
+      raise ConfigError(f"config file {path_or_name!r} not found"
+                        + _config_files_hint(path_or_name))
     name = name or "cft_jax_config_" + os.path.splitext(os.path.basename(path_or_name))[0]
     spec = importlib.util.spec_from_file_location(name, path_or_name)
     module = importlib.util.module_from_spec(spec)
@@ -202,18 +275,23 @@ def load_config(path_or_module: Union[str, Any], arg: Optional[str] = None
     The (unresolved) config; :func:`cft_jax.config.validate_config` resolves it.
 
   Raises:
-    ConfigError: the file or module does not exist or has no ``get_config``.
+    ConfigError: the file or module does not exist or has no ``get_config``; ``get_config``
+      refused ``arg`` (its ValueError or ConfigError, the message prefixed with ``FILE:ARG``).
   """
-  module = path_or_module
+  module = path = path_or_module
   if isinstance(path_or_module, str):
-    path = path_or_module
     if ":" in path and path.rsplit(":", 1)[0].endswith(".py"):
       path, suffix = path.rsplit(":", 1)
       arg = suffix if arg is None else arg
     module = load_config_module(path)
+  else:
+    path = getattr(module, "__name__", "config")
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path_or_module!r} has no get_config(arg) function")
-  return module.get_config() if arg is None else module.get_config(arg)
+  try:
+    return module.get_config() if arg is None else module.get_config(arg)
+  except ValueError as e:  # a config file's own check of its argument (ConfigError included)
+    raise ConfigError(f"{path}{'' if arg is None else ':' + str(arg)}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,10 +75,125 @@ def test_method_keys_of_another_method_are_rejected():
   c = config_lib.base_config()
   c.method.name = "ewc"
   c.method.buffer_size = 500  # a replay key, not EWC's
-  with pytest.raises(ConfigError, match="method.buffer_size.*for method 'ewc'"):
+  with pytest.raises(ConfigError) as e:
     config_lib.validate_config(c)
+  assert str(e.value) == ("method.buffer_size=500 is not read by method.name='ewc' (read by: "
+                          "der, derpp, dlcft, er); remove it or choose one of those")
+  with pytest.raises(ConfigError, match=r"^method.buffer_size=500 is not read by method.name="):
+    methods.get_method(c.method)  # the method registry says the same
   c.method.name = "er"
   assert config_lib.validate_config(c).method.buffer_size == 500
+
+
+NOT_READ = "is not read by {} (read by: {}); remove it or choose one of those"
+
+
+@pytest.mark.parametrize("sets,message", [
+    # the issue's cases: a loss / method key its component does not read
+    ({"loss.beta": 0.1}, "loss.beta=0.1 " + NOT_READ.format(
+        "loss.name='aepg'", "confidence_penalty, entropy_penalty")),
+    ({"loss.gamma": 2.0}, "loss.gamma=2.0 " + NOT_READ.format(
+        "loss.name='aepg'", "focal, label_smoothing")),
+    ({"method.ema_decay": 0.5}, "method.ema_decay=0.5 " + NOT_READ.format(
+        "method.name='sequential'", "lae")),
+    ({"method.buffer_size": 500}, "method.buffer_size=500 " + NOT_READ.format(
+        "method.name='sequential'", "der, derpp, dlcft, er")),
+    # aEPG's keys under another objective, a schedule's under another schedule
+    ({"loss.name": "ce", "loss.tau": 3.0}, "loss.tau=3.0 " + NOT_READ.format(
+        "loss.name='ce'", "aepg")),
+    ({"loss.name": "focal", "loss.schedule_scope": "global"},
+     "loss.schedule_scope='global' " + NOT_READ.format("loss.name='focal'", "aepg")),
+    ({"loss.schedule": "linear", "loss.tau": 3.0}, "loss.tau=3.0 " + NOT_READ.format(
+        "loss.schedule='linear'", "sigmoid")),
+    ({"loss.alpha": 0.3}, "loss.alpha=0.3 " + NOT_READ.format("loss.schedule='sigmoid'",
+                                                               "constant")),
+    ({"loss.name": "ce", "loss.num_samples": 4}, "loss.num_samples=4 " + NOT_READ.format(
+        "loss.name='ce'", "reinforce")),
+    # the robust components' keys
+    ({"method.ftp_k": 2.0}, "method.ftp_k=2.0 " + NOT_READ.format("method.projection=''",
+                                                                   "ftp")),
+    ({"method.projection": "l2sp", "method.radius_lr": 0.1}, "method.radius_lr=0.1 "
+     + NOT_READ.format("method.projection='l2sp'", "ftp, tpgm")),
+    ({"method.projection": "ftp", "method.proj_freq": 5}, "method.proj_freq=5 "
+     + NOT_READ.format("method.projection='ftp'", "tpgm")),
+    # the PEFT modules' keys
+    ({"peft.name": "full", "peft.rank": 8}, "peft.rank=8 " + NOT_READ.format(
+        "peft.name='full'", "lora")),
+    ({"peft.name": "linear_probe", "peft.blocks": (0, 1)}, "peft.blocks=(0, 1) "
+     + NOT_READ.format("peft.name='linear_probe'", "adapter, lora, prefix")),
+    ({"model.name": "vit_ti4", "peft.name": "prefix", "peft.adapter_hidden": 8},
+     "peft.adapter_hidden=8 " + NOT_READ.format("peft.name='prefix'", "adapter")),
+])
+def test_a_set_key_its_component_does_not_read_is_an_error(sets, message):
+  c = config_lib.base_config()
+  for key, value in sets.items():
+    section, k = key.split(".")
+    c[section][k] = value
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate_config(c)
+  assert str(e.value) == message
+
+
+@pytest.mark.parametrize("sets", [
+    {"loss.name": "confidence_penalty", "loss.beta": 0.1},
+    {"loss.name": "focal", "loss.gamma": 2.0},
+    {"loss.schedule": "constant", "loss.alpha": 0.3},
+    {"loss.name": "mse", "loss.alpha": 10.0},
+    {"loss.schedule_scope": "global", "loss.tau": 2.0},
+    {"method.name": "lae", "method.ema_decay": 0.5},
+    {"method.projection": "ftp", "method.ftp_k": 2.0, "method.radius_lr": 0.1},
+    {"method.projection": "l2sp", "method.l2sp_alpha": 0.1},
+    {"peft.name": "lora", "peft.rank": 8, "peft.alpha": 16.0},
+    # set to their defaults (a config file built on base_config() holds every key): not "set"
+    {"loss.name": "ce", "loss.tau": 6.0, "loss.schedule": "sigmoid"},
+    {"peft.name": "full", "peft.rank": 4, "peft.blocks": [0, 1, 2, 3, 4]},
+    {"method.ema_decay": 0.999, "method.radius_lr": 1e-2},
+])
+def test_keys_their_component_reads_or_at_default_are_accepted(sets):
+  c = config_lib.base_config()
+  for key, value in sets.items():
+    section, k = key.split(".")
+    c[section][k] = value
+  r = config_lib.validate_config(c)
+  for key, value in sets.items():
+    got = r[key.split(".")[0]][key.split(".")[1]]
+    assert (list(got) if isinstance(got, tuple) else got) == value
+
+
+def test_an_explicit_key_counts_as_set_even_at_its_default():
+  c = config_lib.apply_overrides(config_lib.base_config(), ["loss.name=ce", "loss.tau=6.0"])
+  assert config_lib.validate_config(c).loss.tau == 6.0  # at its default: not set
+  with pytest.raises(ConfigError, match=r"^loss.tau=6.0 is not read by loss.name='ce'"):
+    config_lib.validate_config(c, explicit=["loss.name", "loss.tau"])
+
+
+def test_every_gated_key_has_a_reader_and_the_tables_match_the_registries():
+  from cft_jax import objectives, peft, robust  # pylint: disable=g-import-not-at-top
+  from cft_jax import registry  # pylint: disable=g-import-not-at-top
+  loss_names, schedules = objectives.LOSS_READS
+  assert set(loss_names.reads) == set(objectives.OBJECTIVES)
+  assert set(schedules.reads) == set(objectives.SCHEDULES)
+  assert set(robust.PROJECTION_READS.reads) == set(robust.PROJECTIONS)
+  assert set(peft.PEFT_READS.reads) == set(peft.PEFT_METHODS)
+  assert set(methods.method_reads().reads) == set(methods.method_names())
+  for by in registry.key_readers():
+    section = by.section
+    for key in by.gated:  # every gated key is a key of its section and read by someone
+      assert by.readers(key)
+      if section != "method" and f"{section}.{key}" not in config_lib.KEYS:
+        assert section == "loss" and key in objectives.LOSS_HPARAMS, key
+
+
+def test_cli_key_not_read_is_one_error_line(tmp_path):
+  out = _cli("--config", "configs/default.py", "--workdir", str(tmp_path / "never"),
+             "--config.method.ema_decay=0.999")
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      "cft_jax: error: method.ema_decay=0.999 is not read by method.name='sequential' (read by: "
+      "lae); remove it or choose one of those"]
+  out = _cli("--config", "configs/default.py", "--describe", "--config.method.buffer_size=8")
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      "cft_jax: error: method.buffer_size=8 is not read by method.name='sequential' (read by: "
+      "der, derpp, dlcft, er); remove it or choose one of those"]
 
 
 def test_builder_value_errors_become_config_errors():

@@ -29,7 +29,10 @@ def _config(root, method="sequential", projection_name="", wise=1.0):
   c = base_config()
   c.data.name, c.data.root, c.data.image_size = "image_folder", root, 16
   c.model.name, c.model.pretrained = "tiny_cnn", False
-  c.peft.name, c.peft.rank = ("lora", 2) if method == "lae" else ("full", 0)
+  if method == "lae":
+    c.peft.name, c.peft.rank = "lora", 2
+  else:
+    c.peft.name = "full"  # (peft.rank is LoRA's: not set under full)
   c.scenario.num_tasks = 2
   c.loss.name = "ce"
   c.method.name, c.method.projection = method, projection_name

@@ -21,6 +21,8 @@ lists / record readers and labels; images are decoded on demand by the input pip
   (``data.train_list`` / ``data.test_list``: lines ``relative/path [label]``), or a single
   ``root/<class>/*`` tree split 80/20 per class with ``data.split_seed``. Labels: sorted class
   folder names.
+- ``cifar10``: tfds ``cifar10`` (Krizhevsky 2009), 50,000 / 10,000 train / test, 10 classes
+  with the tfds ids 0-9; or an image folder (the cifar10-mini folder: ``configs/cifar10.py``).
 - ``cifar100``: tfds ``cifar100`` (Krizhevsky 2009), standard 50,000 / 10,000 train / test
   split, 100 fine classes with the tfds (= original CIFAR-100) ids 0-99; or an image folder.
 - ``imagenet_r``: ImageNet-R (Hendrycks et al. 2021), 30,000 images of 200 ImageNet classes
@@ -581,6 +583,26 @@ def load_cifar100(root: Optional[str] = None, image_size: int = 224, **kw) -> St
   return load_tfds("cifar100", root, image_size, registry_name="cifar100", **kw)
 
 
+def load_cifar10(root: Optional[str] = None, image_size: int = 224, **kw) -> StreamingDataset:
+  """Split CIFAR-10's data: tfds ``cifar10`` (50k / 10k, 10 classes, ids 0-9 as published), or
+  an image folder ``root/{train,test}/<class>/`` if ``root`` has one (e.g. the cifar10-mini
+  folder of ``configs/cifar10.py``).
+
+  Raises:
+    DatasetNotFoundError: neither is available (the message says how to prepare it and points
+      to ``configs/cifar10.py`` for the image folder).
+  """
+  if root and os.path.isdir(os.path.join(root, "train")):
+    return load_image_folder(root, image_size, name="cifar10", **kw)
+  try:
+    return load_tfds("cifar10", root, image_size, registry_name="cifar10", **kw)
+  except DatasetNotFoundError as e:
+    raise DatasetNotFoundError(
+        f"data.name='cifar10': {e} For the cifar10-mini image folder use --config "
+        f"configs/cifar10.py, or data.name=image_folder (or cifar10) with "
+        f"data.root=DIR holding DIR/{{train,test}}/<class>/.") from e
+
+
 def load_imagenet_r(root: Optional[str] = None, image_size: int = 224, **kw
                     ) -> StreamingDataset:
   """ImageNet-R with the seeded 80/20 train / test split (see the module docstring).
@@ -646,11 +668,12 @@ REGISTRY: Dict[str, Callable[..., Any]] = {
     "fashion_mnist": load_fashion_mnist,
     "mnist": load_mnist,
     "image_folder": load_image_folder,
+    "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagenet_r": load_imagenet_r,
     "domainnet": load_domainnet,
 }
-STREAMED = ("image_folder", "cifar100", "imagenet_r", "domainnet")
+STREAMED = ("image_folder", "cifar10", "cifar100", "imagenet_r", "domainnet")
 
 
 def load_dataset(name: str, root: Optional[str] = None, image_size: int = 224, **options):
@@ -685,7 +708,7 @@ def load_dataset(name: str, root: Optional[str] = None, image_size: int = 224, *
 # pipeline), their defaults and allowed values (:mod:`cft_jax.schema`; assembled by
 # :mod:`cft_jax.registry` into :func:`cft_jax.config.base_config`).
 CONFIG_KEYS = (
-    Key("name", "fashion_mnist", "dataset (fashion_mnist, mnist, image_folder, cifar100, "
+    Key("name", "fashion_mnist", "dataset (fashion_mnist, mnist, image_folder, cifar10, cifar100, "
         "imagenet_r, domainnet, tfds:<name>)"),
     Key("root", "", '"" -> the loader\'s default location'),
     Key("image_size", 64, "pixels; Lite0's native 224 is too slow for a 2-core CPU",

@@ -28,7 +28,7 @@ from cft_jax.methods.lae import LAE
 from cft_jax.methods.lwf import LwF
 from cft_jax.methods.regularizers import DLCFT, EWC, MAS, KroneckerRegularizer
 from cft_jax.methods.replay import DER, DERPP, ER
-from cft_jax.schema import Key, did_you_mean
+from cft_jax.schema import Key, ReadBy, did_you_mean, not_read
 
 
 # The ``method`` section's keys every method accepts (:mod:`cft_jax.schema`), besides its own
@@ -139,9 +139,18 @@ def get_method(cfg: ml_collections.ConfigDict, mse_alpha: Optional[float] = None
   name = cfg.get("name", CONFIG_KEYS[0].default)  # the declared default of method.name
   if name not in _FACTORIES:
     raise ConfigError(f"unknown method.name '{name}'; known: {list(method_names())}")
-  check_method_keys(name, list(cfg.keys()))
+  check_method_keys(name, cfg)
   extra = {} if mse_alpha is None else {"mse_alpha": float(mse_alpha)}
   return _FACTORIES[name][0](cfg, **extra)
+
+
+def method_reads() -> ReadBy:
+  """Who reads which ``method`` key (:class:`cft_jax.schema.ReadBy`): each registered method its
+  dataclass fields (:func:`method_config_fields`; LAE's ``ema_decay`` and ``freeze_epochs``, a
+  replay method's ``buffer_size``, ...). Methods registered without fields are left out (their
+  keys are not checked)."""
+  return ReadBy("method.name", {name: tuple(fields) for name, (_, fields) in _FACTORIES.items()
+                                if fields is not None})
 
 
 def checked_method_fields(name: str) -> Optional[Dict[str, Any]]:
@@ -176,23 +185,30 @@ def check_method_keys(name: str, keys) -> Optional[Dict[str, Any]]:
 
   Args:
     name: the method's name.
-    keys: the keys of the ``config.method`` section.
+    keys: the keys of the ``config.method`` section, or the section itself (a dict /
+      ConfigDict: the messages show the values).
 
   Returns:
     ``{key: default}`` of the method's own fields (None: a method registered without fields).
 
   Raises:
-    ConfigError: unknown method, or an unknown key (with a "did you mean").
+    ConfigError: unknown method; a field of other methods (``method.buffer_size=500 is not read
+      by method.name='sequential' (read by: der, derpp, dlcft, er); ...``); an unknown key (with
+      a "did you mean").
   """
   fields = checked_method_fields(name)
   if fields is None:
     return None
   trainer_keys = {k.name for k in SECTION_KEYS}
   allowed = trainer_keys | set(fields)
+  reads = method_reads()
   for key in keys:
     if key == "mse_alpha":
       raise ConfigError("config.method.mse_alpha: the MSE target scale is loss.alpha (one value "
                         "for the loss and the curvature / replay terms); set loss.alpha instead")
+    if key not in allowed and reads.readers(key):  # another method's field
+      raise not_read(f"method.{key}", reads, name,
+                     *((keys[key],) if hasattr(keys, "items") else ()))
     if key not in allowed:
       raise ConfigError(f"unknown config key 'method.{key}' for method '{name}'"
                         + (did_you_mean(key, fields, "method.")

@@ -53,13 +53,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cft_jax.errors import ConfigError
 from cft_jax.models.vit_checkpoint import (  # noqa: F401  (re-exported)
     AUGREG_FILES, AUGREG_URL, CHECKPOINT_FORMATS, I21K_FILES, I21K_URL, _as_size,
     _normalise_checkpoint, detect_checkpoint_format, init_leaves, load_pretrained,
-    pretrained_path, resample_posemb, save_npz)
+    pretrained_path, read_npz, resample_posemb, save_npz)
 from cft_jax.models.vit_layers import (  # noqa: F401  (re-exported)
     LORA_TARGETS, Dense, Encoder1DBlock, LayerNorm, LoRADenseGeneral, MlpBlock,
     MultiHeadDotProductAttention, attention, gelu_tanh, layer_norm, softmax)
@@ -72,7 +71,7 @@ __all__ = [
     "MEAN", "STD", "VARIANTS", "ViTSpec", "PEFT_NAMES", "PAPER_PEFT_BLOCKS", "AUGREG_FILES",
     "VisionTransformer", "Dense", "LoRADenseGeneral", "MultiHeadDotProductAttention",
     "Encoder1DBlock", "peft_param_count", "resample_posemb", "init_leaves", "load_pretrained",
-    "load_npz", "save_npz", "pretrained_path", "build", "detect_checkpoint_format",
+    "load_npz", "read_npz", "save_npz", "pretrained_path", "build", "detect_checkpoint_format",
     "I21K_FILES",
 ]
 
@@ -309,9 +308,8 @@ def build(variant: str, num_classes: int, *, pretrained: bool = True,
                        f"model.checkpoint_format='{fmt}' or 'auto'")
     if fmt == "i21k":
       if pre_logits == "keep":
-        with np.load(path, allow_pickle=False) as f:
-          width = [f[k].shape[-1] for k in f.files if k.endswith("pre_logits/bias")][0]
-        module_kwargs["representation_size"] = int(width)
+        bias = read_npz(path, lambda k: k.endswith("pre_logits/bias"))
+        module_kwargs["representation_size"] = int(next(iter(bias.values())).shape[-1])
       else:
         ignore = ("pre_logits",)
   module = VisionTransformer(variant=variant, num_classes=num_classes, **module_kwargs)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cft_jax.errors import DatasetNotFoundError
+from cft_jax.errors import BadDataError, ConfigError, DatasetNotFoundError
 from cft_jax.peft import is_head
 
 __all__ = ["AUGREG_FILES", "I21K_FILES", "CHECKPOINT_FORMATS", "resample_posemb", "init_leaves",
@@ -153,7 +155,8 @@ def load_pretrained(module: nn.Module, path: Union[str, os.PathLike],
     ``{'params': nested dict of jax arrays}``.
 
   Raises:
-    FileNotFoundError: no such file.
+    FileNotFoundError: no such file (``DatasetNotFoundError``); a file that is not a readable
+      ``.npz`` (``BadDataError``, naming it).
     ValueError: naming every missing key (model leaf not in the file), unexpected key (file
       array the model has no leaf for) and shape mismatch.
   """
@@ -163,9 +166,7 @@ def load_pretrained(module: nn.Module, path: Union[str, os.PathLike],
   p = module.spec.patch
   if h % p or w % p:
     raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-  with np.load(path, allow_pickle=False) as f:
-    ckpt = {k: np.asarray(f[k]) for k in f.files}
-  ckpt = _normalise_checkpoint(ckpt)
+  ckpt = _normalise_checkpoint(read_npz(path))
   shapes = traverse_util.flatten_dict(
       jax.eval_shape(module.init, rng, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))["params"],
       sep="/")
@@ -223,18 +224,42 @@ def _not_found(message: str) -> Exception:
   return DatasetNotFoundError(message)
 
 
+def _with_npz(path: Union[str, os.PathLike], read: Callable[[Any], Any]) -> Any:
+  """``read(npz)`` of the opened ``.npz`` at ``path``; the errors of :func:`read_npz`."""
+  if not os.path.isfile(path):
+    raise _not_found(f"model.checkpoint: {path} does not exist (a ViT .npz file or the folder "
+                     f"holding it)")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return read(f)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise BadDataError(f"model.checkpoint: {path} is not a readable .npz ({type(e).__name__}: "
+                       f"{e}); the download may be truncated: download it again") from None
+
+
+def read_npz(path: Union[str, os.PathLike], select: Optional[Callable[[str], bool]] = None
+             ) -> Dict[str, np.ndarray]:
+  """The arrays of a checkpoint ``.npz`` whose keys ``select`` accepts (None: every array).
+
+  Raises:
+    FileNotFoundError: no such file (``DatasetNotFoundError``).
+    BadDataError: the file is not a readable ``.npz`` (a truncated download, another format);
+      the message names it and says to download it again.
+  """
+  return _with_npz(path, lambda f: {k: np.asarray(f[k]) for k in f.files
+                                    if select is None or select(k)})
+
+
 def detect_checkpoint_format(path: Union[str, os.PathLike]) -> str:
   """``"i21k"`` for a file with ``pre_logits`` (the original ``ViT-B_16.npz``), else
   ``"augreg"`` (reads the key names only).
 
   Raises:
-    FileNotFoundError: no such file (``DatasetNotFoundError``).
+    FileNotFoundError: no such file (``DatasetNotFoundError``); a file that is not a readable
+      ``.npz`` (``BadDataError``, naming it).
   """
-  if not os.path.isfile(path):
-    raise _not_found(f"model.checkpoint: {path} does not exist (a ViT .npz file or the folder "
-                     f"holding it)")
-  with np.load(path, allow_pickle=False) as f:
-    return "i21k" if any("pre_logits/" in k for k in f.files) else "augreg"
+  keys = _with_npz(path, lambda f: list(f.files))
+  return "i21k" if any("pre_logits/" in k for k in keys) else "augreg"
 
 
 def _candidates(variant: str, fmt: str) -> Dict[str, str]:
@@ -257,19 +282,19 @@ def pretrained_path(variant: str, directory: Optional[str] = None,
   Looked up in ``directory``, else ``$CFT_JAX_VIT_DIR``, else ``~/.cache/cft_jax/vit``.
 
   Raises:
-    ValueError: no public checkpoint for ``variant`` (patch-4 and ``tiny`` variants) or an
-      unknown format.
+    ConfigError (a ValueError): no public checkpoint for ``variant`` (patch-4 and ``tiny``
+      variants) or an unknown format.
     FileNotFoundError: the file is absent; the message gives the download command.
   """
   if checkpoint_format not in CHECKPOINT_FORMATS:
-    raise ValueError(f"model.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
-                     f"{checkpoint_format!r}")
+    raise ConfigError(f"model.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got "
+                      f"{checkpoint_format!r}")
   files = _candidates(variant, checkpoint_format)
   if not files:
     kind = "i21k" if checkpoint_format == "i21k" else "augreg"
-    raise ValueError(f"no public {kind} checkpoint for ViT variant {variant!r} "
-                     f"(augreg: {sorted(AUGREG_FILES)}, i21k: {sorted(I21K_FILES)}); use "
-                     f"pretrained=False")
+    raise ConfigError(f"no public {kind} checkpoint for ViT variant {variant!r} "
+                      f"(augreg: {sorted(AUGREG_FILES)}, i21k: {sorted(I21K_FILES)}); set "
+                      f"model.pretrained=False, or model.checkpoint to your .npz file")
   directory = (directory or os.environ.get("CFT_JAX_VIT_DIR")
                or os.path.join(os.path.expanduser("~"), ".cache", "cft_jax", "vit"))
   for name in files:

@@ -20,7 +20,7 @@ from typing import Any, Dict, Sequence, Tuple, Union
 from flax import traverse_util
 
 # pylint: disable-next=unused-import
-from cft_jax.peft.spec import CONFIG_KEYS, NO_PEFT, PEFT_METHODS, PeftSpec
+from cft_jax.peft.spec import CONFIG_KEYS, NO_PEFT, PEFT_METHODS, PEFT_READS, PeftSpec
 
 PyTree = Any
 # Name of the classifier (the top-level ``params`` entry every backbone calls its last Dense).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Tuple
 
-from cft_jax.schema import Key
+from cft_jax.schema import Key, ReadBy
 
 # Names whose modules live inside the backbone (the others only choose trainable leaves).
 MODULE_PEFTS = ("lora", "adapter", "prefix")
@@ -32,6 +32,16 @@ CONFIG_KEYS = (
     Key("prefix_length", 10, "ViT prefix length L"),
 )
 
+# Who reads which ``peft`` key (:class:`cft_jax.schema.ReadBy`; the registry refuses a key that is
+# set but not read): each ``peft.name`` its module's sizes (:class:`PeftSpec`'s properties and
+# the backbones); ``linear_probe`` and ``full`` add no module and read none.
+PEFT_READS = ReadBy("peft.name", {
+    "lora": ("rank", "alpha", "blocks", "lora_targets"),
+    "adapter": ("blocks", "adapter_hidden", "adapter_position"),
+    "prefix": ("blocks", "prefix_length"),
+    "linear_probe": (),
+    "full": (),
+})
 
 @dataclasses.dataclass(frozen=True)
 class PeftSpec:

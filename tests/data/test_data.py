@@ -85,6 +85,30 @@ def test_image_folder(tmp_path):
   assert ds.train_images[ds.train_labels == 1].mean() < ds.train_images[ds.train_labels == 2].mean()
 
 
+def test_cifar10_is_registered_image_folder_or_tfds(tmp_path, monkeypatch):
+  """``data.name=cifar10``: a folder with ``train/`` is read as an image folder; without one,
+  tfds ``cifar10``; when tfds cannot provide it, the error says how and points to
+  ``configs/cifar10.py`` / ``data.name=image_folder`` for the cifar10-mini folder."""
+  assert "cifar10" in data.REGISTRY and "cifar10" in data.STREAMED
+  root = make_image_folder(str(tmp_path / "mini"))
+  ds = data.load_dataset("cifar10", root=root, image_size=16)
+  assert ds.class_names == ("a_cls", "b_cls", "c_cls") and ds.name == "cifar10"
+  asked = []
+
+  def no_tfds(name, data_dir):
+    asked.append((name, data_dir))
+    raise data.DatasetNotFoundError(f"tfds could not provide '{name}' (offline).")
+
+  monkeypatch.setattr(data.datasets, "_tfds_builder", no_tfds)
+  with pytest.raises(data.DatasetNotFoundError) as e:
+    data.load_dataset("cifar10", root=str(tmp_path / "tfds_dir"), image_size=16)
+  assert asked == [("cifar10", str(tmp_path / "tfds_dir"))]
+  assert str(e.value) == (
+      "data.name='cifar10': tfds could not provide 'cifar10' (offline). For the cifar10-mini "
+      "image folder use --config configs/cifar10.py, or data.name=image_folder (or cifar10) with "
+      "data.root=DIR holding DIR/{train,test}/<class>/.")
+
+
 def test_preprocess_shapes_and_normalisation():
   prep = data.Preprocess(image_size=8, mean=127.0, std=128.0, augment="crop_flip", crop_padding=2)
   x = jnp.full((3, 4, 4, 1), 255, jnp.uint8)

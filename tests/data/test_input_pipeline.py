@@ -304,8 +304,9 @@ class _FakeTfdsSplit:
     return {"image": buf.getvalue(), "label": self.labels[i]}
 
 
-@pytest.mark.parametrize("name, num_classes", [("cifar100", 100), ("imagenet_r", 3),
-                                               ("domainnet", 345), ("tfds:cifar100", 100)])
+@pytest.mark.parametrize("name, num_classes", [("cifar10", 10), ("cifar100", 100),
+                                               ("imagenet_r", 3), ("domainnet", 345),
+                                               ("tfds:cifar100", 100)])
 def test_named_tfds_datasets_under_mock_data(tmp_path, name, num_classes):
   tfds = pytest.importorskip("tensorflow_datasets")
 

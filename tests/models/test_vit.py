@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from cft_jax import peft
+from cft_jax.errors import ConfigError
 from cft_jax.models import build_model, vit
 from cft_jax.peft.adapter import Adapter, adapter_param_count
 from cft_jax.peft.prefix import dot_product_attention, prefix_attention
@@ -198,6 +199,27 @@ def test_loader_errors_name_keys(tmp_path):
   assert "Transformer/encoderblock_7/LayerNorm_0/scale" in msg
   assert "pre_logits/kernel" in msg and "representation_size" in msg
   assert "Transformer/encoder_norm/scale: file (33,) vs model (32,)" in msg
+
+
+def test_truncated_or_foreign_npz_is_one_error_naming_the_file(tmp_path):
+  """A truncated download (or a file of another format) is a BadDataError naming the file, from
+  every reader of the checkpoint, not a zipfile traceback."""
+  from cft_jax.errors import BadDataError  # pylint: disable=g-import-not-at-top
+  good = tmp_path / "good.npz"
+  np.savez(good, **augreg_arrays())
+  truncated, text = tmp_path / "truncated.npz", tmp_path / "text.npz"
+  truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  text.write_text("not a checkpoint")
+  for path, kind in ((truncated, "BadZipFile"), (text, "ValueError")):
+    for read in (vit.detect_checkpoint_format, lambda p: vit.load_npz(p, "tiny", C, image_size=S),
+                 vit.read_npz):
+      with pytest.raises(BadDataError) as e:
+        read(path)
+      assert str(e.value).startswith(f"model.checkpoint: {path} is not a readable .npz ({kind}: ")
+      assert str(e.value).endswith("the download may be truncated: download it again")
+      assert "\n" not in str(e.value)
+  assert vit.detect_checkpoint_format(good) == "augreg"
+  assert sorted(vit.read_npz(good, lambda k: k.startswith("cls"))) == ["cls"]
 
 
 def test_posemb_resize_keeps_cls_and_resamples_grid(tmp_path, images):
@@ -420,7 +442,7 @@ def test_build_model_registry(images):
   logits = jax.eval_shape(lambda v, x: built.module.apply(
       v, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)}), built.variables, images)
   assert logits.shape == (B, C)
-  with pytest.raises(ValueError, match="no public augreg checkpoint"):
+  with pytest.raises(ConfigError, match="no public augreg checkpoint"):
     build_model("vit_tiny", C, pretrained=True, image_size=S)
   with pytest.raises(ValueError, match="unknown ViT peft"):
     build_model("vit_tiny", C, pretrained=False, image_size=S, peft=PeftSpec("bitfit"))
