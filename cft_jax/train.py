@@ -433,7 +433,8 @@ def _check_files(config: ml_collections.ConfigDict, ds: Any, sc: scenarios.Scena
   cat = lambda ix: np.concatenate([np.asarray(i, np.int64) for i in ix] + [np.zeros(0, np.int64)])
   verbose = config.train.verbose
   counts, lines = check_splits(
-      {"train": (ds.train, cat(sc.train_idx)), "val": (ds.train, cat(sc.val_idx)),
+      {"train": (ds.train, cat(sc.train_idx)),
+       "val": (ds.train, cat(list(sc.val_idx) + list(sc.radius_idx or ()))),  # + TPGM's split
        "test": (ds.test, cat(sc.test_idx))}, skip_corrupt=config.data.skip_corrupt,
       threads=config.data.read_threads, progress=verbose and config.train.progress)
   if lines and verbose:

@@ -81,5 +81,5 @@ def test_adam_weight_decay_is_decoupled_as_documented():
   # decoupled: Adam's first step is -lr * sign(g) = -0.1, plus -lr * wd * w = -0.1; coupled
   # (gradient g + wd * w = 1.001) would give -0.1 alone
   np.testing.assert_allclose(updates["w"], [-0.2], rtol=1e-4)
-  doc = config_lib._DOC["optim.weight_decay"]  # pylint: disable=protected-access
+  doc = config_lib.KEYS["optim.weight_decay"].doc  # the declared meaning (--describe)
   assert "adam / adamw: decoupled" in doc and "adam / sgd: added" not in doc

@@ -40,8 +40,8 @@ def find_corrupt(source: Any, indices: Sequence[int], threads: int = 8, progress
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bad = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool, \
-      tqdm(total=len(idx), desc=desc, disable=not progress, leave=False,
-           dynamic_ncols=True) as bar:
+      tqdm(total=len(idx), desc=desc, leave=False, dynamic_ncols=True,
+           disable=None if progress else True) as bar:  # None: a bar on a terminal only
     for i, reason in zip(idx, pool.map(lambda i: check_example(source, int(i)), idx)):
       bar.update(1)
       if reason is not None:
