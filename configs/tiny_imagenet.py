@@ -30,7 +30,8 @@ every test image (1,000 per task), 1 epoch per task (169 steps), batch 32, crop 
 20 classes).
 
 Measured on this project's 2-core AMD EPYC CPU (2026-12-06, other jobs sharing the cores, so
-the wall times are upper bounds; 4 min 09 s for a run alone on the machine), the study's pilot
+the wall times are upper bounds; a calibration run of the same 169 steps per task, alone on
+the machine: 4 min 09 s), the study's pilot
 runs of this file (``python studies/natural_images.py --dataset tiny_imagenet --study objectives
 --phase pilot``, seeds 900 / 901; ``docs/results/tiny_imagenet_objectives_pilot.md``)::
 
