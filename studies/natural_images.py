@@ -366,8 +366,10 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
   spec = STUDIES[study]
   path = _out(args, study, "_selected.json")
   selected = _read_json(path)
-  for arm in arms:
-    prior = {} if args.fresh else selected.get(arm.name, {})
+  shared = _read_json(_out(args, spec["runs_under"], "_selected.json")) if "runs_under" in spec \
+      else {}
+  for arm in arms:  # recorded scores: the arm's own, else those of the study it shares runs with
+    prior = {} if args.fresh else selected.get(arm.name) or shared.get(arm.name, {})
     scores: Dict[Tuple[float, Any], List[float]] = {}
 
     def run(lr, value):
@@ -540,8 +542,10 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   every = study_arms(args.dataset, study)
-  prior = {} if args.fresh else recorded_runs(
-      _out(args, study), {a.name: ",".join(_keys(a)) or None for a in every}, selected)
+  keys = {a.name: ",".join(_keys(a)) or None for a in every}
+  prior = {} if args.fresh else {  # the study whose runs it shares first, its own records win
+      **recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys, selected),
+      **recorded_runs(_out(args, study), keys, selected)}
   for seed in seeds:  # seed-major: an interrupted phase has every arm at the first seeds
     for arm in every:
       r = _final_one(study, arm, seed, selected, prior, args, log,

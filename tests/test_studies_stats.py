@@ -529,3 +529,26 @@ def test_claims_on_the_same_runs_but_another_metric_are_separate_tests(monkeypat
           for a in ("ce_seq", "er_seq") for s in range(3)]
   a, b = (natural_images.compare(runs, c, (0, 1, 2)) for c in (ood, idc))
   assert a["same_as"] != b["same_as"]
+
+
+def test_a_study_sharing_runs_reads_the_other_studys_records(tmp_path, monkeypatch):
+  """class_il_recipes shares its CE / aEPG runs with objectives (``runs_under``): with the run
+  folders gone, the objectives study's recorded tuning scores and final runs stand in for them,
+  so the recipes study trains only its own arms."""
+  sel = {"ce_seq": {"learning_rate": 1e-3, "tune_seeds": [100, 101],
+                    "tune_scores": {f"lr{lr:g}": {"100": v, "101": v + 1.0} for lr, v in
+                                    zip(natural_images.LR_GRID, (40.0, 45.0, 30.0))}}}
+  (tmp_path / "cifar10_objectives_selected.json").write_text(json.dumps(sel))
+  (tmp_path / "cifar10_objectives.json").write_text(json.dumps({"runs": [
+      {"arm": "ce_seq", "seed": s, "workdir": "w", "settings": {"learning_rate": 1e-3},
+       "metrics": _metrics(40.0 + s)} for s in range(3)]}))
+  trained = []
+  monkeypatch.setattr(natural_images, "tune_score", lambda cfg, wd: trained.append(wd) or 0.0)
+  monkeypatch.setattr(natural_images, "run_one", lambda cfg, wd: trained.append(wd) or _metrics(1.0))
+  args = _args(tmp_path)
+  arm = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}["ce_seq"]
+  got = natural_images.tune("class_il_recipes", [arm], args, lambda s: None)
+  assert not trained and got["ce_seq"]["learning_rate"] == 1e-3
+  runs = natural_images.run_seeds("class_il_recipes", [arm], {"ce_seq": {"learning_rate": 1e-3}},
+                                  [0, 1, 2], _args(tmp_path, phase="final"), lambda s: None)
+  assert not trained and sorted(r["seed"] for r in runs) == [0, 1, 2]
