@@ -50,56 +50,29 @@ import os
 
 import ml_collections
 
-from cft_jax.config import base_config, load_config_module, parse_config_arg
+from cft_jax.config import load_config_module
 
-METHODS = ("sequential", "lae", "er", "derpp")
+_NATURAL = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "_natural.py"), "cft_jax_config__natural")
+METHODS = _NATURAL.METHODS
 ENV_ROOT = "CFT_JAX_CIFAR10_MINI"
-
-
-def _objective_settings():
-  """``OBJECTIVE_SETTINGS`` of ``configs/objectives_study.py`` (objective -> loss keys)."""
-  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          "objectives_study.py")).OBJECTIVE_SETTINGS
 
 
 def default_root() -> str:
   """``$CFT_JAX_CIFAR10_MINI`` if set, else ``<checkout>/../shared/data/cifar10-mini``."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return os.environ.get(ENV_ROOT) or os.path.normpath(
-      os.path.join(here, "..", "..", "shared", "data", "cifar10-mini"))
+  return _NATURAL.shared_root("cifar10-mini", ENV_ROOT)
 
 
 def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
-  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``).
+  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``); the shared settings of
+  ``configs/_natural.py`` with 5 tasks, 3 epochs and the replay methods' validated learning rates.
 
   Raises:
     ConfigError (a ValueError): an unknown loss or method in ``arg``.
   """
-  settings = _objective_settings()
-  loss, method = parse_config_arg(
-      arg, [("loss", tuple(settings), "aepg"), ("method", METHODS, "sequential")],
-      "configs/cifar10.py:aepg,lae")
-  c = base_config()
-  c.scenario.num_tasks = 5
-  c.scenario.seed = 1993
-  c.data.name = "image_folder"
-  c.data.root = default_root()
-  c.data.image_size = 64
-  c.data.train_limit = 0          # all 2,000 training images per task ...
-  c.data.val_fraction = 0.1       # ... of which 200 are the validation split (tuning)
-  c.data.test_limit = 0           # all 400 test images per task
-  c.data.augment = "crop_flip"
-  c.data.test_crop_fraction = 1.0  # the whole (upsampled) 32 px image, no ImageNet centre crop
-  c.loss.name = loss
-  c.loss.update(settings[loss])
-  c.method.name = method
-  c.optim.learning_rate = 1e-3
-  if method in ("er", "derpp"):  # replay on top of seq-LoRA (the method's defaults: buffer 500,
-    c.loss.scope = "all"          # 32 replayed per step; DER++ alpha 0.1, beta 0.5), global CE
+  c = _NATURAL.natural_config(arg, "configs/cifar10.py:aepg,lae", default_root(), num_tasks=5)
   # learning rates selected on validation: docs/results/cifar10_class_il_recipes_selected.json
-  if method in ("er", "derpp"):
-    c.optim.learning_rate = {"er": 3e-3, "derpp": 3e-4}[method]
+  if c.method.name in ("er", "derpp"):
+    c.optim.learning_rate = {"er": 3e-3, "derpp": 3e-4}[c.method.name]
   c.train.epochs = 3
-  c.train.batch_size = 32
-  c.train.log_every = 10
   return c

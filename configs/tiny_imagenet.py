@@ -49,53 +49,27 @@ import os
 
 import ml_collections
 
-from cft_jax.config import base_config, load_config_module, parse_config_arg
+from cft_jax.config import load_config_module
 
-METHODS = ("sequential", "lae", "er", "derpp")
+_NATURAL = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           "_natural.py"), "cft_jax_config__natural")
+METHODS = _NATURAL.METHODS
 ENV_ROOT = "CFT_JAX_TINY_IMAGENET_MINI"
-
-
-def _objective_settings():
-  """``OBJECTIVE_SETTINGS`` of ``configs/objectives_study.py`` (objective -> loss keys)."""
-  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          "objectives_study.py")).OBJECTIVE_SETTINGS
 
 
 def default_root() -> str:
   """``$CFT_JAX_TINY_IMAGENET_MINI`` if set, else ``<checkout>/../shared/data/tiny-imagenet-mini``."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return os.environ.get(ENV_ROOT) or os.path.normpath(
-      os.path.join(here, "..", "..", "shared", "data", "tiny-imagenet-mini"))
+  return _NATURAL.shared_root("tiny-imagenet-mini", ENV_ROOT)
 
 
 def get_config(arg: str = "aepg") -> ml_collections.ConfigDict:
-  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``).
+  """``arg = "loss[,method]"`` (defaults ``aepg``, ``sequential``); the shared settings of
+  ``configs/_natural.py`` with 10 tasks of 20 classes and 1 epoch per task.
 
   Raises:
     ConfigError (a ValueError): an unknown loss or method in ``arg``.
   """
-  settings = _objective_settings()
-  loss, method = parse_config_arg(
-      arg, [("loss", tuple(settings), "aepg"), ("method", METHODS, "sequential")],
-      "configs/tiny_imagenet.py:aepg,lae")
-  c = base_config()
-  c.scenario.num_tasks = 10
-  c.scenario.seed = 1993
-  c.data.name = "image_folder"
-  c.data.root = default_root()
-  c.data.image_size = 64
-  c.data.train_limit = 0          # all 6,000 training images per task (300 per class) ...
-  c.data.val_fraction = 0.1       # ... of which 600 (30 per class) are the validation split
-  c.data.test_limit = 0           # all 1,000 test images per task (50 per class)
-  c.data.augment = "crop_flip"
-  c.data.test_crop_fraction = 1.0  # the whole 64 px image, no centre crop
-  c.loss.name = loss
-  c.loss.update(settings[loss])
-  c.method.name = method
-  c.optim.learning_rate = 1e-3
-  if method in ("er", "derpp"):   # replay on top of seq-LoRA, global CE over every seen class
-    c.loss.scope = "all"
+  c = _NATURAL.natural_config(arg, "configs/tiny_imagenet.py:aepg,lae", default_root(),
+                              num_tasks=10)
   c.train.epochs = 1
-  c.train.batch_size = 32
-  c.train.log_every = 10
   return c
