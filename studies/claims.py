@@ -389,10 +389,21 @@ def _ours(r: Dict[str, object]) -> str:
   if not r:
     return "not run yet"
   if r.get("status") == "incomplete":
-    return "incomplete: " + ", ".join(f"{a} lacks seeds {s}" for a, s in r["missing"].items())
+    n = len(r.get("seeds", ()))
+    missing = r["missing"]
+    if n and _all_arms_missing(r) and all(len(s) == n for s in missing.values()):
+      return "not run yet"
+    return "incomplete: " + ", ".join(f"{a} lacks {len(s)} of {n} seeds"
+                                      for a, s in missing.items())
   if r.get("status") != "complete":
     return str(r.get("status"))
   return (f"{r['mean']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}] (n={r['n']})")
+
+
+def _all_arms_missing(r: Dict[str, object]) -> bool:
+  """Whether no arm of the claim has any registered seed (the claim has not started)."""
+  c = by_id().get(str(r.get("id")))
+  return c is not None and set(r["missing"]) == set(c.better + c.worse)
 
 
 def verdict_table(dataset: str, out_dir: str = RESULTS) -> str:
