@@ -580,7 +580,8 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[
   if train:
     log(f"final {arm.name} seed {seed}: class-IL final {m['final_accuracy']:.2f}, task-IL "
         f"{m['task_il']['final_accuracy']:.2f} ({time.time() - t:.0f}s)")
-    _persist(study, rec, args)
+    if args.phase in ("final", "all"):  # pilot runs go to the pilot's own file, not the study's
+      _persist(study, rec, args)
   return rec
 
 
