@@ -11,7 +11,7 @@ import ml_collections
 
 from cft_jax.config import base_config, load_config_module, parse_config_arg
 
-METHODS = ("sequential", "lae", "er", "derpp")
+METHODS = ("sequential", "lae", "er", "derpp", "dlcft")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -59,6 +59,27 @@ def natural_config(arg: str, example: str, root: str,
   c.optim.learning_rate = 1e-3
   if method in ("er", "derpp"):   # replay on top of seq-LoRA (buffer 500, 32 replayed per step
     c.loss.scope = "all"          # and term; DER++ alpha 0.1, beta 0.5), CE over every seen class
+  if method == "dlcft":           # DLCFT's class-IL recipe (DLCFT paper §3-4, Table 2) on the LoRA
+    _dlcft(c)                     # parameters: its own MSE loss replaces the argument's
   c.train.batch_size = 32
   c.train.log_every = 10
   return c
+
+
+def _dlcft(c: ml_collections.ConfigDict) -> None:
+  """DLCFT in class-IL with a 500-image buffer, in place: the feature extractor linearized in its
+  trainable (LoRA) parameters (eqs. 6-7), MSE to a 15-scaled one-hot over every seen class, TK-FAC
+  curvature (Monte-Carlo Fisher, 4 batches), ``(1/t) L_data + ((t-1)/t) L_reg`` with
+  ``L_reg = 1/2 q(theta) + 1/2 E_M[MSE]`` (eq. 14, ``replay_lambda`` 1/2) and the head extension
+  (eq. 13) — the settings of ``configs/dlcft_data_il.py`` / ``dlcft_class_il.py``."""
+  c.model.linearize = "features"
+  c.loss = ml_collections.ConfigDict({"name": "mse", "alpha": 15.0, "scope": "all"})
+  c.method.weighting = "dlcft"
+  c.method.strength = 1.0
+  c.method.curvature = "tkfac"
+  c.method.fisher_type = "mc"
+  c.method.num_samples = 1
+  c.method.curvature_batches = 4
+  c.method.buffer_size = 500
+  c.method.replay_batch_size = 32
+  c.method.replay_lambda = 0.5

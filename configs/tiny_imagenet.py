@@ -7,8 +7,9 @@ objectives (``ce``, ``epg``, ``aepg``, ``entropy_penalty``, ``confidence_penalty
 ``label_smoothing``, ``focal``, ``reinforce``; hyper-parameters the aEPG paper's, see
 ``configs/objectives_study.py``), method ``sequential`` (default, seq-LoRA), ``lae``, or a
 replay method on top of seq-LoRA: ``er`` / ``derpp`` (reservoir buffer of 500 images = 2.5 per
-class, 32 replayed per step and term, CE over every seen class; DER++ alpha 0.1, beta 0.5).
-Commands::
+class, 32 replayed per step and term, CE over every seen class; DER++ alpha 0.1, beta 0.5), or
+``dlcft`` (DLCFT's class-IL recipe on the LoRA parameters: linearized features, MSE, TK-FAC,
+buffer 500, replay lambda 1/2; the loss of the argument is replaced by DLCFT's MSE). Commands::
 
     python -m cft_jax.main --config configs/tiny_imagenet.py:ce --workdir runs/tin_ce
     python -m cft_jax.main --config configs/tiny_imagenet.py:aepg,lae --workdir runs/tin_aepg_lae

@@ -242,6 +242,13 @@ def _tiny_imagenet_claims() -> List[Claim]:
       Claim("tin.derpp_vs_er", text="DER++ beats ER (both buffer 500, seq-LoRA)",
             better=("derpp_seq",), worse=("er_seq",), margin=9.77,
             margin_source=f"{_T2}: DER++ - ER", paper="ER 43.52, DER++ 53.29 (ResNet-18)", **d),
+      Claim("tin.dlcft_vs_er", text="DLCFT beats ER (both buffer 500)", better=("dlcft_seq",),
+            worse=("er_seq",), margin=16.46, margin_source=f"{_T2}: DLCFT - ER",
+            paper="ER 43.52, DLCFT 59.98 (ResNet-18)", **d),
+      Claim("tin.dlcft_vs_derpp", text="DLCFT beats DER++ (both buffer 500)",
+            better=("dlcft_seq",), worse=("derpp_seq",), margin=6.69,
+            margin_source=f"{_T2}: DLCFT - DER++", paper="DER++ 53.29, DLCFT 59.98 (ResNet-18)",
+            **d),
   ]
 
 

@@ -185,7 +185,10 @@ STUDIES: Dict[str, Dict[str, Any]] = {
                                _OBJ["aepg_tau6_lae"], _REPLAY[0],
                                _REPLAY[1]._replace(key=("method.alpha", "method.beta"),
                                                    grid=((0.1, 0.5), (0.3, 0.5), (0.1, 1.0),
-                                                         (0.3, 1.0)))],
+                                                         (0.3, 1.0))),
+                               Arm("dlcft_seq", NATURAL, "ce,dlcft",
+                                   "DLCFT (TK-FAC), buffer 500 (LoRA linearized, MSE)",
+                                   "method.replay_lambda", (0.25, 0.5, 0.75), extend=(0.1, 0.9))],
     },
 }
 

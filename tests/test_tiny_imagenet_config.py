@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIN = load_config_module(os.path.join(REPO, "configs", "tiny_imagenet.py"), "test_tin_config")
 
 
-@pytest.mark.parametrize("arg", [None, "ce", "aepg", "epg", "focal,lae", "ce,er", "ce,derpp",
+@pytest.mark.parametrize("arg", [None, "ce", "aepg", "epg", "focal,lae", "ce,er", "ce,derpp", "ce,dlcft",
                                  "label_smoothing,sequential", "confidence_penalty,lae"])
 def test_every_preset_builds_the_papers_task_shape(arg):
   c = validate_config(TIN.get_config(arg))
@@ -24,11 +24,13 @@ def test_every_preset_builds_the_papers_task_shape(arg):
   assert c.model.name == "efficientnet_lite0" and c.peft.name == "lora"
   if arg and arg.endswith(("er", "derpp")):
     assert c.loss.scope == "all"          # replay: CE over every seen class
+  if arg == "ce,dlcft":                   # DLCFT's own recipe: linearized, MSE, buffer 500
+    assert (c.model.linearize, c.loss.name, c.method.buffer_size) == ("features", "mse", 500)
 
 
 def test_a_bad_preset_names_the_allowed_values():
   with pytest.raises(ValueError, match="configs/tiny_imagenet.py:aepg,lae"):
-    TIN.get_config("ce,dlcft")
+    TIN.get_config("ce,xyz")
 
 
 def test_one_tiny_run_on_the_shared_folder(tmp_path):
