@@ -43,7 +43,7 @@ def test_unknown_config_argument_lists_the_allowed_values():
   assert line == (
       "cft_jax: error: configs/cifar10.py:xyz: config argument 'xyz': expected loss in ('ce', "
       "'epg', 'aepg', 'confidence_penalty', 'label_smoothing', 'focal', 'entropy_penalty', "
-      "'reinforce'), method in ('sequential', 'lae', 'er', 'derpp'), e.g. "
+      "'reinforce'), method in ('sequential', 'lae', 'er', 'derpp', 'dlcft'), e.g. "
       "configs/cifar10.py:aepg,lae")
   # a config file whose get_config raises a plain ValueError: named the same way
   line = _one_error_line(_cli("--config", "configs/robust_ft.py:xyz"), 2)
