@@ -301,6 +301,10 @@ class Progress:
     resume_step: steps of ``start_task`` already done (a mid-task checkpoint).
     V, V_task: ``[T, T]`` class-IL / task-IL accuracy (%) on the validation split of every seen
       task (``data.val_fraction`` of its training images; None when there is none).
+    wall_before: wall seconds the earlier invocations of a resumed run spent up to the restored
+      checkpoint (0 for a fresh run).
+    t_start: ``time.time()`` at which this invocation started.
+    resumed: whether this invocation restored a checkpoint.
   """
 
   state: Any
@@ -313,6 +317,14 @@ class Progress:
   input_state: Optional[Dict[str, int]] = None  # grain iterator state of a mid-task checkpoint
   V: Optional[np.ndarray] = None       # [T, T] validation class-IL accuracy (data.val_fraction)
   V_task: Optional[np.ndarray] = None  # [T, T] validation task-IL accuracy
+  wall_before: float = 0.0  # seconds of earlier invocations, up to the restored checkpoint
+  t_start: float = dataclasses.field(default_factory=time.time)
+  resumed: bool = False
+
+  def wall_time_s(self) -> float:
+    """Wall seconds of the run so far, summed over its invocations (each up to the checkpoint
+    the next one restored: work redone after an interruption counts once, in the new one)."""
+    return self.wall_before + time.time() - self.t_start
 
 
 def _model_and_frozen(config: ml_collections.ConfigDict, num_classes: int, rng: jax.Array):
@@ -519,6 +531,7 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
         start_task=meta["num_finished_tasks"],
         resume_step=meta.get("step_in_task", 0) if not meta.get("task_finished", True) else 0,
         input_state=meta.get("input_state") if not meta.get("task_finished", True) else None)
+    prog.wall_before, prog.resumed = float(meta.get("wall_time_s", 0.0)), True
     if meta.get("val_accuracy_matrix") is not None:
       prog.V = np.array(meta["val_accuracy_matrix"], dtype=float)
       prog.V_task = np.array(meta["val_task_il_accuracy_matrix"], dtype=float)
@@ -548,7 +561,7 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
           "class_names": [exp.ds.class_names[c] for c in exp.scenario.class_order],
           "entropy_end_of_task": prog.entropy_end,
           "num_finished_tasks": t + 1 if finished else t, "task_finished": finished,
-          "step_in_task": step_in_task, "epoch": epoch}
+          "step_in_task": step_in_task, "epoch": epoch, "wall_time_s": prog.wall_time_s()}
   if exp.stream is not None and not finished and prog.input_state is not None:
     meta["input_state"] = prog.input_state  # the grain iterator: resume at the next batch
   if exp.config.eval.knn_k:
@@ -788,7 +801,9 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
       "class_names": [exp.ds.class_names[c] for c in sc.class_order],
       "trainable_params": exp.n_train,
       "total_params": exp.n_total,
-      "wall_time_s": time.time() - t_start,
+      # summed over the invocations of a resumed run ("resumed": true), see Progress.wall_time_s
+      "wall_time_s": prog.wall_before + time.time() - t_start,
+      "resumed": prog.resumed,
       "train_step_compilations": exp.train_step.num_traces(),
       "num_devices": dev.num_devices,
       "num_processes": dev.process_count,
@@ -878,6 +893,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
   prog, finished = restore_or_init(exp, ckpt, workdir)
   if finished is not None:
     return finished
+  prog.t_start = t_start
   # Only process 0 writes log.jsonl, TensorBoard, config.json, metrics.json and plots; every
   # process takes part in the (collective) orbax checkpoint saves and restores.
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard, enabled=exp.dev.is_main)

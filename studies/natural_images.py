@@ -690,11 +690,11 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
   fmt = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if np.isfinite(ms[0]) else "—"  # noqa: E731
   single, data_il = spec.get("single_task", False), spec.get("data_il", False)
   head = ("| arm | selected (lr, own) | seeds | ID accuracy (test) | val ID accuracy | OOD "
-          "corruption mean | ID - OOD drop | wall / run (min) | images / step |" if single else
+          "corruption mean | ID - OOD drop | wall / run (min, median) | images / step |" if single else
           "| arm | selected (lr, own) | seeds | final accuracy (all classes) | avg incremental | "
-          "val final accuracy | forgetting | wall / run (min) | images / step |" if data_il else
+          "val final accuracy | forgetting | wall / run (min, median) | images / step |" if data_il else
           "| arm | selected (lr, own) | seeds | class-IL final | avg incremental | task-IL final "
-          "| val class-IL final | forgetting | wall / run (min) | images / step |")
+          "| val class-IL final | forgetting | wall / run (min, median) | images / step |")
   lines = [f"# {study} on {DATASETS[args.dataset]['label']}: the {spec['paper']} claims under "
            "the registered protocol", "",
            "Protocol: `docs/results/protocol.md`; claims, margins and seeds: "
@@ -721,12 +721,14 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
       cols = [m["final_accuracy"] for m in ms], [m["avg_incremental_accuracy"] for m in ms], \
           *([] if data_il else [[_get(m, ("task_il", "final_accuracy")) for m in ms]]), \
           [_get(m, ("val", "final_accuracy")) for m in ms], [m.get("forgetting") for m in ms]
-    wall = mean_std([(m.get("wall_time_s") or float("nan")) / 60 for m in ms])
+    # the median: one run slowed by a job sharing the CPU (or, before train.py summed a resumed
+    # run's invocations, one resumed from a checkpoint) does not move it
+    wall = float(np.nanmedian([(m.get("wall_time_s") or float("nan")) / 60 for m in ms]))
     images = images_per_step(natural_config(arm, 0, args, sel.get("learning_rate"),
                                             _own_value(arm, sel)))
     lines.append(f"| {arm.label} | {sel.get('learning_rate', float('nan')):g}{own} | {len(rs)} | "
                  + " | ".join(fmt(mean_std(c)) for c in cols)
-                 + f" | {wall[0]:.1f} | {images} |")
+                 + f" | {wall:.1f} | {images} |")
   return lines
 
 

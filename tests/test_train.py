@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from cft_jax import objectives, peft, train
+from cft_jax import checkpoint, objectives, peft, train
 from cft_jax.data import Preprocess
 from cft_jax.models import build_model
 
@@ -95,11 +96,22 @@ def test_resume_equals_uninterrupted(tmp_path):
   # interrupted after 2 tasks, then the same command resumes
   part = train.run(tiny_config(**{"train.stop_after_task": 2}), str(tmp_path / "b"))
   assert part["num_finished_tasks"] == 2
+  t0 = time.time()
   resumed = train.run(tiny_config(), str(tmp_path / "b"))
+  second_s = time.time() - t0
   np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], float),
                                 np.array(full["accuracy_matrix"], float))
   for key in ("final_accuracy", "avg_incremental_accuracy", "forgetting", "bwt"):
     assert resumed[key] == full[key]
+  # the wall time sums both invocations: the first one's (saved with its last checkpoint, after
+  # task 2) plus the whole second one's
+  assert resumed["resumed"] is True and full["resumed"] is False
+  ckpts = checkpoint.TaskCheckpointer(str(tmp_path / "b" / "checkpoints"))
+  first = [ckpts.restore_untyped(n)[1] for n in ckpts.all_steps()]
+  ckpts.close()
+  before = [m["wall_time_s"] for m in first if m["num_finished_tasks"] == 2]
+  assert len(before) == 1 and before[0] > 0
+  assert before[0] < resumed["wall_time_s"] < before[0] + second_s
   # the matrix is lower-triangular and filled
   R = np.array(full["accuracy_matrix"], float)
   assert np.all(np.isfinite(np.tril(R))) and np.all(np.isnan(R[np.triu_indices(5, 1)]))
