@@ -723,7 +723,8 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
           [_get(m, ("val", "final_accuracy")) for m in ms], [m.get("forgetting") for m in ms]
     # the median: one run slowed by a job sharing the CPU (or, before train.py summed a resumed
     # run's invocations, one resumed from a checkpoint) does not move it
-    wall = float(np.nanmedian([(m.get("wall_time_s") or float("nan")) / 60 for m in ms]))
+    walls = [m["wall_time_s"] / 60 for m in ms if m.get("wall_time_s")]
+    wall = float(np.median(walls)) if walls else float("nan")
     images = images_per_step(natural_config(arm, 0, args, sel.get("learning_rate"),
                                             _own_value(arm, sel)))
     lines.append(f"| {arm.label} | {sel.get('learning_rate', float('nan')):g}{own} | {len(rs)} | "
