@@ -417,10 +417,9 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
   return selected
 
 
-def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
-  """One tuning run's validation score: a recorded score (the selected JSON of an earlier call,
-  same setting and seed) or the run (trained, resumed or read back)."""
-  name = _setting_name(arm, lr, value)
+def _recorded_tune_score(prior: Dict[str, Any], name: str, seed: int) -> Optional[float]:
+  """The tuning score of setting ``name`` at ``seed`` recorded in an arm's entry of the
+  selected JSON (``prior``), or None."""
   done = prior.get("tune_scores", {}).get(name, {})
   if str(seed) in done:
     return float(done[str(seed)])
@@ -428,6 +427,16 @@ def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
   seeds = prior.get("tune_seeds", [])
   if rec is not None and seed in seeds and seeds.index(seed) < len(rec):
     return float(rec[seeds.index(seed)])
+  return None
+
+
+def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
+  """One tuning run's validation score: a recorded score (the selected JSON of an earlier call,
+  same setting and seed) or the run (trained, resumed or read back)."""
+  name = _setting_name(arm, lr, value)
+  recorded = _recorded_tune_score(prior, name, seed)
+  if recorded is not None:
+    return recorded
   twin = same_run_as(study, arm, value, args)
   wd = os.path.join(args.workdir_root, args.dataset, STUDIES[study].get("runs_under", study),
                     "tune", *((twin.name, _setting_name(twin, lr, None)) if twin else
@@ -832,7 +841,8 @@ def _parse(argv):
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
   p.add_argument("--workdir-root", default=os.path.join(ROOT, "runs", "natural_images"))
   p.add_argument("--jax-cache", default=os.path.join(ROOT, "runs", "natural_images", "jax_cache"))
-  p.add_argument("--dry-run", action="store_true", help="print the run counts and exit")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print the run counts, what is recorded and what is left, and exit")
   p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                  help="any other config value for every run (repeatable; e.g. a smoke test with "
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
@@ -855,6 +865,47 @@ def _parse(argv):
   return p, args
 
 
+def plan(study: str, arms: List[Arm], args) -> str:
+  """What is left of ``study`` for ``arms`` (``--dry-run``): per arm the tuning runs and the
+  registered final runs already recorded in the committed JSONs, out of those the protocol
+  needs (edge extensions not counted: they depend on the picks), and the CPU time left at the
+  median wall time of the study's recorded final runs.
+
+  Returns:
+    Lines of text, one per arm and a total.
+  """
+  spec = STUDIES[study]
+  selected = _read_json(_out(args, study, "_selected.json"))
+  shared = _read_json(_out(args, spec["runs_under"], "_selected.json")) if "runs_under" in spec \
+      else {}
+  selected = {**shared, **selected}  # as tune() reads them: the arm's own, else the shared study's
+  every = study_arms(args.dataset, study)
+  keys = {a.name: ",".join(_keys(a)) or None for a in every}
+  recorded = {**recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys,
+                              selected),
+              **recorded_runs(_out(args, study), keys, selected)}
+  seeds = list(args.seeds or claims_lib.SEEDS.get((args.dataset, study), ()))
+  lines, left = [], 0
+  for arm in arms:
+    settings = [(lr, v) for lr in spec["lr_grid"]
+                for v in args.grid.get(arm.name, arm.grid) or (None,)
+                if same_run_as(study, arm, v, args) is None]  # a twin's settings: its twin's
+    prior = selected.get(arm.name, {})
+    tune_done = sum(_recorded_tune_score(prior, _setting_name(arm, lr, v), seed) is not None
+                    for lr, v in settings for seed in args.tune_seeds)
+    n_tune = len(settings) * len(args.tune_seeds)
+    final_done = sum((arm.name, seed) in recorded for seed in seeds)
+    left += n_tune - tune_done + len(seeds) - final_done
+    lines.append(f"  {arm.name}: tune {tune_done}/{n_tune}, final {final_done}/{len(seeds)}"
+                 + ("" if "learning_rate" in prior else " (not selected yet)"))
+  walls = [r["metrics"]["wall_time_s"] for r in recorded.values()
+           if r["metrics"].get("wall_time_s")]
+  cost = (f"~{left * float(np.median(walls)) / 3600:.1f} CPU-hours at the recorded median "
+          f"{float(np.median(walls)) / 60:.1f} min per run" if walls else
+          "no recorded run to time them by")
+  return "\n".join(lines + [f"  left: {left} runs (+ 2 per edge extension), {cost}"])
+
+
 def main(argv=None) -> int:
   p, args = _parse(argv)
   every = study_arms(args.dataset, args.study)
@@ -869,6 +920,7 @@ def main(argv=None) -> int:
         f"(+ 2 per edge extension), pilot {len(arms) * len(claims_lib.PILOT_SEEDS)}, final "
         f"{len(arms) * len(seeds)} runs (seeds {list(seeds) or 'not registered yet'})", flush=True)
   if args.dry_run:
+    print(plan(args.study, arms, args))
     return 0
   os.makedirs(args.out, exist_ok=True)
   if args.phase != "report":

@@ -552,3 +552,30 @@ def test_a_study_sharing_runs_reads_the_other_studys_records(tmp_path, monkeypat
   runs = natural_images.run_seeds("class_il_recipes", [arm], {"ce_seq": {"learning_rate": 1e-3}},
                                   [0, 1, 2], _args(tmp_path, phase="final"), lambda s: None)
   assert not trained and sorted(r["seed"] for r in runs) == [0, 1, 2]
+
+
+def test_dry_run_plan_counts_what_is_recorded_and_what_is_left(tmp_path):
+  """--dry-run: ER has 3 of its 6 tuning scores and 3 of the 5 registered final runs (one at
+  another learning rate does not count); CE's tuning comes from the objectives study whose runs
+  class_il_recipes shares. Left: 3 + 2 (ER) + 5 (CE finals) = 10 runs at the median 120 s."""
+  def dump(name, data):
+    with open(tmp_path / name, "w") as f:
+      json.dump(data, f)
+  dump("cifar10_class_il_recipes_selected.json", {"er_seq": {
+      "learning_rate": 1e-3, "tune_scores": {"lr0.0003": {"100": 1.0, "101": 2.0},
+                                             "lr0.001": {"100": 3.0}}}})
+  dump("cifar10_objectives_selected.json", {"ce_seq": {
+      "learning_rate": 1e-3, "tune_scores": {f"lr{lr:g}": {"100": 1.0, "101": 1.0}
+                                             for lr in (3e-4, 1e-3, 3e-3)}}})
+  run = lambda seed, wall, lr=1e-3: {"arm": "er_seq", "seed": seed,  # noqa: E731
+                                     "settings": {"learning_rate": lr},
+                                     "metrics": {"wall_time_s": wall}}
+  dump("cifar10_class_il_recipes.json",
+       {"runs": [run(0, 60.0), run(1, 120.0), run(2, 180.0), run(3, 999.0, lr=3e-3)]})
+  arms = {a.name: a for a in natural_images.study_arms("cifar10", "class_il_recipes")}
+  text = natural_images.plan("class_il_recipes", [arms["er_seq"], arms["ce_seq"]],
+                             _args(tmp_path))
+  assert text.splitlines() == [
+      "  er_seq: tune 3/6, final 3/5", "  ce_seq: tune 6/6, final 0/5",
+      "  left: 10 runs (+ 2 per edge extension), ~0.3 CPU-hours at the recorded median 2.0 min "
+      "per run"]
