@@ -777,7 +777,7 @@ def evaluate_seen(exp: Experiment, prog: Progress, t: int, writer: MetricWriter)
                           for i in range(t + 1)}}, int(dev.first(prog.state.step)))
 
 
-def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start: float,
+def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter,
                   workdir: str) -> Dict[str, Any]:
   """Stage 5 of :func:`run`: OOD evaluation, ``metrics.json``, plots and the report."""
   config, sc, dev = exp.config, exp.scenario, exp.dev
@@ -802,7 +802,7 @@ def _final_result(exp: Experiment, prog: Progress, writer: MetricWriter, t_start
       "trainable_params": exp.n_train,
       "total_params": exp.n_total,
       # summed over the invocations of a resumed run ("resumed": true), see Progress.wall_time_s
-      "wall_time_s": prog.wall_before + time.time() - t_start,
+      "wall_time_s": prog.wall_time_s(),
       "resumed": prog.resumed,
       "train_step_compilations": exp.train_step.num_traces(),
       "num_devices": dev.num_devices,
@@ -919,7 +919,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False
       print(f"[cft_jax] stopped after {stop_after} of {T} tasks (train.stop_after_task); run "
             f"the same command without it to continue")
     return {"accuracy_matrix": _nan_to_none(prog.R), "num_finished_tasks": stop_after}
-  return _final_result(exp, prog, writer, t_start, workdir)
+  return _final_result(exp, prog, writer, workdir)
 
 
 def _cycle(images, labels, indices, batch_size, seed):
