@@ -545,6 +545,14 @@ def _record(arm: Arm, seed: int, wd: str, m: Dict[str, Any], sel: Dict[str, Any]
                                             "wall_time_s")}}
 
 
+def _recorded(study: str, selected: Dict[str, Any], args) -> Dict[Tuple[str, int], Dict]:
+  """The final runs recorded for ``study`` at the ``selected`` values: those of the study whose
+  runs it shares first, its own records win (:func:`recorded_runs`)."""
+  keys = {a.name: ",".join(_keys(a)) or None for a in study_arms(args.dataset, study)}
+  return {**recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys, selected),
+          **recorded_runs(_out(args, study), keys, selected)}
+
+
 def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequence[int], args,
               log, train: bool = True) -> List[Dict]:
   """Every arm of the study at its selected values for ``seeds``: ``arms`` are trained where
@@ -554,10 +562,7 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   every = study_arms(args.dataset, study)
-  keys = {a.name: ",".join(_keys(a)) or None for a in every}
-  prior = {} if args.fresh else {  # the study whose runs it shares first, its own records win
-      **recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys, selected),
-      **recorded_runs(_out(args, study), keys, selected)}
+  prior = {} if args.fresh else _recorded(study, selected, args)
   for seed in seeds:  # seed-major: an interrupted phase has every arm at the first seeds
     for arm in every:
       r = _final_one(study, arm, seed, selected, prior, args, log,
@@ -879,11 +884,7 @@ def plan(study: str, arms: List[Arm], args) -> str:
   shared = _read_json(_out(args, spec["runs_under"], "_selected.json")) if "runs_under" in spec \
       else {}
   selected = {**shared, **selected}  # as tune() reads them: the arm's own, else the shared study's
-  every = study_arms(args.dataset, study)
-  keys = {a.name: ",".join(_keys(a)) or None for a in every}
-  recorded = {**recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys,
-                              selected),
-              **recorded_runs(_out(args, study), keys, selected)}
+  recorded = _recorded(study, selected, args)
   seeds = list(args.seeds or claims_lib.SEEDS.get((args.dataset, study), ()))
   lines, left = [], 0
   for arm in arms:
