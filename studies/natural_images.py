@@ -504,15 +504,23 @@ PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "dirty")
 LEGACY_CODE = "049202955c612a49a1e8e61bd6060eeeeef0ee10"
 LEGACY_CPU = "AMD EPYC"
 EQUIVALENT_CODE: Dict[str, str] = {}
+# Checkout commits whose runs recorded ``dirty: True`` before provenance's "dirty" looked at the
+# code paths alone (cft_jax/provenance.py, 2026-12-06): the worktree they ran from, fixed at that
+# commit, differed from it only in docs/results/tiny_imagenet_objectives_selected.json, the
+# study's own selections written into the tracked tree (its `git status` listed that file alone;
+# the code was the commit's). Their runs count as clean.
+RESULTS_ONLY_DIRTY = frozenset({"bf59e93ea3852372a861223670390d24046f8f61"})
 
 
 def code_version(prov: Optional[Dict[str, Any]]) -> Tuple[str, str]:
   """``(code commit, CPU model)`` a run pairs on: its provenance record (a dirty checkout counts
-  as its own version), or the legacy version for a run that has none (:data:`LEGACY_CODE`)."""
+  as its own version, but see :data:`RESULTS_ONLY_DIRTY`), or the legacy version for a run that
+  has none (:data:`LEGACY_CODE`)."""
   if not prov:
     return LEGACY_CODE, LEGACY_CPU
   code = prov.get("code_commit") or "unknown"
-  code = EQUIVALENT_CODE.get(code, code) + ("+dirty" if prov.get("dirty") else "")
+  dirty = prov.get("dirty") and prov.get("commit") not in RESULTS_ONLY_DIRTY
+  code = EQUIVALENT_CODE.get(code, code) + ("+dirty" if dirty else "")
   return code, prov.get("cpu_model") or "unknown"
 
 

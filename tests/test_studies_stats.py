@@ -230,6 +230,11 @@ def test_runs_of_different_code_do_not_pair(registered):
   dirty = {**legacy, "dirty": True}
   runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, dirty) + _runs({"er_seq": [0.0, 1.0, 1.0]}, legacy)
   assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "unpaired"
+  # a checkout dirty only in the study's own results (recorded before "dirty" meant the code)
+  results_only = {**dirty, "commit": next(iter(natural_images.RESULTS_ONLY_DIRTY))}
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, results_only) + _runs({"er_seq": [0.0, 1.0, 1.0]},
+                                                                  legacy)
+  assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "complete"
 
 
 def test_registry_is_consistent_with_the_studies():
