@@ -582,7 +582,7 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
 
 def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[Dict[str, Any]]:
   sel = selected.get(arm.name)
-  if sel is None:
+  if sel is None or "learning_rate" not in sel:  # not tuned, or its tuning runs not all done
     if train:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
     return None

@@ -517,6 +517,9 @@ def test_tuning_scores_are_recorded_as_they_finish(tmp_path, monkeypatch):
   rec = json.loads((tmp_path / "cifar10_class_il_recipes_selected.json").read_text())
   assert rec["er_seq"]["tune_scores"] == {"lr0.0003": {"100": 41.0, "101": 42.0},
                                           "lr0.001": {"100": 43.0}}
+  # a report meanwhile: the half-tuned arm has no selection yet, so it has no final runs
+  assert natural_images.run_seeds("class_il_recipes", [arm], rec, [0, 1],
+                                  _args(tmp_path, phase="report"), lambda s: None) == []
   seen.clear()
   monkeypatch.setattr(natural_images, "tune_score", lambda cfg, wd: seen.append(
       (cfg.optim.learning_rate, cfg.seed)) or 30.0)
