@@ -512,15 +512,16 @@ EQUIVALENT_CODE: Dict[str, str] = {}
 RESULTS_ONLY_DIRTY = frozenset({"bf59e93ea3852372a861223670390d24046f8f61"})
 
 
-def code_version(prov: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+def code_version(prov: Optional[Dict[str, Any]], equivalent: bool = True) -> Tuple[str, str]:
   """``(code commit, CPU model)`` a run pairs on: its provenance record (a dirty checkout counts
   as its own version, but see :data:`RESULTS_ONLY_DIRTY`), or the legacy version for a run that
-  has none (:data:`LEGACY_CODE`)."""
+  has none (:data:`LEGACY_CODE`); with ``equivalent`` a commit listed in :data:`EQUIVALENT_CODE`
+  counts as the commit it computes the same numbers as."""
   if not prov:
     return LEGACY_CODE, LEGACY_CPU
   code = prov.get("code_commit") or "unknown"
   dirty = prov.get("dirty") and prov.get("commit") not in RESULTS_ONLY_DIRTY
-  code = EQUIVALENT_CODE.get(code, code) + ("+dirty" if dirty else "")
+  code = (EQUIVALENT_CODE.get(code, code) if equivalent else code) + ("+dirty" if dirty else "")
   return code, prov.get("cpu_model") or "unknown"
 
 
@@ -619,6 +620,60 @@ def _persist(study: str, rec: Dict[str, Any], args) -> None:
   data["runs"] = [r for r in data.get("runs", ()) if (r["arm"], r["seed"]) !=
                   (rec["arm"], rec["seed"])] + [rec]
   _write_json(path, data)
+
+
+def _leaves(d: Any, path: Tuple[str, ...] = ()) -> Dict[Tuple[str, ...], Any]:
+  if not isinstance(d, dict):
+    return {path: d}
+  return {k: v for key, sub in d.items() for k, v in _leaves(sub, path + (key,)).items()}
+
+
+def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequence[int], args,
+           log) -> List[Dict[str, Any]]:
+  """Re-runs recorded final runs at this checkout and checks that they reproduce exactly.
+
+  Each ``(arm, seed)`` is trained again at its selected values (into
+  ``<workdir_root>/<dataset>/<study>/verify/``) and every number of the recorded run's metrics
+  (class-IL final, average incremental, forgetting, task-IL and validation accuracies; not the
+  wall time) is compared for exact equality. The checks are appended to
+  ``<out>/<dataset>_reproduction.json`` with both runs' ``(code commit, CPU model)``: an equal
+  re-run at another code commit is the evidence that lets :data:`EQUIVALENT_CODE` pair the two
+  commits' runs (a test holds every entry to such a record).
+
+  Returns:
+    One check per run: ``{"study", "arm", "seed", "recorded": [code, cpu], "rerun": [code, cpu],
+    "equal": bool, "differences": {"a.b": [recorded, rerun]}}``.
+
+  Raises:
+    KeyError: an arm has no selected values or no recorded final run at a seed.
+  """
+  prior = _recorded(study, selected, args)
+  checks = []
+  for seed in seeds:
+    for arm in arms:
+      sel = selected.get(arm.name)
+      if sel is None or "learning_rate" not in sel or (arm.name, seed) not in prior:
+        raise KeyError(f"{arm.name} has no recorded final run at seed {seed} to verify "
+                       f"(recorded: {sorted(s for a, s in prior if a == arm.name)})")
+      rec = prior[(arm.name, seed)]
+      wd = os.path.join(args.workdir_root, args.dataset, study, "verify", arm.name, f"seed{seed}")
+      cfg = natural_config(arm, seed, args, sel["learning_rate"], _own_value(arm, sel))
+      new = _record(arm, seed, wd, run_one(cfg, wd), sel)
+      got = _leaves(new["metrics"])
+      diff = {".".join(k): [v, got.get(k)] for k, v in _leaves(rec["metrics"]).items()
+              if k != ("wall_time_s",) and v is not None and got.get(k) != v}
+      check = {"study": study, "arm": arm.name, "seed": seed,
+               "recorded": list(code_version(rec.get("provenance"), equivalent=False)),
+               "rerun": list(code_version(new["provenance"], equivalent=False)), "equal": not diff,
+               "differences": diff}
+      log(f"verify {arm.name} seed {seed}: {'equal' if not diff else f'DIFFERS {diff}'} "
+          f"(recorded at {check['recorded']}, re-run at {check['rerun']})")
+      path = _out(args, "reproduction")
+      data = _read_json(path)
+      data["checks"] = data.get("checks", []) + [check]
+      _write_json(path, data)
+      checks.append(check)
+  return checks
 
 
 def claim_scores(runs: List[Dict[str, Any]], claim: claims_lib.Claim) -> Dict[str, Dict[int, float]]:
@@ -841,7 +896,9 @@ def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", choices=sorted(DATASETS), default="tiny_imagenet")
   p.add_argument("--study", choices=sorted(STUDIES), default="objectives")
-  p.add_argument("--phase", choices=("all", "tune", "pilot", "final", "report"), default="all")
+  p.add_argument("--phase", choices=("all", "tune", "pilot", "final", "report", "verify"),
+                 default="all", help="verify: re-run recorded final runs of --arms (--seeds, "
+                 "default the first registered seed) and check they reproduce exactly")
   p.add_argument("--arms", nargs="+", default=None,
                  help="subset of the study's arms to tune and train (the report still covers "
                  "every arm with finished or recorded runs)")
@@ -949,6 +1006,9 @@ def main(argv=None) -> int:
     print(pilot(args.study, arms, selected, args, log))
     return 0
   final_seeds = list(args.seeds or claims_lib.seeds(args.dataset, args.study))
+  if args.phase == "verify":
+    checks = verify(args.study, arms, selected, args.seeds or final_seeds[:1], args, log)
+    return 0 if all(c["equal"] for c in checks) else 1
   runs = run_seeds(args.study, arms, selected, final_seeds, args, log)
   print(report(args.study, selected, runs, args, time.time() - t0))
   return 0

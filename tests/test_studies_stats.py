@@ -587,3 +587,42 @@ def test_dry_run_plan_counts_what_is_recorded_and_what_is_left(tmp_path):
       "  er_seq: tune 3/6, final 3/5", "  ce_seq: tune 6/6, final 0/5",
       "  left: 10 runs (+ 2 per edge extension), ~0.3 CPU-hours at the recorded median 2.0 min "
       "per run"]
+
+
+def test_verify_reruns_a_recorded_run_and_names_every_difference(tmp_path, monkeypatch):
+  """--phase verify trains the recorded (arm, seed) again and compares every recorded number
+  exactly (not the wall time); each check lands in <dataset>_reproduction.json."""
+  sel = {"ce_seq": {"learning_rate": 1e-3}}
+  old = {"code_commit": "aaa", "commit": "aaa", "cpu_model": "AMD EPYC", "dirty": False}
+  rec = {"arm": "ce_seq", "seed": 0, "workdir": "w", "provenance": old,
+         "metrics": {**_metrics(40.0), "wall_time_s": 300.0}}
+  (tmp_path / "cifar10_class_il_recipes.json").write_text(json.dumps({"selected": sel,
+                                                                       "runs": [rec]}))
+  new = {**old, "code_commit": "bbb", "commit": "bbb"}
+  outcome = {"m": {**_metrics(40.0), "wall_time_s": 280.0, "provenance": new}}
+  monkeypatch.setattr(natural_images, "run_one", lambda cfg, wd: outcome["m"])
+  arm = [a for a in natural_images.study_arms("cifar10", "class_il_recipes") if a.name == "ce_seq"]
+  args = _args(tmp_path, phase="verify")
+  (check,) = natural_images.verify("class_il_recipes", arm, sel, [0], args, lambda s: None)
+  assert check["equal"] and check["differences"] == {}
+  assert check["recorded"] == ["aaa", "AMD EPYC"] and check["rerun"] == ["bbb", "AMD EPYC"]
+  outcome["m"] = {**_metrics(40.0), "task_il": {"final_accuracy": 90.5}, "provenance": new}
+  (check,) = natural_images.verify("class_il_recipes", arm, sel, [0], args, lambda s: None)
+  assert not check["equal"] and check["differences"] == {"task_il.final_accuracy": [90.0, 90.5]}
+  saved = json.loads((tmp_path / "cifar10_reproduction.json").read_text())["checks"]
+  assert [c["equal"] for c in saved] == [True, False]
+  with pytest.raises(KeyError, match="no recorded final run at seed 1"):
+    natural_images.verify("class_il_recipes", arm, sel, [1], args, lambda s: None)
+
+
+def test_every_code_equivalence_is_backed_by_an_exact_rerun():
+  """EQUIVALENT_CODE pairs two code commits' runs only where a committed reproduction check
+  re-ran a recorded run at the newer commit and got every number equal (and none differed)."""
+  checks = []
+  for name in os.listdir(os.path.join(os.path.dirname(STUDIES), "docs", "results")):
+    if name.endswith("_reproduction.json"):
+      with open(os.path.join(os.path.dirname(STUDIES), "docs", "results", name)) as f:
+        checks += json.load(f)["checks"]
+  for new, old in natural_images.EQUIVALENT_CODE.items():
+    mine = [c for c in checks if c["rerun"][0] == new and c["recorded"][0] == old]
+    assert mine and all(c["equal"] for c in mine), (new, old)
