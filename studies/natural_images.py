@@ -503,7 +503,14 @@ PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "dirty")
 # the other losses bitwise unchanged); LEGACY_CPU is the machine of those sessions.
 LEGACY_CODE = "049202955c612a49a1e8e61bd6060eeeeef0ee10"
 LEGACY_CPU = "AMD EPYC"
-EQUIVALENT_CODE: Dict[str, str] = {}
+# Code commits that compute the numbers of an earlier one, each backed by exact re-runs
+# (``--phase verify``, docs/results/<dataset>_reproduction.json; a test holds every entry to one):
+EQUIVALENT_CODE: Dict[str, str] = {
+    # configs/_natural.py refactor (resolved configs identical), the ':ce,dlcft' preset, the
+    # resumed-run wall time, provenance's "dirty": Split Tiny-ImageNet ce_seq and ce_lae seed 0
+    # re-ran every recorded number equal (2026-12-06, AMD EPYC).
+    "094c1843f11a755b4ce1af32c720dca4858f7f54": "d4e2e4f9ed9f0bce90e8ffbb3db3adc60d84e8c7",
+}
 # Checkout commits whose runs recorded ``dirty: True`` before provenance's "dirty" looked at the
 # code paths alone (cft_jax/provenance.py, 2026-12-06): the worktree they ran from, fixed at that
 # commit, differed from it only in docs/results/tiny_imagenet_objectives_selected.json, the
