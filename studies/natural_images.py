@@ -40,6 +40,10 @@ Phases (``--phase``, default ``all`` = tune, final, report):
    verdicts (family-wide, :func:`claims.verdicts`) and the power line. A claim not in the
    registry is never reported; a claim whose arms lack a registered seed is "incomplete"; runs of
    different code commits or CPU models do not pair ("unpaired": re-run).
+5. ``verify`` (on demand): re-runs recorded final runs of ``--arms`` at this checkout and checks
+   every recorded number for exact equality (:func:`verify`,
+   ``<out>/<dataset>_reproduction.json``): the evidence that a newer code commit computes the
+   same numbers (:data:`EQUIVALENT_CODE`), or that another machine reproduces them.
 
 Runs are reused when finished with the same settings and resumed when unfinished; final runs
 recorded in the committed ``<out>/<dataset>_<study>.json`` at the same selected values stand in
