@@ -67,13 +67,48 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine() or "unknown"
 
 
+# Instruction-set extensions XLA's CPU code generator chooses kernels by: two machines with the
+# same "model name" (a virtual machine may say only "AMD EPYC") but different ones can end the
+# same seed at different numbers.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+  """The processor's generation and instruction set, finer than :func:`cpu_model`.
+
+  Args:
+    cpuinfo: the file to read (``/proc/cpuinfo`` format; Linux only).
+
+  Returns:
+    ``"<vendor> family <f> model <m> stepping <s>; <flags>"`` from the first processor's entry,
+    the flags being those of :data:`ISA_FLAGS` it has, e.g. ``"AuthenticAMD family 26 model 2
+    stepping 1; sse4_2 avx avx2 fma f16c avx512f ..."``; None where the file cannot be read.
+  """
+  fields: Dict[str, str] = {}
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        if not line.strip():
+          break  # the first processor's entry only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+  except OSError:
+    return None
+  flags = set((fields.get("flags") or fields.get("features") or "").split())
+  ident = " ".join([fields.get("vendor_id", "")] + [
+      f"{name} {fields[k]}" for k, name in (("cpu family", "family"), ("model", "model"),
+                                            ("stepping", "stepping")) if k in fields]).strip()
+  return f"{ident}; {' '.join(x for x in ISA_FLAGS if x in flags)}"
+
+
 @functools.lru_cache(maxsize=1)
 def provenance() -> Dict[str, Any]:
   """The run's provenance, as written to ``metrics.json['provenance']``.
 
   Returns:
     ``{"commit": str | None, "code_commit": str | None, "dirty": bool | None, "cpu_model": str,
-    "python": str, "packages": {name: version | None}}``: ``commit`` is ``git rev-parse HEAD``
+    "cpu_id": str | None, "python": str, "packages": {name: version | None}}``: ``commit`` is ``git rev-parse HEAD``
     of the checkout this package is imported from (None when it is not a git checkout, e.g. a
     wheel install), ``code_commit`` the last commit that changed ``cft_jax/``, ``configs/`` or
     ``setup.cfg`` (what a study pairs on), and ``dirty`` whether tracked files of that code
@@ -86,5 +121,5 @@ def provenance() -> Dict[str, Any]:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       versions[name] = None
-  return {**checkout_state(), "cpu_model": cpu_model(), "python": platform.python_version(),
-          "packages": versions}
+  return {**checkout_state(), "cpu_model": cpu_model(), "cpu_id": cpu_id(),
+          "python": platform.python_version(), "packages": versions}

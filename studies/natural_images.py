@@ -500,7 +500,7 @@ def recorded_runs(path: str, keys: Dict[str, Any],
   return out
 
 
-PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "dirty")
+PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "cpu_id", "dirty")
 # Runs of these code commits compute the same numbers as the 2026-12-05 cifar10-mini runs, which
 # predate provenance records (no record = this version): 0492029 is the last change of cft_jax/,
 # configs/ and setup.cfg before them (the padding fix; every focal run came after it, and it left
@@ -726,7 +726,12 @@ def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
     return out
   prov = sorted({code_version(r.get("provenance")) for r in mine}, key=str)
   out["provenance"] = [list(p) for p in prov]
-  if len(prov) > 1:
+  # the processor's generation and instruction set where recorded (runs before 2026-12-06 have
+  # the model name alone, which a virtual machine may give as just "AMD EPYC")
+  cpu_ids = sorted({(r.get("provenance") or {}).get("cpu_id") for r in mine} - {None})
+  if cpu_ids:
+    out["cpu_ids"] = cpu_ids
+  if len(prov) > 1 or len(cpu_ids) > 1:
     out["status"] = "unpaired"
     return out
   a, b = pair
@@ -834,7 +839,8 @@ def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
     c = reg[r["id"]]
     if r["status"] != "complete":
       why = (f"incomplete: missing seeds {r['missing']}" if r["status"] == "incomplete" else
-             f"unpaired: runs of several commits / CPUs {r.get('provenance')}; re-run together")
+             f"unpaired: runs of several commits / CPUs {r.get('provenance')}"
+             f"{' ' + str(r['cpu_ids']) if len(r.get('cpu_ids', ())) > 1 else ''}; re-run together")
       lines.append(f"| {c.text} | {c.family} | {c.margin:g} | — | {why} | | | | | |")
       continue
     need = r.get("seeds_needed") or {}

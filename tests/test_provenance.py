@@ -65,3 +65,13 @@ def test_outside_a_git_checkout_nothing_is_claimed(tmp_path):
   (tmp_path / "pkg").mkdir()
   assert provenance.checkout_state(str(tmp_path / "pkg")) == {
       "commit": None, "code_commit": None, "dirty": None}
+
+
+def test_cpu_id_names_the_generation_and_the_instruction_set(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                  "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu sse4_2 avx2 fma avx512f\n"
+                  "\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n")
+  assert provenance.cpu_id(str(info)) == \
+      "AuthenticAMD family 26 model 2 stepping 1; sse4_2 avx2 fma avx512f"
+  assert provenance.cpu_id(str(tmp_path / "missing")) is None

@@ -626,3 +626,16 @@ def test_every_code_equivalence_is_backed_by_an_exact_rerun():
   for new, old in natural_images.EQUIVALENT_CODE.items():
     mine = [c for c in checks if c["rerun"][0] == new and c["recorded"][0] == old]
     assert mine and all(c["equal"] for c in mine), (new, old)
+
+
+def test_runs_of_two_processor_generations_do_not_pair(registered):
+  """The same code and model name ("AMD EPYC") but another recorded generation / instruction set
+  is another machine; a run without the record (before 2026-12-06) pairs on the name alone."""
+  base = {"code_commit": "abc", "cpu_model": "AMD EPYC", "commit": "abc", "dirty": False}
+  zen5 = {**base, "cpu_id": "AuthenticAMD family 26 model 2 stepping 1; avx2 avx512f"}
+  zen3 = {**base, "cpu_id": "AuthenticAMD family 25 model 1 stepping 1; avx2"}
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, zen5) + _runs({"er_seq": [0.0, 1.0, 1.0]}, zen3)
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "unpaired" and r["cpu_ids"] == sorted([zen3["cpu_id"], zen5["cpu_id"]])
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, zen5) + _runs({"er_seq": [0.0, 1.0, 1.0]}, base)
+  assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "complete"
