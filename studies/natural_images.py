@@ -72,6 +72,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -643,8 +644,9 @@ def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequenc
            log) -> List[Dict[str, Any]]:
   """Re-runs recorded final runs at this checkout and checks that they reproduce exactly.
 
-  Each ``(arm, seed)`` is trained again at its selected values (into
-  ``<workdir_root>/<dataset>/<study>/verify/``) and every number of the recorded run's metrics
+  Each ``(arm, seed)`` is trained again from scratch at its selected values (in
+  ``<workdir_root>/<dataset>/<study>/verify/``, an earlier verify run there is deleted, never
+  read back) and every number of the recorded run's metrics
   (class-IL final, average incremental, forgetting, task-IL and validation accuracies; not the
   wall time) is compared for exact equality. The checks are appended to
   ``<out>/<dataset>_reproduction.json`` with both runs' ``(code commit, CPU model)``: an equal
@@ -668,6 +670,8 @@ def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequenc
                        f"(recorded: {sorted(s for a, s in prior if a == arm.name)})")
       rec = prior[(arm.name, seed)]
       wd = os.path.join(args.workdir_root, args.dataset, study, "verify", arm.name, f"seed{seed}")
+      if os.path.exists(wd):  # verify's own scratch run: never read back, this machine trains it
+        shutil.rmtree(wd)
       cfg = natural_config(arm, seed, args, sel["learning_rate"], _own_value(arm, sel))
       new = _record(arm, seed, wd, run_one(cfg, wd), sel)
       got = _leaves(new["metrics"])

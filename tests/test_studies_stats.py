@@ -600,7 +600,12 @@ def test_verify_reruns_a_recorded_run_and_names_every_difference(tmp_path, monke
                                                                        "runs": [rec]}))
   new = {**old, "code_commit": "bbb", "commit": "bbb"}
   outcome = {"m": {**_metrics(40.0), "wall_time_s": 280.0, "provenance": new}}
-  monkeypatch.setattr(natural_images, "run_one", lambda cfg, wd: outcome["m"])
+  def fake_run(cfg, wd):
+    assert not os.path.exists(wd)  # an earlier verify run is deleted, never read back
+    os.makedirs(wd)
+    return outcome["m"]
+
+  monkeypatch.setattr(natural_images, "run_one", fake_run)
   arm = [a for a in natural_images.study_arms("cifar10", "class_il_recipes") if a.name == "ce_seq"]
   args = _args(tmp_path, phase="verify")
   (check,) = natural_images.verify("class_il_recipes", arm, sel, [0], args, lambda s: None)
