@@ -71,6 +71,17 @@ def mean_std(xs: Iterable[float]) -> Tuple[float, float]:
   return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
+# The Fashion-MNIST studies (objectives_study, robust_ft_study, dlcft_study) came before the
+# registered protocol; their reports compare means and say so with this paragraph.
+DESCRIPTIVE = (
+    "**Descriptive, not a test.** These runs predate the registered protocol "
+    "(`docs/results/protocol.md`): fixed hyper-parameters, no validation split, no registered "
+    "claims, no paired intervals, no multiplicity correction. The comparisons below describe "
+    "these runs' means: a difference larger than the seed spread is not a significance test, and "
+    "one within it is not equivalence. The registered tests of the papers' claims are in "
+    "`docs/results/claims.md`.")
+
+
 # --- Tuning (the paired statistics live in stats.py) ----------------------------------------
 
 
