@@ -147,7 +147,8 @@ def write_md(summary, setting: str, path: str, setup: str, seeds, wall_min: floa
                     f"the runs of both settings: {wall_min:.1f} min (2-core CPU, one process, "
                     f"JAX's persistent compilation cache on).",
                     "", cols, sep, *rows, "", "## The means against the paper's ordering", "",
-                    DESCRIPTIVE, "", ordering_description(summary, setting), "", NOTES[setting], ""])
+                    DESCRIPTIVE, "", ordering_description(summary, setting), "",
+                    NOTES[setting], ""])
   with open(path, "w") as fh:
     fh.write(text)
   return text

@@ -230,7 +230,8 @@ def ordering_description(summary: Dict[str, Dict[str, Any]], num_seeds: int) -> 
     head = "The class-IL means do not follow the paper's ordering"
   lines.append("")
   lines.append(
-      f"{head}. Differences larger than the pooled seed std (a description, not a test): {len(sig_low)}/{len(low)} "
+      f"{head}. Differences larger than the pooled seed std (a description, not a test): "
+      f"{len(sig_low)}/{len(low)} "
       f"entropy-lowering gains ({', '.join(LABELS[n] for n in sig_low) or 'none'}), "
       f"{len(sig_high)}/{len(high)} entropy-raising losses "
       f"({', '.join(LABELS[n] for n in sig_high) or 'none'}).")

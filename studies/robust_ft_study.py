@@ -75,6 +75,12 @@ NOTES = (
     "against one epoch of Adam at lr 1e-4. Neither is shown equivalent to FT.")
 
 
+def wall_note(wall_s: float, num_runs: int) -> str:
+  """The report's sentence on the study's wall time (``wall_s`` in seconds, as in the JSON)."""
+  return (f"Wall time of the study: {wall_s / 60:.1f} min for {num_runs} runs (one process, "
+          "2 CPU cores shared with other jobs).")
+
+
 def make_config(module, method: str, seed: int, args):
   c = apply_overrides(module.get_config(method), args, seed)
   if args.corruptions:
@@ -435,8 +441,7 @@ def main(argv=None) -> int:
       prev = json.load(f).get("wall_time_s")
     if prev:
       total_wall = prev
-      extra = (f"Wall time of the study: {prev / 60:.1f} min for {len(runs)} runs (one process, "
-               "2 CPU cores shared with other jobs).")
+      extra = wall_note(prev, len(runs))
   if not args.report_only:
     extra = (f"Wall time of this invocation: {total_wall / 60:.1f} min for {len(runs)} runs "
              "(one process, 2 CPU cores shared with other jobs).")

@@ -35,11 +35,10 @@ def _render(tmp_path):
       j["summary"], j["runs"], str(tmp_path / "o.md"), j["setup"],
       len({r["seed"] for r in j["runs"]}))
   j = _load("robust_ft.json")
-  extra = (f"Wall time of the study: {j['wall_time_s'] / 60:.1f} min for {len(j['runs'])} runs "
-           "(one process, 2 CPU cores shared with other jobs).")
   out["robust_ft.md"] = robust_ft_study.write_table(
       j["summary"], j["runs"], str(tmp_path / "r.md"), j["setup"],
-      len({r["seed"] for r in j["runs"]}), extra)
+      len({r["seed"] for r in j["runs"]}), robust_ft_study.wall_note(j["wall_time_s"],
+                                                                     len(j["runs"])))
   j = _load("dlcft_results.json")
   for s in ("data_il", "class_il"):
     seeds = sorted({r["seed"] for r in j["runs"] if r["setting"] == s})
