@@ -75,9 +75,10 @@ NOTES = (
     "against one epoch of Adam at lr 1e-4. Neither is shown equivalent to FT.")
 
 
-def wall_note(wall_s: float, num_runs: int) -> str:
-  """The report's sentence on the study's wall time (``wall_s`` in seconds, as in the JSON)."""
-  return (f"Wall time of the study: {wall_s / 60:.1f} min for {num_runs} runs (one process, "
+def wall_note(wall_s: float, num_runs: int, of: str = "the study") -> str:
+  """The report's sentence on the wall time (``wall_s`` in seconds, as in the JSON) ``of`` what:
+  the whole study (re-rendered from its JSON) or this invocation (just trained)."""
+  return (f"Wall time of {of}: {wall_s / 60:.1f} min for {num_runs} runs (one process, "
           "2 CPU cores shared with other jobs).")
 
 
@@ -443,8 +444,7 @@ def main(argv=None) -> int:
       total_wall = prev
       extra = wall_note(prev, len(runs))
   if not args.report_only:
-    extra = (f"Wall time of this invocation: {total_wall / 60:.1f} min for {len(runs)} runs "
-             "(one process, 2 CPU cores shared with other jobs).")
+    extra = wall_note(total_wall, len(runs), of="this invocation")
   with open(os.path.join(args.out, "robust_ft.json"), "w") as f:
     json.dump({"setup": setup, "config": json.loads(c.to_json()), "summary": summary,
                "runs": runs, "wall_time_s": total_wall}, f, indent=1)
