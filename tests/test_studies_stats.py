@@ -308,6 +308,33 @@ def test_tuning_extends_an_edge_pick_and_reselects(tmp_path, monkeypatch):
   assert not seen and again["learning_rate"] == 1e-2
 
 
+def test_tuning_extends_each_component_of_a_tuple_grid(tmp_path, monkeypatch):
+  """Split Tiny-ImageNet DER++ tunes (alpha, beta) on {0.1, 0.3} x {0.5, 1}: a pick at the grid's
+  top corner extends alpha (0.3 -> 1) and beta (1 -> 2) one at a time, each at the other's pick
+  and the picked lr, with both tuning seeds; the selection is made again after each."""
+  def score(lr, alpha, beta):  # best lr 1e-3 (interior); higher alpha and beta help, alpha to 1
+    return {3e-4: 40.0, 1e-3: 50.0, 3e-3: 45.0}[lr] + 5 * min(alpha, 1.0) + 2 * beta
+
+  seen = []
+
+  def fake_score(cfg, workdir):
+    seen.append((cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta, cfg.seed))
+    return score(cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta)
+
+  monkeypatch.setattr(natural_images, "tune_score", fake_score)
+  args = _args(tmp_path, dataset="tiny_imagenet")
+  arm = {a.name: a for a in natural_images.study_arms("tiny_imagenet",
+                                                      "class_il_recipes")}["derpp_seq"]
+  sel = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["derpp_seq"]
+  assert sel["extended"] == [{"axis": "method.alpha", "side": "high", "value": 1.0},
+                             {"axis": "method.beta", "side": "high", "value": 2.0}]
+  assert sel["learning_rate"] == 1e-3 and tuple(sel["method.alpha,method.beta"]) == (1.0, 2.0)
+  assert sel["tune_scores"]["lr0.001_alpha1_beta1"] == {"100": 57.0, "101": 57.0}
+  assert sel["tune_scores"]["lr0.001_alpha1_beta2"] == {"100": 59.0, "101": 59.0}
+  assert len(seen) == 2 * (12 + 2) and "lr0.001_alpha0.3_beta2" not in sel["tune_scores"]
+  assert sel["still_at_edge"] == ["method.alpha", "method.beta"]
+
+
 def test_tuning_an_interior_pick_adds_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(natural_images, "tune_score",
                       lambda cfg, wd: {3e-4: 40.0, 1e-3: 55.0, 3e-3: 50.0}[cfg.optim.learning_rate])
