@@ -70,7 +70,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -353,15 +353,47 @@ def extend(grid: Sequence[float], side: str) -> float:
 
 def _extension(arm: Arm, values: Sequence[Any], pick: Any, is_lr: bool) -> Optional[Tuple[str, Any]]:
   """``(side, new value)`` when ``pick`` sits at an edge of ``values`` (>= 2 numeric values);
-  the arm's explicit ``extend`` values replace the geometric step for its own grid."""
+  the arm's explicit ``extend`` values replace the geometric step for its own (scalar) grid."""
   nums = [v for v in values if isinstance(v, (int, float))]
   if len(nums) < 2 or len(nums) != len(values) or pick not in (min(nums), max(nums)):
     return None
   side = "low" if pick == min(nums) else "high"
-  if not is_lr and arm.extend is not None:
+  if not is_lr and arm.extend is not None and not isinstance(arm.key, tuple):
     new = arm.extend[0 if side == "low" else 1]
     return (side, new) if new not in nums else None
   return side, extend(nums, side)
+
+
+class _Axis(NamedTuple):
+  """One axis of a tuning grid over settings ``(lr, value)``: its ``name`` in the selected JSON
+  (``extended`` / ``still_at_edge``), the value of a setting on it (``get``) and the setting with
+  it replaced (``put``)."""
+  name: str
+  get: Callable[[Tuple[float, Any]], Any]
+  put: Callable[[Tuple[float, Any], Any], Tuple[float, Any]]
+
+
+def _axes(arm: Arm) -> List[_Axis]:
+  """The axes a pick can sit at an edge of (protocol.md §2): the learning rate, then the arm's
+  own hyper-parameter ("own"), or each component of a tuple of them (named by its config key,
+  e.g. DER++'s ``method.alpha`` and ``method.beta``): each is extended on its own."""
+  axes = [_Axis("learning_rate", lambda s: s[0], lambda s, v: (v, s[1]))]
+  if isinstance(arm.key, tuple):
+    for i, key in enumerate(arm.key):
+      axes.append(_Axis(key, lambda s, i=i: s[1][i],
+                        lambda s, v, i=i: (s[0], s[1][:i] + (v,) + s[1][i + 1:])))
+  elif arm.key is not None:
+    axes.append(_Axis("own", lambda s: s[1], lambda s, v: (s[0], v)))
+  return axes
+
+
+def _axis_values(scores: Dict[Tuple[float, Any], Any], best: Tuple[float, Any],
+                 axis: _Axis) -> List[Any]:
+  """The values run on ``axis``: every learning rate; on an own axis, those run at the pick's
+  learning rate."""
+  if axis.name == "learning_rate":
+    return sorted({k[0] for k in scores})
+  return sorted({axis.get(k) for k in scores if k[0] == best[0]}, key=str)
 
 
 def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
@@ -388,21 +420,19 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
       run(lr, value)
     best = select_best(scores)
     extended = []
-    for axis in ("lr", "own"):
-      values = sorted({k[0] for k in scores}) if axis == "lr" else \
-          sorted({k[1] for k in scores if k[0] == best[0]}, key=str)
-      ext = _extension(arm, values, best[0] if axis == "lr" else best[1], axis == "lr")
+    for axis in _axes(arm):
+      ext = _extension(arm, _axis_values(scores, best, axis), axis.get(best),
+                       axis.name == "learning_rate")
       if ext is None:
         continue
-      setting = (ext[1], best[1]) if axis == "lr" else (best[0], ext[1])
-      run(*setting)
-      extended.append({"axis": "learning_rate" if axis == "lr" else ",".join(_keys(arm)),
+      run(*axis.put(best, ext[1]))
+      extended.append({"axis": axis.name if axis.name != "own" else ",".join(_keys(arm)),
                        "side": ext[0], "value": ext[1]})
       best = select_best(scores)
     lr, value = best
-    at_edge = [a for a, vals, v in (("learning_rate", [k[0] for k in scores], lr),
-                                    ("own", [k[1] for k in scores if k[0] == lr], value))
-               if _extension(arm, sorted(set(vals), key=str), v, a == "learning_rate")]
+    at_edge = [axis.name for axis in _axes(arm)
+               if _extension(arm, _axis_values(scores, best, axis), axis.get(best),
+                             axis.name == "learning_rate")]
     selected = _read_json(path)  # re-read: other processes may tune disjoint --arms at once
     selected[arm.name] = {
         "learning_rate": lr, **({",".join(_keys(arm)): value} if arm.key else {}),
