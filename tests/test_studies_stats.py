@@ -335,6 +335,37 @@ def test_tuning_extends_each_component_of_a_tuple_grid(tmp_path, monkeypatch):
   assert sel["still_at_edge"] == ["method.alpha", "method.beta"]
 
 
+def test_tuning_checks_the_own_grid_at_a_learning_rate_added_by_an_extension(tmp_path,
+                                                                            monkeypatch):
+  """The recorded Split Tiny-ImageNet DER++ case: the best of the grid is its corner (lr 3e-4,
+  the low edge; alpha 0.3 and beta 1, the high edges). The lr extension 1e-4 wins, where only that
+  (alpha, beta) ran: alpha and beta are still at the edge of their grid, so each is extended there
+  (alpha 1 loses, beta 2 wins) and selected again."""
+  def score(lr, alpha, beta):
+    return ({1e-4: 55.0, 3e-4: 50.0, 1e-3: 45.0, 3e-3: 40.0}[lr]
+            + (10 * alpha if alpha <= 0.3 else 0.0) + 2 * beta)
+
+  seen = []
+
+  def fake_score(cfg, workdir):
+    seen.append((cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta, cfg.seed))
+    return score(cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta)
+
+  monkeypatch.setattr(natural_images, "tune_score", fake_score)
+  args = _args(tmp_path, dataset="tiny_imagenet")
+  arm = {a.name: a for a in natural_images.study_arms("tiny_imagenet",
+                                                      "class_il_recipes")}["derpp_seq"]
+  sel = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["derpp_seq"]
+  assert sel["extended"] == [{"axis": "learning_rate", "side": "low", "value": 1e-4},
+                             {"axis": "method.alpha", "side": "high", "value": 1.0},
+                             {"axis": "method.beta", "side": "high", "value": 2.0}]
+  assert sel["learning_rate"] == 1e-4 and tuple(sel["method.alpha,method.beta"]) == (0.3, 2.0)
+  assert sel["tune_scores"]["lr0.0001_alpha1_beta1"] == {"100": 57.0, "101": 57.0}
+  assert sel["tune_scores"]["lr0.0001_alpha0.3_beta2"] == {"100": 62.0, "101": 62.0}
+  assert len(seen) == 2 * (12 + 3)
+  assert sel["still_at_edge"] == ["learning_rate", "method.beta"]
+
+
 def test_tuning_an_interior_pick_adds_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(natural_images, "tune_score",
                       lambda cfg, wd: {3e-4: 40.0, 1e-3: 55.0, 3e-3: 50.0}[cfg.optim.learning_rate])
