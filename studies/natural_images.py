@@ -387,13 +387,11 @@ def _axes(arm: Arm) -> List[_Axis]:
   return axes
 
 
-def _axis_values(scores: Dict[Tuple[float, Any], Any], best: Tuple[float, Any],
-                 axis: _Axis) -> List[Any]:
-  """The values run on ``axis``: every learning rate; on an own axis, those run at the pick's
-  learning rate."""
-  if axis.name == "learning_rate":
-    return sorted({k[0] for k in scores})
-  return sorted({axis.get(k) for k in scores if k[0] == best[0]}, key=str)
+def _axis_values(scores: Dict[Tuple[float, Any], Any], axis: _Axis) -> List[Any]:
+  """Every value run on ``axis`` (its grid with any extension), at whichever other settings: a
+  pick on a learning rate added by an extension, where one own value ran, is still at the edge
+  of its own grid."""
+  return sorted({axis.get(k) for k in scores}, key=str)
 
 
 def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
@@ -421,7 +419,7 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
     best = select_best(scores)
     extended = []
     for axis in _axes(arm):
-      ext = _extension(arm, _axis_values(scores, best, axis), axis.get(best),
+      ext = _extension(arm, _axis_values(scores, axis), axis.get(best),
                        axis.name == "learning_rate")
       if ext is None:
         continue
@@ -431,7 +429,7 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
       best = select_best(scores)
     lr, value = best
     at_edge = [axis.name for axis in _axes(arm)
-               if _extension(arm, _axis_values(scores, best, axis), axis.get(best),
+               if _extension(arm, _axis_values(scores, axis), axis.get(best),
                              axis.name == "learning_rate")]
     selected = _read_json(path)  # re-read: other processes may tune disjoint --arms at once
     selected[arm.name] = {
