@@ -308,13 +308,9 @@ def test_tuning_extends_an_edge_pick_and_reselects(tmp_path, monkeypatch):
   assert not seen and again["learning_rate"] == 1e-2
 
 
-def test_tuning_extends_each_component_of_a_tuple_grid(tmp_path, monkeypatch):
-  """Split Tiny-ImageNet DER++ tunes (alpha, beta) on {0.1, 0.3} x {0.5, 1}: a pick at the grid's
-  top corner extends alpha (0.3 -> 1) and beta (1 -> 2) one at a time, each at the other's pick
-  and the picked lr, with both tuning seeds; the selection is made again after each."""
-  def score(lr, alpha, beta):  # best lr 1e-3 (interior); higher alpha and beta help, alpha to 1
-    return {3e-4: 40.0, 1e-3: 50.0, 3e-3: 45.0}[lr] + 5 * min(alpha, 1.0) + 2 * beta
-
+def _tune_tiny_derpp(tmp_path, monkeypatch, score):
+  """Tunes Split Tiny-ImageNet DER++ with ``score(lr, alpha, beta)`` in place of training: its
+  selected record and the settings run, ``(lr, alpha, beta, seed)`` each."""
   seen = []
 
   def fake_score(cfg, workdir):
@@ -326,6 +322,17 @@ def test_tuning_extends_each_component_of_a_tuple_grid(tmp_path, monkeypatch):
   arm = {a.name: a for a in natural_images.study_arms("tiny_imagenet",
                                                       "class_il_recipes")}["derpp_seq"]
   sel = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["derpp_seq"]
+  return sel, seen
+
+
+def test_tuning_extends_each_component_of_a_tuple_grid(tmp_path, monkeypatch):
+  """Split Tiny-ImageNet DER++ tunes (alpha, beta) on {0.1, 0.3} x {0.5, 1}: a pick at the grid's
+  top corner extends alpha (0.3 -> 1) and beta (1 -> 2) one at a time, each at the other's pick
+  and the picked lr, with both tuning seeds; the selection is made again after each."""
+  def score(lr, alpha, beta):  # best lr 1e-3 (interior); higher alpha and beta help, alpha to 1
+    return {3e-4: 40.0, 1e-3: 50.0, 3e-3: 45.0}[lr] + 5 * min(alpha, 1.0) + 2 * beta
+
+  sel, seen = _tune_tiny_derpp(tmp_path, monkeypatch, score)
   assert sel["extended"] == [{"axis": "method.alpha", "side": "high", "value": 1.0},
                              {"axis": "method.beta", "side": "high", "value": 2.0}]
   assert sel["learning_rate"] == 1e-3 and tuple(sel["method.alpha,method.beta"]) == (1.0, 2.0)
@@ -345,17 +352,7 @@ def test_tuning_checks_the_own_grid_at_a_learning_rate_added_by_an_extension(tmp
     return ({1e-4: 55.0, 3e-4: 50.0, 1e-3: 45.0, 3e-3: 40.0}[lr]
             + (10 * alpha if alpha <= 0.3 else 0.0) + 2 * beta)
 
-  seen = []
-
-  def fake_score(cfg, workdir):
-    seen.append((cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta, cfg.seed))
-    return score(cfg.optim.learning_rate, cfg.method.alpha, cfg.method.beta)
-
-  monkeypatch.setattr(natural_images, "tune_score", fake_score)
-  args = _args(tmp_path, dataset="tiny_imagenet")
-  arm = {a.name: a for a in natural_images.study_arms("tiny_imagenet",
-                                                      "class_il_recipes")}["derpp_seq"]
-  sel = natural_images.tune("class_il_recipes", [arm], args, log=lambda s: None)["derpp_seq"]
+  sel, seen = _tune_tiny_derpp(tmp_path, monkeypatch, score)
   assert sel["extended"] == [{"axis": "learning_rate", "side": "low", "value": 1e-4},
                              {"axis": "method.alpha", "side": "high", "value": 1.0},
                              {"axis": "method.beta", "side": "high", "value": 2.0}]
