@@ -88,6 +88,7 @@ from _common import (  # noqa: E402
     same_settings, select_best)
 import claims as claims_lib  # noqa: E402
 import stats  # noqa: E402
+from cft_jax import provenance as provenance_lib  # noqa: E402  (no jax: light to import)
 
 LR_GRID = (3e-4, 1e-3, 3e-3)       # the same for every arm of a study (protocol.md)
 ROBUST_LR_GRID = (3e-5, 1e-4, 3e-4)  # full fine-tuning (robust_ft): 10x lower, the same for all
@@ -445,7 +446,10 @@ def tune(study: str, arms: List[Arm], args, log) -> Dict[str, Any]:
         "val_class_il_final": {_setting_name(arm, l, v): s for (l, v), s in scores.items()},
         "tune_scores": {_setting_name(arm, l, v): {str(seed): x for seed, x in
                                                     zip(args.tune_seeds, s)}
-                        for (l, v), s in scores.items()}}
+                        for (l, v), s in scores.items()},
+        # where each score of this session or a later one ran (absent: before 2026-12-07)
+        **({"tune_cpu_ids": selected[arm.name]["tune_cpu_ids"]}
+           if "tune_cpu_ids" in selected.get(arm.name, {}) else {})}
     _write_json(path, selected)
   return selected
 
@@ -482,6 +486,11 @@ def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
   selected = _read_json(path)
   selected.setdefault(arm.name, {}).setdefault("tune_scores", {}).setdefault(name, {})[
       str(seed)] = score
+  # the machine the score came from (protocol section 4, machine changes): the run's own record,
+  # else (a diverged run writes no metrics) this process's
+  cpu = (_read_json(os.path.join(wd, "metrics.json")).get("provenance") or {}).get("cpu_id")
+  selected[arm.name].setdefault("tune_cpu_ids", {}).setdefault(name, {})[str(seed)] = (
+      cpu or provenance_lib.cpu_id())
   _write_json(path, selected)
   return score
 

@@ -572,15 +572,31 @@ def test_tuning_scores_are_recorded_as_they_finish(tmp_path, monkeypatch):
   rec = json.loads((tmp_path / "cifar10_class_il_recipes_selected.json").read_text())
   assert rec["er_seq"]["tune_scores"] == {"lr0.0003": {"100": 41.0, "101": 42.0},
                                           "lr0.001": {"100": 43.0}}
+  # and the machine of each score (no metrics.json from the fake run: this process's cpu_id)
+  me = natural_images.provenance_lib.cpu_id()
+  assert rec["er_seq"]["tune_cpu_ids"] == {"lr0.0003": {"100": me, "101": me},
+                                           "lr0.001": {"100": me}}
   # a report meanwhile: the half-tuned arm has no selection yet, so it has no final runs
   assert natural_images.run_seeds("class_il_recipes", [arm], rec, [0, 1],
                                   _args(tmp_path, phase="report"), lambda s: None) == []
   seen.clear()
-  monkeypatch.setattr(natural_images, "tune_score", lambda cfg, wd: seen.append(
-      (cfg.optim.learning_rate, cfg.seed)) or 30.0)
+
+  def elsewhere(cfg, wd):  # the session goes on on another machine: its runs record their cpu_id
+    seen.append((cfg.optim.learning_rate, cfg.seed))
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "metrics.json"), "w") as f:
+      json.dump({"provenance": {"cpu_id": "AuthenticAMD family 25 model 17 stepping 1"}}, f)
+    return 30.0
+
+  monkeypatch.setattr(natural_images, "tune_score", elsewhere)
   natural_images.tune("class_il_recipes", [arm], args, lambda s: None)
   # Only what was missing, then the low edge's extension (3e-4 leads with 41.5).
   assert seen == [(1e-3, 101), (3e-3, 100), (3e-3, 101), (1e-4, 100), (1e-4, 101)]
+  rec = json.loads((tmp_path / "cifar10_class_il_recipes_selected.json").read_text())
+  other = "AuthenticAMD family 25 model 17 stepping 1"
+  assert rec["er_seq"]["tune_cpu_ids"] == {
+      "lr0.0003": {"100": me, "101": me}, "lr0.001": {"100": me, "101": other},
+      "lr0.003": {"100": other, "101": other}, "lr0.0001": {"100": other, "101": other}}
 
 
 def test_claims_on_the_same_runs_but_another_metric_are_separate_tests(monkeypatch):
