@@ -38,8 +38,9 @@ Phases (``--phase``, default ``all`` = tune, final, report):
 4. ``report``: ``<out>/<dataset>_<study>.md`` / ``.json``: per arm mean ± std and cost; per
    registered claim the paired difference, 95% t and bootstrap intervals, raw and Holm-adjusted
    verdicts (family-wide, :func:`claims.verdicts`) and the power line. A claim not in the
-   registry is never reported; a claim whose arms lack a registered seed is "incomplete"; runs of
-   different code commits or CPU models do not pair ("unpaired": re-run).
+   registry is never reported; a claim whose arms lack a registered seed is "incomplete"; it pairs
+   seed by seed, and a seed whose runs come from different code commits or machines leaves it
+   "unpaired" (re-run that seed's runs together; different seeds may come from different machines).
 5. ``verify`` (on demand): re-runs recorded final runs of ``--arms`` at this checkout and checks
    every recorded number for exact equality (:func:`verify`,
    ``<out>/<dataset>_reproduction.json``): the evidence that a newer code commit computes the
@@ -552,6 +553,9 @@ EQUIVALENT_CODE: Dict[str, str] = {
     # resumed-run wall time, provenance's "dirty": Split Tiny-ImageNet ce_seq and ce_lae seed 0
     # re-ran every recorded number equal (2026-12-06, AMD EPYC).
     "094c1843f11a755b4ce1af32c720dca4858f7f54": "d4e2e4f9ed9f0bce90e8ffbb3db3adc60d84e8c7",
+    # provenance records cpu_id: ce_seq seed 0 re-ran every recorded number equal on the machine
+    # of the record (2026-12-07, AMD family 26 model 2).
+    "a8961ee247149fe9948bf7c7774f402a79dc3f4a": "d4e2e4f9ed9f0bce90e8ffbb3db3adc60d84e8c7",
 }
 # Checkout commits whose runs recorded ``dirty: True`` before provenance's "dirty" looked at the
 # code paths alone (cft_jax/provenance.py, 2026-12-06): the worktree they ran from, fixed at that
@@ -559,6 +563,31 @@ EQUIVALENT_CODE: Dict[str, str] = {
 # study's own selections written into the tracked tree (its `git status` listed that file alone;
 # the code was the commit's). Their runs count as clean.
 RESULTS_ONLY_DIRTY = frozenset({"bf59e93ea3852372a861223670390d24046f8f61"})
+
+
+# Checkouts whose runs were recorded before provenance had ``cpu_id`` (2026-12-06) and whose
+# machine is known: the processor generation on which the continuation checks of later sessions
+# re-ran them with every number equal (docs/results/tiny_imagenet_reproduction.json, sessions of
+# 2026-12-06 and 2026-12-07). The generation alone: the flag list was not recorded then.
+LEGACY_CPU_IDS: Dict[str, str] = {
+    "bf59e93ea3852372a861223670390d24046f8f61": "AuthenticAMD family 26 model 2 stepping 1",
+}
+
+
+def machine(prov: Optional[Dict[str, Any]]) -> Optional[str]:
+  """The ``cpu_id`` a run pairs on (protocol section 4): its record, else the machine of its
+  checkout in :data:`LEGACY_CPU_IDS`, else None (unknown: it pairs on the model name alone)."""
+  prov = prov or {}
+  return prov.get("cpu_id") or LEGACY_CPU_IDS.get(prov.get("commit") or "")
+
+
+def same_machine(a: Optional[str], b: Optional[str]) -> bool:
+  """Whether two :func:`machine` values may be the same processor: equal, or one unknown (None),
+  or the same ``"<vendor> family <f> model <m> stepping <s>"`` where one lacks the flag list."""
+  if a is None or b is None or a == b:
+    return True
+  (ga, _, fa), (gb, _, fb) = a.partition(";"), b.partition(";")
+  return ga.strip() == gb.strip() and not (fa.strip() and fb.strip())
 
 
 def code_version(prov: Optional[Dict[str, Any]], equivalent: bool = True) -> Tuple[str, str]:
@@ -692,7 +721,8 @@ def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequenc
 
   Returns:
     One check per run: ``{"study", "arm", "seed", "recorded": [code, cpu], "rerun": [code, cpu],
-    "equal": bool, "differences": {"a.b": [recorded, rerun]}}``.
+    "equal": bool, "differences": {"a.b": [recorded, rerun]}, "cpu_ids": [recorded, rerun]}``
+    (:func:`machine`).
 
   Raises:
     KeyError: an arm has no selected values or no recorded final run at a seed.
@@ -717,6 +747,9 @@ def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequenc
       check = {"study": study, "arm": arm.name, "seed": seed,
                "recorded": list(code_version(rec.get("provenance"), equivalent=False)),
                "rerun": list(code_version(new["provenance"], equivalent=False)), "equal": not diff,
+               # the machines: an equal re-run on the same one backs a code equivalence; a
+               # difference on another one says nothing about the code
+               "cpu_ids": [machine(rec.get("provenance")), machine(new["provenance"])],
                "differences": diff}
       log(f"verify {arm.name} seed {seed}: {'equal' if not diff else f'DIFFERS {diff}'} "
           f"(recorded at {check['recorded']}, re-run at {check['rerun']})")
@@ -744,7 +777,10 @@ def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
   """One registered claim on the registered seeds: the paired differences ``better - worse``
   (a group side: its arms' per-seed mean), 95% t and bootstrap intervals and the power line;
   ``status`` ``"complete"``, ``"incomplete"`` (an arm lacks a registered seed) or ``"unpaired"``
-  (its runs come from different code commits or CPU models: re-run them together).
+  (a seed's runs come from different code commits or machines, :func:`machine`: re-run that
+  seed's runs together; ``unpaired_seeds`` lists them). ``blocks`` lists the (code, CPU model,
+  cpu_id) of each group of seeds: the seeds of one claim may come from different machines, each
+  seed's difference from one (protocol section 4, machine changes).
 
   Raises:
     UnregisteredClaimError: ``claim`` is not the registered one, or an arm ran unregistered seeds.
@@ -769,11 +805,26 @@ def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
   out["provenance"] = [list(p) for p in prov]
   # the processor's generation and instruction set where recorded (runs before 2026-12-06 have
   # the model name alone, which a virtual machine may give as just "AMD EPYC")
-  cpu_ids = sorted({(r.get("provenance") or {}).get("cpu_id") for r in mine} - {None})
+  cpu_ids = sorted({machine(r.get("provenance")) for r in mine} - {None})
   if cpu_ids:
     out["cpu_ids"] = cpu_ids
-  if len(prov) > 1 or len(cpu_ids) > 1:
-    out["status"] = "unpaired"
+  # pairing is seed by seed (protocol section 4, machine changes): a seed's runs form one block
+  # (code version, cpu_id); different seeds may come from different blocks
+  blocks: Dict[Tuple[str, str, Optional[str]], List[int]] = {}
+  split = []
+  for seed in seed_set:
+    rs = [r for r in mine if r["seed"] == seed]
+    codes = {code_version(r.get("provenance")) for r in rs}
+    cpus = [machine(r.get("provenance")) for r in rs]
+    if len(codes) > 1 or not all(same_machine(a, b) for a in cpus for b in cpus):
+      split.append(seed)
+      continue
+    cpu = max(cpus, key=lambda c: len(c or ""))  # the most specific record
+    blocks.setdefault((*next(iter(codes)), cpu), []).append(seed)
+  out["blocks"] = [{"code": k[0], "cpu_model": k[1], "cpu_id": k[2], "seeds": v}
+                   for k, v in blocks.items()]
+  if split:
+    out.update(status="unpaired", unpaired_seeds=split)
     return out
   a, b = pair
   d = stats.paired_differences(a, b)
@@ -793,6 +844,7 @@ def report(study: str, selected: Dict[str, Any], runs: List[Dict], args, wall_s:
     r.update(verdicts.get(r["id"], {}))
   lines = _report_head(study, arms, selected, runs, seed_set, args)
   lines += _claims_table(results)
+  lines += _blocks_lines(results)
   run_s = sum(r["metrics"].get("wall_time_s") or 0.0 for r in runs)
   lines += ["", stats_rule_text(), "", f"Final runs: {len(runs)}, {run_s / 60:.0f} min of "
             "training wall time in all (2-core CPU; other jobs may have shared it)"
@@ -880,8 +932,10 @@ def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
     c = reg[r["id"]]
     if r["status"] != "complete":
       why = (f"incomplete: missing seeds {r['missing']}" if r["status"] == "incomplete" else
-             f"unpaired: runs of several commits / CPUs {r.get('provenance')}"
-             f"{' ' + str(r['cpu_ids']) if len(r.get('cpu_ids', ())) > 1 else ''}; re-run together")
+             f"unpaired: seeds {r.get('unpaired_seeds')} ran the two sides on different "
+             f"commits / CPUs {r.get('provenance')}"
+             f"{' ' + str(r['cpu_ids']) if len(r.get('cpu_ids', ())) > 1 else ''}; re-run each "
+             "such seed's runs together")
       lines.append(f"| {c.text} | {c.family} | {c.margin:g} | — | {why} | | | | | |")
       continue
     need = r.get("seeds_needed") or {}
@@ -892,6 +946,17 @@ def _claims_table(results: List[Dict[str, Any]]) -> List[str]:
         f" | {r.get('raw')} | **{r.get('holm')}** ({r.get('p_holm', float('nan')):.3g}) | "
         f"{need.get('raw') or '>1000'} / {need.get('holm') or '>1000'} |")
   return lines
+
+
+def _blocks_lines(results: List[Dict[str, Any]]) -> List[str]:
+  """Where a claim's seeds ran on more than one machine or code version (protocol section 4,
+  machine changes): one line per such claim, its blocks with their seeds."""
+  reg = claims_lib.by_id()
+  lines = [f"* {reg[r['id']].text}: " + "; ".join(
+      f"seeds {b['seeds']} on {b['cpu_id'] or b['cpu_model']} (code {b['code'][:7]})"
+      for b in r["blocks"]) for r in results if len(r.get("blocks", ())) > 1]
+  return ["", "Claims whose seeds ran on several machines (each seed's pair on one):"] + lines \
+      if lines else []
 
 
 def setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:

@@ -237,6 +237,44 @@ def test_runs_of_different_code_do_not_pair(registered):
   assert natural_images.compare(runs, registered, (0, 1, 2))["status"] == "complete"
 
 
+def test_a_claim_pairs_seed_by_seed_each_seed_on_one_machine(registered):
+  """Protocol section 4 (machine changes): seeds 0-1 ran both arms on one machine, seed 2 on
+  another: complete, with two blocks, and the differences are those of each seed's own pair."""
+  base = {"code_commit": "abc", "cpu_model": "AMD EPYC", "commit": "abc", "dirty": False}
+  zen5 = {**base, "cpu_id": "AuthenticAMD family 26 model 2 stepping 1; avx2 avx512f"}
+  zen4 = {**base, "cpu_id": "AuthenticAMD family 25 model 17 stepping 1; avx2 avx512f"}
+  runs = [r for r in _runs({"ce_seq": [11.0, 12.5, 10.0], "er_seq": [10.0, 10.5, 7.0]}, zen5)
+          if r["seed"] < 2] + [r for r in _runs({"ce_seq": [0, 0, 10.0], "er_seq": [0, 0, 7.0]},
+                                                zen4) if r["seed"] == 2]
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "complete" and r["d"] == [1.0, 2.0, 3.0]
+  assert r["blocks"] == [{"code": "abc", "cpu_model": "AMD EPYC", "cpu_id": zen5["cpu_id"],
+                          "seeds": [0, 1]},
+                         {"code": "abc", "cpu_model": "AMD EPYC", "cpu_id": zen4["cpu_id"],
+                          "seeds": [2]}]
+  assert natural_images._blocks_lines([r]) == [
+      "", "Claims whose seeds ran on several machines (each seed's pair on one):",
+      f"* {registered.text}: seeds [0, 1] on {zen5['cpu_id']} (code abc); "
+      f"seeds [2] on {zen4['cpu_id']} (code abc)"]
+  # seed 2's er_seq run moves to the first machine: that seed's pair is split, the claim unpaired
+  runs[-1] = {**runs[-1], "provenance": zen5}
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "unpaired" and r["unpaired_seeds"] == [2] and "d" not in r
+  # a run of a checkout recorded before cpu_id existed counts as the machine its continuation
+  # checks reproduced it on (the generation alone): it pairs with a run recorded there, not
+  # with one of another generation
+  bf = {"code_commit": "abc", "cpu_model": "AMD EPYC", "dirty": False,
+        "commit": next(iter(natural_images.LEGACY_CPU_IDS))}
+  assert natural_images.machine(bf) == "AuthenticAMD family 26 model 2 stepping 1"
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, bf) + _runs({"er_seq": [0.0, 1.0, 1.0]}, zen5)
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "complete" and r["blocks"][0]["cpu_id"] == zen5["cpu_id"]
+  runs = _runs({"ce_seq": [1.0, 2.0, 3.0]}, bf) + _runs({"er_seq": [0.0, 1.0, 1.0]}, zen4)
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "unpaired" and r["unpaired_seeds"] == [0, 1, 2]
+  assert not natural_images.same_machine(zen5["cpu_id"], zen5["cpu_id"] + " avx512_bf16")
+
+
 def test_registry_is_consistent_with_the_studies():
   ids = claims.by_id()
   assert len(ids) == len(claims.REGISTRY)
@@ -682,6 +720,7 @@ def test_verify_reruns_a_recorded_run_and_names_every_difference(tmp_path, monke
   (check,) = natural_images.verify("class_il_recipes", arm, sel, [0], args, lambda s: None)
   assert check["equal"] and check["differences"] == {}
   assert check["recorded"] == ["aaa", "AMD EPYC"] and check["rerun"] == ["bbb", "AMD EPYC"]
+  assert check["cpu_ids"] == [None, None]  # neither record names its generation
   outcome["m"] = {**_metrics(40.0), "task_il": {"final_accuracy": 90.5}, "provenance": new}
   (check,) = natural_images.verify("class_il_recipes", arm, sel, [0], args, lambda s: None)
   assert not check["equal"] and check["differences"] == {"task_il.final_accuracy": [90.0, 90.5]}
@@ -700,7 +739,9 @@ def test_every_code_equivalence_is_backed_by_an_exact_rerun():
       with open(os.path.join(os.path.dirname(STUDIES), "docs", "results", name)) as f:
         checks += json.load(f)["checks"]
   for new, old in natural_images.EQUIVALENT_CODE.items():
-    mine = [c for c in checks if c["rerun"][0] == new and c["recorded"][0] == old]
+    # a check on another machine than the record's says nothing about the code (protocol 4)
+    mine = [c for c in checks if c["rerun"][0] == new and c["recorded"][0] == old
+            and natural_images.same_machine(*c.get("cpu_ids", (None, None)))]
     assert mine and all(c["equal"] for c in mine), (new, old)
 
 
