@@ -520,9 +520,11 @@ def _own_value(arm: Arm, sel: Dict[str, Any]) -> Any:
 
 
 def recorded_runs(path: str, keys: Dict[str, Any],
-                  selected: Dict[str, Any]) -> Dict[Tuple[str, int], Dict[str, Any]]:
+                  selected: Dict[str, Any]) -> Dict[Tuple[str, int], List[Dict[str, Any]]]:
   """The final runs recorded in a study's results JSON (``path``, written by :func:`report`)
-  whose arm was run at the values selected now: ``{(arm, seed): record}``.
+  whose arm was run at the values selected now: ``{(arm, seed): [record, ...]}``, one record per
+  block (:func:`block`: a seed's run re-run on another machine is kept beside the first, protocol
+  section 4), in the file's order.
 
   A study spans sessions on a small machine and run folders are not kept, so the committed
   records stand in for runs whose folder is gone; a run recorded under another selection
@@ -530,13 +532,26 @@ def recorded_runs(path: str, keys: Dict[str, Any],
   """
   data = _read_json(path)
   old_sel = data.get("selected", {})
-  out = {}
+  out: Dict[Tuple[str, int], List[Dict[str, Any]]] = {}
   for r in data.get("runs", ()):  # a record's own settings, else the file's selection (older files)
     arm, now, then = r["arm"], selected.get(r["arm"]), r.get("settings") or old_sel.get(r["arm"])
     if arm in keys and now and then and all(
         now.get(k) == then.get(k) for k in ("learning_rate", keys[arm]) if k):
-      out[(arm, r["seed"])] = r
+      _add_run(out.setdefault((arm, r["seed"]), []), r)
   return out
+
+
+def block(prov: Optional[Dict[str, Any]]) -> Tuple[str, str, Optional[str]]:
+  """The block a run belongs to: ``(code version, CPU model, cpu_id)`` (:func:`code_version`,
+  :func:`machine`); a claim pairs the runs of one seed within one block (protocol section 4)."""
+  return (*code_version(prov), machine(prov))
+
+
+def _add_run(records: List[Dict[str, Any]], rec: Dict[str, Any]) -> None:
+  """Appends ``rec`` to the records of one (arm, seed) unless one of its block is there (the same
+  run read again, e.g. a shared arm's record copied into the sharing study's file)."""
+  if all(block(r.get("provenance")) != block(rec.get("provenance")) for r in records):
+    records.append(rec)
 
 
 PROVENANCE_KEYS = ("code_commit", "commit", "cpu_model", "cpu_id", "dirty")
@@ -632,12 +647,17 @@ def _record(arm: Arm, seed: int, wd: str, m: Dict[str, Any], sel: Dict[str, Any]
                                             "wall_time_s")}}
 
 
-def _recorded(study: str, selected: Dict[str, Any], args) -> Dict[Tuple[str, int], Dict]:
-  """The final runs recorded for ``study`` at the ``selected`` values: those of the study whose
-  runs it shares first, its own records win (:func:`recorded_runs`)."""
+def _recorded(study: str, selected: Dict[str, Any], args) -> Dict[Tuple[str, int], List[Dict]]:
+  """The final runs recorded for ``study`` at the ``selected`` values (:func:`recorded_runs`):
+  those of the study whose runs it shares first, then its own (a run of a block already there is
+  the same run)."""
   keys = {a.name: ",".join(_keys(a)) or None for a in study_arms(args.dataset, study)}
-  return {**recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys, selected),
-          **recorded_runs(_out(args, study), keys, selected)}
+  out = recorded_runs(_out(args, STUDIES[study].get("runs_under", study)), keys, selected)
+  if STUDIES[study].get("runs_under", study) != study:
+    for key, recs in recorded_runs(_out(args, study), keys, selected).items():
+      for r in recs:
+        _add_run(out.setdefault(key, []), r)
+  return out
 
 
 def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequence[int], args,
@@ -645,26 +665,26 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
   """Every arm of the study at its selected values for ``seeds``: ``arms`` are trained where
   needed; the other arms' finished runs (same settings) and the runs recorded in the committed
   ``<out>/<dataset>_<study>.json`` at the same selected values are kept without training, so a
-  report never drops runs an earlier call committed. One record per finished run."""
+  report never drops runs an earlier call committed. One record per finished run (an (arm, seed)
+  may have several, one per block: with ``args.pair_here`` the ``arms`` whose run of a seed was
+  recorded on another machine or code train it again here, protocol section 4)."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   every = study_arms(args.dataset, study)
   prior = {} if args.fresh else _recorded(study, selected, args)
   for seed in seeds:  # seed-major: an interrupted phase has every arm at the first seeds
     for arm in every:
-      r = _final_one(study, arm, seed, selected, prior, args, log,
-                     train and arm.name in names and args.phase != "report")
-      if r is not None:
-        runs.append(r)
+      runs += _final_one(study, arm, seed, selected, prior, args, log,
+                         train and arm.name in names and args.phase != "report")
   return runs
 
 
-def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[Dict[str, Any]]:
+def _final_one(study, arm, seed, selected, prior, args, log, train) -> List[Dict[str, Any]]:
   sel = selected.get(arm.name)
   if sel is None or "learning_rate" not in sel:  # not tuned, or its tuning runs not all done
     if train:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
-    return None
+    return []
   value = _own_value(arm, sel)
   twin = same_run_as(study, arm, value, args)
   if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
@@ -674,10 +694,14 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[
                     "final", src, f"seed{seed}")
   cfg = natural_config(arm, seed, args, sel["learning_rate"], value)
   finished = os.path.exists(os.path.join(wd, "metrics.json")) and _saved_as(wd, cfg)
-  if not finished and (src, seed) in prior:
-    return {**prior[(src, seed)], "arm": arm.name}  # committed earlier, same settings
+  earlier = [{**r, "arm": arm.name} for r in prior.get((src, seed), ())]  # same settings
+  here = block(provenance_lib.provenance())
+  if earlier and not finished and not (
+      train and getattr(args, "pair_here", False)
+      and all(block(r.get("provenance")) != here for r in earlier)):
+    return earlier
   if not train and not finished:
-    return None
+    return earlier
   t = time.time()
   m = run_one(cfg, wd) if train else _read_json(os.path.join(wd, "metrics.json"))
   rec = _record(arm, seed, wd, m, sel)
@@ -686,17 +710,20 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> Optional[
         f"{m['task_il']['final_accuracy']:.2f} ({time.time() - t:.0f}s)")
     if args.phase in ("final", "all"):  # pilot runs go to the pilot's own file, not the study's
       _persist(study, rec, args)
-  return rec
+  out = list(earlier)
+  _add_run(out, rec)
+  return out
 
 
 def _persist(study: str, rec: Dict[str, Any], args) -> None:
   """Adds one finished final run to ``<out>/<dataset>_<study>.json`` at once (replacing an
-  earlier record of the same arm and seed), so a study stopped mid-phase keeps every finished
-  run in the committed file; the report rewrites the file whole."""
+  earlier record of the same arm, seed and block, :func:`block`), so a study stopped mid-phase
+  keeps every finished run in the committed file; the report rewrites the file whole."""
   path = _out(args, study)
   data = _read_json(path)
-  data["runs"] = [r for r in data.get("runs", ()) if (r["arm"], r["seed"]) !=
-                  (rec["arm"], rec["seed"])] + [rec]
+  key = (rec["arm"], rec["seed"], block(rec.get("provenance")))
+  data["runs"] = [r for r in data.get("runs", ())
+                  if (r["arm"], r["seed"], block(r.get("provenance"))) != key] + [rec]
   _write_json(path, data)
 
 
@@ -735,7 +762,7 @@ def verify(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequenc
       if sel is None or "learning_rate" not in sel or (arm.name, seed) not in prior:
         raise KeyError(f"{arm.name} has no recorded final run at seed {seed} to verify "
                        f"(recorded: {sorted(s for a, s in prior if a == arm.name)})")
-      rec = prior[(arm.name, seed)]
+      rec = prior[(arm.name, seed)][0]  # the first recorded (a later one: another block)
       wd = os.path.join(args.workdir_root, args.dataset, study, "verify", arm.name, f"seed{seed}")
       if os.path.exists(wd):  # verify's own scratch run: never read back, this machine trains it
         shutil.rmtree(wd)
@@ -811,26 +838,61 @@ def compare(runs: List[Dict[str, Any]], claim: claims_lib.Claim,
   # pairing is seed by seed (protocol section 4, machine changes): a seed's runs form one block
   # (code version, cpu_id); different seeds may come from different blocks
   blocks: Dict[Tuple[str, str, Optional[str]], List[int]] = {}
-  split = []
+  split, picked = [], []
   for seed in seed_set:
-    rs = [r for r in mine if r["seed"] == seed]
-    codes = {code_version(r.get("provenance")) for r in rs}
-    cpus = [machine(r.get("provenance")) for r in rs]
-    if len(codes) > 1 or not all(same_machine(a, b) for a in cpus for b in cpus):
+    got = _pick_seed([r for r in mine if r["seed"] == seed], arms)
+    if got is None:
       split.append(seed)
       continue
-    cpu = max(cpus, key=lambda c: len(c or ""))  # the most specific record
-    blocks.setdefault((*next(iter(codes)), cpu), []).append(seed)
+    picked += got
+    cpu = max((machine(r.get("provenance")) for r in got), key=lambda c: len(c or ""))
+    blocks.setdefault((*code_version(got[0].get("provenance")), cpu), []).append(seed)
   out["blocks"] = [{"code": k[0], "cpu_model": k[1], "cpu_id": k[2], "seeds": v}
                    for k, v in blocks.items()]
   if split:
     out.update(status="unpaired", unpaired_seeds=split)
     return out
+  pair = claims_lib.paired_scores(claim, claim_scores(picked, claim), seed_set)
   a, b = pair
   d = stats.paired_differences(a, b)
   out.update(stats.paired_t_interval(a, b))
   out["bootstrap"] = list(stats.paired_bootstrap_interval(a, b))
   out["d"] = [float(x) for x in d]
+  return out
+
+
+def _same_block(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+  """Whether two run records may pair: the same code version and :func:`same_machine`."""
+  pa, pb = a.get("provenance"), b.get("provenance")
+  return code_version(pa) == code_version(pb) and same_machine(machine(pa), machine(pb))
+
+
+def _pick_seed(rs: List[Dict[str, Any]], arms: Sequence[str]) -> Optional[List[Dict[str, Any]]]:
+  """The runs of one seed that a claim over ``arms`` pairs: one per arm, all of one block. With
+  runs of several blocks (a seed re-run on another machine, ``--pair-here``) the first run in
+  record order that completes a block anchors it (the earlier record wins: a fixed rule, not a
+  choice after seeing the numbers). None: no block holds every arm (the seed is unpaired)."""
+  for anchor in rs:
+    got: List[Dict[str, Any]] = []
+    for a in arms:
+      r = next((r for r in rs if r["arm"] == a and _same_block(r, anchor)
+                and all(_same_block(r, g) for g in got)), None)
+      if r is None:
+        break
+      got.append(r)
+    else:
+      return got
+  return None
+
+
+def first_runs(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """One record per (arm, seed), the first (the per-arm summaries: a run re-run on another
+  machine for pairing is not a second sample)."""
+  seen, out = set(), []
+  for r in runs:
+    if (r["arm"], r["seed"]) not in seen:
+      seen.add((r["arm"], r["seed"]))
+      out.append(r)
   return out
 
 
@@ -890,7 +952,7 @@ def _report_head(study, arms, selected, runs, seed_set, args) -> List[str]:
            f"{seed_set} (test images).", "", setup_line(arms, selected, args), "",
            head, "|---" * head.count(" | ") + "|---|"]
   for arm in arms:
-    rs = [r for r in runs if r["arm"] == arm.name and r["seed"] in seed_set]
+    rs = [r for r in first_runs(runs) if r["arm"] == arm.name and r["seed"] in seed_set]
     if not rs:
       continue
     ms = [r["metrics"] for r in rs]
@@ -1039,6 +1101,10 @@ def _parse(argv):
   p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                  help="any other config value for every run (repeatable; e.g. a smoke test with "
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
+  p.add_argument("--pair-here", action="store_true",
+                 help="phase final: train the --arms' runs of the seeds again on this machine "
+                 "and code where their recorded run came from another (a claim pairs each seed "
+                 "within one machine, protocol section 4); the earlier record stays")
   p.add_argument("--fresh", action="store_true",
                  help="do not reuse runs recorded in <out>/<dataset>_<study>.json or tuning "
                  "scores recorded in the selected JSON")
@@ -1087,7 +1153,7 @@ def plan(study: str, arms: List[Arm], args) -> str:
     left += n_tune - tune_done + len(seeds) - final_done
     lines.append(f"  {arm.name}: tune {tune_done}/{n_tune}, final {final_done}/{len(seeds)}"
                  + ("" if "learning_rate" in prior else " (not selected yet)"))
-  walls = [r["metrics"]["wall_time_s"] for r in recorded.values()
+  walls = [r["metrics"]["wall_time_s"] for recs in recorded.values() for r in recs
            if r["metrics"].get("wall_time_s")]
   cost = (f"~{left * float(np.median(walls)) / 3600:.1f} CPU-hours at the recorded median "
           f"{float(np.median(walls)) / 60:.1f} min per run" if walls else

@@ -275,6 +275,63 @@ def test_a_claim_pairs_seed_by_seed_each_seed_on_one_machine(registered):
   assert not natural_images.same_machine(zen5["cpu_id"], zen5["cpu_id"] + " avx512_bf16")
 
 
+def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_record(
+    tmp_path, monkeypatch, registered):
+  """Protocol section 4 (machine changes): ce_seq's seeds were recorded on machine A (er_seq's
+  seed 0 too); this machine B trains er_seq's seeds 1-2. Without --pair-here seeds 1-2 are
+  unpaired; with it the runs recorded on A train again here, both records are kept, and each
+  seed pairs within the first block that holds both arms (seed 0: A; seeds 1-2: B)."""
+  code = {"code_commit": "abc", "commit": "abc", "cpu_model": "AMD EPYC", "dirty": False}
+  a = {**code, "cpu_id": "AuthenticAMD family 26 model 2 stepping 1; avx2 avx512f"}
+  b = {**code, "cpu_id": "AuthenticAMD family 25 model 17 stepping 1; avx2 avx512f"}
+  sel = {"ce_seq": {"learning_rate": 1e-3}, "er_seq": {"learning_rate": 3e-3}}
+  rec = lambda arm, seed, acc, prov: {  # noqa: E731
+      "arm": arm, "seed": seed, "workdir": f"runs/{arm}/seed{seed}", "provenance": prov,
+      "settings": sel[arm], "metrics": _metrics(acc)}
+  (tmp_path / "cifar10_class_il_recipes.json").write_text(json.dumps({"selected": sel, "runs": [
+      rec("ce_seq", s, 40.0 + s, a) for s in range(3)] + [rec("er_seq", 0, 38.0, a)]}))
+  monkeypatch.setattr(natural_images.provenance_lib, "provenance", lambda: b)
+  trained = []
+
+  def run_here(cfg, wd):
+    trained.append((cfg.method.name, cfg.seed))
+    return {**_metrics(30.0 + cfg.seed + (cfg.method.name != "er")), "provenance": b}
+
+  monkeypatch.setattr(natural_images, "run_one", run_here)
+  arms = [x for x in natural_images.study_arms("cifar10", "class_il_recipes")
+          if x.name in ("ce_seq", "er_seq")]
+  er = [x for x in arms if x.name == "er_seq"]
+  runs = natural_images.run_seeds("class_il_recipes", er, sel, [0, 1, 2],
+                                  _args(tmp_path, phase="final"), lambda m: None)
+  assert trained == [("er", 1), ("er", 2)]  # er_seq's missing seeds only
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "unpaired" and r["unpaired_seeds"] == [1, 2]
+  trained.clear()
+  runs = natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2],
+                                  _args(tmp_path, phase="final", pair_here=True), lambda m: None)
+  # every run of these arms recorded on A only trains here: ce_seq 0-2 and er_seq 0
+  assert sorted(trained) == [("er", 0), ("sequential", 0), ("sequential", 1), ("sequential", 2)]
+  saved = json.loads((tmp_path / "cifar10_class_il_recipes.json").read_text())["runs"]
+  assert sorted((x["arm"], x["seed"], x["provenance"] == a) for x in saved) == [
+      ("ce_seq", 0, False), ("ce_seq", 0, True), ("ce_seq", 1, False), ("ce_seq", 1, True),
+      ("ce_seq", 2, False), ("ce_seq", 2, True), ("er_seq", 0, False), ("er_seq", 0, True),
+      ("er_seq", 1, False), ("er_seq", 2, False)]
+  r = natural_images.compare(runs, registered, (0, 1, 2))
+  assert r["status"] == "complete"
+  # seed 0: A's pair (40 - 38, the first block holding both); seeds 1-2: B's (31 + s - (30 + s))
+  assert r["d"] == [2.0, 1.0, 1.0]
+  assert [(x["cpu_id"], x["seeds"]) for x in r["blocks"]] == [(a["cpu_id"], [0]),
+                                                               (b["cpu_id"], [1, 2])]
+  # the per-arm summaries count each seed once: the first record
+  assert [x["metrics"]["final_accuracy"] for x in natural_images.first_runs(runs)
+          if x["arm"] == "ce_seq"] == [40.0, 41.0, 42.0]
+  # a later call trains nothing: every (arm, seed) has its run here
+  trained.clear()
+  natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2],
+                           _args(tmp_path, phase="final", pair_here=True), lambda m: None)
+  assert trained == []
+
+
 def test_registry_is_consistent_with_the_studies():
   ids = claims.by_id()
   assert len(ids) == len(claims.REGISTRY)
@@ -466,7 +523,8 @@ def test_recorded_runs_reused_only_at_the_same_selection(tmp_path):
   path.write_text(json.dumps({"selected": sel, "runs": runs}))
   keys = {"ce": None, "der": "method.alpha"}
   got = natural_images.recorded_runs(str(path), keys, sel)
-  assert sorted(got) == [("ce", 0), ("der", 0)] and got[("ce", 0)]["metrics"]["final_accuracy"] == 40
+  assert sorted(got) == [("ce", 0), ("der", 0)]
+  assert got[("ce", 0)][0]["metrics"]["final_accuracy"] == 40
   changed = {"ce": {"learning_rate": 3e-3}, "der": {"learning_rate": 3e-4, "method.alpha": 1.0}}
   assert natural_images.recorded_runs(str(path), keys, changed) == {}
   assert natural_images.recorded_runs(str(tmp_path / "none.json"), keys, sel) == {}
