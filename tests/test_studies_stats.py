@@ -330,6 +330,17 @@ def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_re
   natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2],
                            _args(tmp_path, phase="final", pair_here=True), lambda m: None)
   assert trained == []
+  # on machine A, whose runs of before cpu_id name its generation alone, nothing trains either
+  gen_a = a["cpu_id"].split(";")[0]
+  for x in saved:
+    if x["provenance"] == a:
+      x["provenance"] = {**a, "cpu_id": gen_a}
+  (tmp_path / "cifar10_class_il_recipes.json").write_text(json.dumps({"selected": sel,
+                                                                       "runs": saved}))
+  monkeypatch.setattr(natural_images.provenance_lib, "provenance", lambda: a)
+  natural_images.run_seeds("class_il_recipes", arms, sel, [0], _args(tmp_path, phase="final",
+                                                                    pair_here=True), lambda m: None)
+  assert trained == []
 
 
 def test_registry_is_consistent_with_the_studies():
