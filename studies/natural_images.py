@@ -1031,6 +1031,14 @@ def setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
                       for a in arms if "own_grid_reduced_to" in selected.get(a.name, {}))
   edges = ", ".join(f"{a.name} ({'/'.join(selected[a.name]['still_at_edge'])})" for a in arms
                     if selected.get(a.name, {}).get("still_at_edge"))
+  # tuning that went on on another machine (protocol section 4): how many scores name theirs
+  moved = ", ".join(
+      f"{a.name} {sum(len(v) for v in ids.values())} of "
+      f"{sum(len(v) for v in selected[a.name].get('tune_scores', {}).values())} scores on "
+      f"{len({c for v in ids.values() for c in v.values()})} recorded machine(s)"
+      for a in arms for ids in [selected.get(a.name, {}).get("tune_cpu_ids")] if ids)
+  moved = ("; tuning by machine (tune_cpu_ids; the other scores: the machine of the records, "
+           "before 2026-12-07): " + moved) if moved else ""
   caveat = (" Tiny-ImageNet's images come from ImageNet's training set, on which the Lite0 "
             "weights were pretrained: the frozen features already separate these classes."
             if args.dataset == "tiny_imagenet" else "")
@@ -1040,8 +1048,8 @@ def setup_line(arms: List[Arm], selected: Dict[str, Any], args) -> str:
           f"task, batch {c.train.batch_size}; tuning seeds {seeds}"
           f"{' (the protocol: [100, 101])' if seeds != [100, 101] else ''}"
           f"{'; ' + reduced if reduced else ''}"
-          f"{'; picks still at a grid edge after one extension: ' + edges if edges else ''}."
-          + caveat)
+          f"{'; picks still at a grid edge after one extension: ' + edges if edges else ''}"
+          f"{moved}." + caveat)
 
 
 def pilot(study: str, arms: List[Arm], selected: Dict[str, Any], args, log) -> str:

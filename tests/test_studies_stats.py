@@ -704,6 +704,8 @@ def test_tuning_scores_are_recorded_as_they_finish(tmp_path, monkeypatch):
   assert rec["er_seq"]["tune_cpu_ids"] == {
       "lr0.0003": {"100": me, "101": me}, "lr0.001": {"100": me, "101": other},
       "lr0.003": {"100": other, "101": other}, "lr0.0001": {"100": other, "101": other}}
+  assert "tuning by machine" in natural_images.setup_line([arm], rec, args) and \
+      "er_seq 8 of 8 scores on 2 recorded machine(s)" in natural_images.setup_line([arm], rec, args)
 
 
 def test_claims_on_the_same_runs_but_another_metric_are_separate_tests(monkeypatch):
