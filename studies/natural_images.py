@@ -695,10 +695,9 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> List[Dict
   cfg = natural_config(arm, seed, args, sel["learning_rate"], value)
   finished = os.path.exists(os.path.join(wd, "metrics.json")) and _saved_as(wd, cfg)
   earlier = [{**r, "arm": arm.name} for r in prior.get((src, seed), ())]  # same settings
-  here = {"provenance": provenance_lib.provenance()}
   if earlier and not finished and not (
       train and getattr(args, "pair_here", False)
-      and not any(_same_block(r, here) for r in earlier)):
+      and not any(_same_block(r, {"provenance": provenance_lib.provenance()}) for r in earlier)):
     return earlier
   if not train and not finished:
     return earlier
