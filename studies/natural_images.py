@@ -667,7 +667,8 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
   ``<out>/<dataset>_<study>.json`` at the same selected values are kept without training, so a
   report never drops runs an earlier call committed. One record per finished run (an (arm, seed)
   may have several, one per block: with ``args.pair_here`` the ``arms`` whose run of a seed was
-  recorded on another machine or code train it again here, protocol section 4)."""
+  recorded on another machine or code train it again here where a claim needs it to pair,
+  :func:`pair_here_needed`; protocol section 4)."""
   runs: List[Dict[str, Any]] = []
   names = {a.name for a in arms}
   every = study_arms(args.dataset, study)
@@ -675,21 +676,60 @@ def run_seeds(study: str, arms: List[Arm], selected: Dict[str, Any], seeds: Sequ
   for seed in seeds:  # seed-major: an interrupted phase has every arm at the first seeds
     for arm in every:
       runs += _final_one(study, arm, seed, selected, prior, args, log,
-                         train and arm.name in names and args.phase != "report")
+                         train and arm.name in names and args.phase != "report", names)
   return runs
 
 
-def _final_one(study, arm, seed, selected, prior, args, log, train) -> List[Dict[str, Any]]:
+def _source(study: str, arm: Arm, selected: Dict[str, Any], args) -> str:
+  """The arm whose final runs are ``arm``'s at its selected values: its twin
+  (:func:`same_run_as`) where the twin was selected at the same learning rate, else itself."""
+  sel = selected.get(arm.name) or {}
+  twin = same_run_as(study, arm, _own_value(arm, sel), args) if "learning_rate" in sel else None
+  if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
+    twin = None  # the twin was selected at another lr: its final runs are other settings
+  return twin.name if twin else arm.name
+
+
+def pair_here_needed(study: str, arm: Arm, seed: int, selected: Dict[str, Any],
+                     prior: Dict[Tuple[str, int], List[Dict]], names: Sequence[str], args) -> bool:
+  """``--pair-here`` (protocol section 4): whether ``arm``'s run of ``seed``, recorded only on
+  another machine or code, trains again here. It does when a registered claim over ``arm`` does
+  not pair at ``seed`` in the recorded runs (``prior``, :func:`_pick_seed`) while each of the
+  claim's other arms trains in this call (``names``) or has its run of ``seed`` recorded on this
+  machine and code, so that training it here completes the claim's pair. A seed already paired
+  (e.g. every arm of its claims on the records' machine) is not trained twice, and a claim
+  whose partner has no run here and none coming does not make ``arm`` train.
+
+  Args:
+    prior: ``{(arm, seed): [record, ...]}`` (:func:`_recorded`); names: the arms trained now.
+  """
+  here = {"provenance": provenance_lib.provenance()}
+  by_name = {a.name: a for a in study_arms(args.dataset, study)}
+
+  def recs(name: str) -> List[Dict[str, Any]]:
+    a = by_name.get(name)
+    return [] if a is None else [{**r, "arm": name} for r in
+                                 prior.get((_source(study, a, selected, args), seed), ())]
+
+  for c in claims_lib.for_study(args.dataset, study):
+    arms = tuple(c.better) + tuple(c.worse)
+    if arm.name not in arms or not all(
+        a == arm.name or a in names or any(_same_block(r, here) for r in recs(a)) for a in arms):
+      continue
+    if _pick_seed([r for a in arms for r in recs(a)], arms) is None:
+      return True
+  return False
+
+
+def _final_one(study, arm, seed, selected, prior, args, log, train,
+               names: Sequence[str] = ()) -> List[Dict[str, Any]]:
   sel = selected.get(arm.name)
   if sel is None or "learning_rate" not in sel:  # not tuned, or its tuning runs not all done
     if train:
       raise KeyError(f"no selected values for arm {arm.name!r}: run --phase tune first")
     return []
   value = _own_value(arm, sel)
-  twin = same_run_as(study, arm, value, args)
-  if twin is not None and selected.get(twin.name, {}).get("learning_rate") != sel["learning_rate"]:
-    twin = None  # the twin was selected at another lr: its final runs are other settings
-  src = twin.name if twin else arm.name
+  src = _source(study, arm, selected, args)
   wd = os.path.join(args.workdir_root, args.dataset, STUDIES[study].get("runs_under", study),
                     "final", src, f"seed{seed}")
   cfg = natural_config(arm, seed, args, sel["learning_rate"], value)
@@ -697,7 +737,8 @@ def _final_one(study, arm, seed, selected, prior, args, log, train) -> List[Dict
   earlier = [{**r, "arm": arm.name} for r in prior.get((src, seed), ())]  # same settings
   if earlier and not finished and not (
       train and getattr(args, "pair_here", False)
-      and not any(_same_block(r, {"provenance": provenance_lib.provenance()}) for r in earlier)):
+      and not any(_same_block(r, {"provenance": provenance_lib.provenance()}) for r in earlier)
+      and pair_here_needed(study, arm, seed, selected, prior, names or (arm.name,), args)):
     return earlier
   if not train and not finished:
     return earlier
@@ -1110,8 +1151,10 @@ def _parse(argv):
                  "--set model.name=tiny_cnn --set model.pretrained=False)")
   p.add_argument("--pair-here", action="store_true",
                  help="phase final: train the --arms' runs of the seeds again on this machine "
-                 "and code where their recorded run came from another (a claim pairs each seed "
-                 "within one machine, protocol section 4); the earlier record stays")
+                 "and code where their recorded run came from another and a claim needs it to "
+                 "pair that seed with the --arms trained here (a claim pairs each seed within "
+                 "one machine, protocol section 4; a seed already paired is not re-run); the "
+                 "earlier record stays")
   p.add_argument("--fresh", action="store_true",
                  help="do not reuse runs recorded in <out>/<dataset>_<study>.json or tuning "
                  "scores recorded in the selected JSON")

@@ -279,8 +279,9 @@ def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_re
     tmp_path, monkeypatch, registered):
   """Protocol section 4 (machine changes): ce_seq's seeds were recorded on machine A (er_seq's
   seed 0 too); this machine B trains er_seq's seeds 1-2. Without --pair-here seeds 1-2 are
-  unpaired; with it the runs recorded on A train again here, both records are kept, and each
-  seed pairs within the first block that holds both arms (seed 0: A; seeds 1-2: B)."""
+  unpaired; with it the runs recorded on A that a claim needs to pair train again here (ce_seq
+  1-2; seed 0 already pairs on A and is not re-run), both records are kept, and each seed pairs
+  within the first block that holds both arms (seed 0: A; seeds 1-2: B)."""
   code = {"code_commit": "abc", "commit": "abc", "cpu_model": "AMD EPYC", "dirty": False}
   a = {**code, "cpu_id": "AuthenticAMD family 26 model 2 stepping 1; avx2 avx512f"}
   b = {**code, "cpu_id": "AuthenticAMD family 25 model 17 stepping 1; avx2 avx512f"}
@@ -309,12 +310,12 @@ def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_re
   trained.clear()
   runs = natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2],
                                   _args(tmp_path, phase="final", pair_here=True), lambda m: None)
-  # every run of these arms recorded on A only trains here: ce_seq 0-2 and er_seq 0
-  assert sorted(trained) == [("er", 0), ("sequential", 0), ("sequential", 1), ("sequential", 2)]
+  # the runs recorded on A that seeds 1-2 need here train: ce_seq 1-2 (seed 0 pairs on A)
+  assert sorted(trained) == [("sequential", 1), ("sequential", 2)]
   saved = json.loads((tmp_path / "cifar10_class_il_recipes.json").read_text())["runs"]
   assert sorted((x["arm"], x["seed"], x["provenance"] == a) for x in saved) == [
-      ("ce_seq", 0, False), ("ce_seq", 0, True), ("ce_seq", 1, False), ("ce_seq", 1, True),
-      ("ce_seq", 2, False), ("ce_seq", 2, True), ("er_seq", 0, False), ("er_seq", 0, True),
+      ("ce_seq", 0, True), ("ce_seq", 1, False), ("ce_seq", 1, True),
+      ("ce_seq", 2, False), ("ce_seq", 2, True), ("er_seq", 0, True),
       ("er_seq", 1, False), ("er_seq", 2, False)]
   r = natural_images.compare(runs, registered, (0, 1, 2))
   assert r["status"] == "complete"
@@ -325,7 +326,7 @@ def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_re
   # the per-arm summaries count each seed once: the first record
   assert [x["metrics"]["final_accuracy"] for x in natural_images.first_runs(runs)
           if x["arm"] == "ce_seq"] == [40.0, 41.0, 42.0]
-  # a later call trains nothing: every (arm, seed) has its run here
+  # a later call trains nothing: every seed pairs
   trained.clear()
   natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2],
                            _args(tmp_path, phase="final", pair_here=True), lambda m: None)
@@ -341,6 +342,20 @@ def test_pair_here_reruns_a_seeds_partner_on_this_machine_and_keeps_the_first_re
   natural_images.run_seeds("class_il_recipes", arms, sel, [0], _args(tmp_path, phase="final",
                                                                     pair_here=True), lambda m: None)
   assert trained == []
+  # a third machine C with --pair-here for ce_seq alone: er_seq has no run on C and none is
+  # coming in this call, so nothing trains (re-running ce_seq there would pair nothing) ...
+  c = {**code, "cpu_id": "GenuineIntel family 6 model 143 stepping 8; avx2 avx512f"}
+  monkeypatch.setattr(natural_images.provenance_lib, "provenance", lambda: c)
+  ce = [x for x in arms if x.name == "ce_seq"]
+  natural_images.run_seeds("class_il_recipes", ce, sel, [0, 1, 2],
+                           _args(tmp_path, phase="final", pair_here=True), lambda m: None)
+  assert trained == []
+  # ... while a new seed 3 of er_seq trained on C makes its recorded ce_seq partner train there
+  (tmp_path / "cifar10_class_il_recipes.json").write_text(json.dumps({"selected": sel, "runs": (
+      saved + [rec("ce_seq", 3, 43.0, a)])}))
+  natural_images.run_seeds("class_il_recipes", arms, sel, [0, 1, 2, 3],
+                           _args(tmp_path, phase="final", pair_here=True), lambda m: None)
+  assert trained == [("sequential", 3), ("er", 3)]
 
 
 def test_registry_is_consistent_with_the_studies():
