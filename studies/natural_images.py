@@ -690,6 +690,12 @@ def _source(study: str, arm: Arm, selected: Dict[str, Any], args) -> str:
   return twin.name if twin else arm.name
 
 
+def _recorded_here(records: Sequence[Dict[str, Any]]) -> bool:
+  """Whether one of ``records`` ran on this machine and code (:func:`_same_block`)."""
+  here = {"provenance": provenance_lib.provenance()}
+  return any(_same_block(r, here) for r in records)
+
+
 def pair_here_needed(study: str, arm: Arm, seed: int, selected: Dict[str, Any],
                      prior: Dict[Tuple[str, int], List[Dict]], names: Sequence[str], args) -> bool:
   """``--pair-here`` (protocol section 4): whether ``arm``'s run of ``seed``, recorded only on
@@ -703,7 +709,6 @@ def pair_here_needed(study: str, arm: Arm, seed: int, selected: Dict[str, Any],
   Args:
     prior: ``{(arm, seed): [record, ...]}`` (:func:`_recorded`); names: the arms trained now.
   """
-  here = {"provenance": provenance_lib.provenance()}
   by_name = {a.name: a for a in study_arms(args.dataset, study)}
 
   def recs(name: str) -> List[Dict[str, Any]]:
@@ -714,7 +719,7 @@ def pair_here_needed(study: str, arm: Arm, seed: int, selected: Dict[str, Any],
   for c in claims_lib.for_study(args.dataset, study):
     arms = tuple(c.better) + tuple(c.worse)
     if arm.name not in arms or not all(
-        a == arm.name or a in names or any(_same_block(r, here) for r in recs(a)) for a in arms):
+        a == arm.name or a in names or _recorded_here(recs(a)) for a in arms):
       continue
     if _pick_seed([r for a in arms for r in recs(a)], arms) is None:
       return True
@@ -737,7 +742,7 @@ def _final_one(study, arm, seed, selected, prior, args, log, train,
   earlier = [{**r, "arm": arm.name} for r in prior.get((src, seed), ())]  # same settings
   if earlier and not finished and not (
       train and getattr(args, "pair_here", False)
-      and not any(_same_block(r, {"provenance": provenance_lib.provenance()}) for r in earlier)
+      and not _recorded_here(earlier)
       and pair_here_needed(study, arm, seed, selected, prior, names or (arm.name,), args)):
     return earlier
   if not train and not finished:
