@@ -555,8 +555,9 @@ def restore_or_init(exp: Experiment, ckpt: TaskCheckpointer, workdir: str
 def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_in_task: int,
           finished: bool, epoch: int = 0) -> None:
   """Checkpoint ``checkpoint_id(global_step, finished)`` with the progress as metadata."""
-  meta = {"accuracy_matrix": _nan_to_none(prog.R),
-          "task_il_accuracy_matrix": _nan_to_none(prog.R_task),
+  # unrounded (``decimals=None``): a resume restores these, and must equal an uninterrupted run
+  meta = {"accuracy_matrix": _nan_to_none(prog.R, None),
+          "task_il_accuracy_matrix": _nan_to_none(prog.R_task, None),
           "class_order": list(exp.scenario.class_order), "config": exp.config_json,
           "class_names": [exp.ds.class_names[c] for c in exp.scenario.class_order],
           "entropy_end_of_task": prog.entropy_end,
@@ -567,8 +568,8 @@ def _save(exp: Experiment, prog: Progress, ckpt: TaskCheckpointer, t: int, step_
   if exp.config.eval.knn_k:
     meta["knn_accuracy"] = prog.knn_acc
   if prog.V is not None:
-    meta["val_accuracy_matrix"] = _nan_to_none(prog.V)
-    meta["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task)
+    meta["val_accuracy_matrix"] = _nan_to_none(prog.V, None)
+    meta["val_task_il_accuracy_matrix"] = _nan_to_none(prog.V_task, None)
   host = exp.dev.unreplicate(prog.state)
   # A snapshot: the save is asynchronous, and the live lists (entropy_end, knn_acc) grow at the
   # task's end, which would let a mid-task checkpoint record the next finished task's entry.
@@ -979,8 +980,10 @@ def evaluate_ood(config, eval_step, state, frozen, ds, test_labels, test_idx, sc
   return out
 
 
-def _nan_to_none(R: np.ndarray) -> List[List[Optional[float]]]:
-  return [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in R]
+def _nan_to_none(R: np.ndarray, decimals: Optional[int] = 4) -> List[List[Optional[float]]]:
+  """``[T, T]`` matrix -> JSON lists, NaN -> None, rounded to ``decimals`` (None: exact)."""
+  return [[None if np.isnan(v) else (float(v) if decimals is None else round(float(v), decimals))
+           for v in row] for row in R]
 
 
 def report(result: Dict[str, Any]) -> str:
