@@ -571,6 +571,10 @@ EQUIVALENT_CODE: Dict[str, str] = {
     # provenance records cpu_id: ce_seq seed 0 re-ran every recorded number equal on the machine
     # of the record (2026-12-07, AMD family 26 model 2).
     "a8961ee247149fe9948bf7c7774f402a79dc3f4a": "d4e2e4f9ed9f0bce90e8ffbb3db3adc60d84e8c7",
+    # checkpoints keep the accuracy matrices unrounded (a resume's summaries): class_il_recipes
+    # er_seq seed 6, an uninterrupted a8961ee run, re-ran every number equal on the machine of
+    # the record (2026-12-07, AMD family 25 model 17).
+    "dcb256e15547388923fee09f8b2f11bb5214976a": "a8961ee247149fe9948bf7c7774f402a79dc3f4a",
 }
 # Checkout commits whose runs recorded ``dirty: True`` before provenance's "dirty" looked at the
 # code paths alone (cft_jax/provenance.py, 2026-12-06): the worktree they ran from, fixed at that
@@ -609,12 +613,17 @@ def code_version(prov: Optional[Dict[str, Any]], equivalent: bool = True) -> Tup
   """``(code commit, CPU model)`` a run pairs on: its provenance record (a dirty checkout counts
   as its own version, but see :data:`RESULTS_ONLY_DIRTY`), or the legacy version for a run that
   has none (:data:`LEGACY_CODE`); with ``equivalent`` a commit listed in :data:`EQUIVALENT_CODE`
-  counts as the commit it computes the same numbers as."""
+  counts as the commit it computes the same numbers as, followed along the chain (each entry is
+  backed by a re-run against the commit it names, which may itself be listed)."""
   if not prov:
     return LEGACY_CODE, LEGACY_CPU
   code = prov.get("code_commit") or "unknown"
   dirty = prov.get("dirty") and prov.get("commit") not in RESULTS_ONLY_DIRTY
-  code = (EQUIVALENT_CODE.get(code, code) if equivalent else code) + ("+dirty" if dirty else "")
+  seen = {code}
+  while equivalent and EQUIVALENT_CODE.get(code, code) not in seen:
+    code = EQUIVALENT_CODE[code]
+    seen.add(code)
+  code += "+dirty" if dirty else ""
   return code, prov.get("cpu_model") or "unknown"
 
 

@@ -831,6 +831,16 @@ def test_every_code_equivalence_is_backed_by_an_exact_rerun():
     assert mine and all(c["equal"] for c in mine), (new, old)
 
 
+def test_code_equivalence_follows_its_chain(monkeypatch):
+  """c -> b (re-run equal against b's record) and b -> a: c's runs pair with a's and b's."""
+  monkeypatch.setattr(natural_images, "EQUIVALENT_CODE", {"c": "b", "b": "a"})
+  prov = lambda code: {"code_commit": code, "cpu_model": "AMD EPYC", "commit": code, "dirty": False}
+  assert [natural_images.code_version(prov(x))[0] for x in "abcd"] == ["a", "a", "a", "d"]
+  assert natural_images.code_version(prov("c"), equivalent=False)[0] == "c"
+  monkeypatch.setattr(natural_images, "EQUIVALENT_CODE", {"x": "y", "y": "x"})  # no endless loop
+  assert natural_images.code_version(prov("x"))[0] in ("x", "y")
+
+
 def test_runs_of_two_processor_generations_do_not_pair(registered):
   """The same code and model name ("AMD EPYC") but another recorded generation / instruction set
   is another machine; a run without the record (before 2026-12-06) pairs on the name alone."""
