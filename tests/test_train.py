@@ -92,8 +92,8 @@ def test_lora_init_equals_base_model():
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
 def test_resume_equals_uninterrupted(tmp_path):
-  # 30 test images per class: accuracies in steps of 1/60 (not exact at the 4 decimals of the
-  # displayed matrices), so a resume that restored rounded matrices would change the summaries
+  # 30 test images per task: accuracies in steps of 3.33 points (not exact at the 4 decimals of
+  # the displayed matrices), so a resume that restored rounded matrices would change the summaries
   full = train.run(tiny_config(**{"data.test_limit": 30}), str(tmp_path / "a"))
   # interrupted after 2 tasks, then the same command resumes
   part = train.run(tiny_config(**{"data.test_limit": 30, "train.stop_after_task": 2}),
