@@ -470,12 +470,19 @@ def _recorded_tune_score(prior: Dict[str, Any], name: str, seed: int) -> Optiona
 
 def _tune_one(study, arm, lr, value, seed, prior, args, log) -> float:
   """One tuning run's validation score: a recorded score (the selected JSON of an earlier call,
-  same setting and seed) or the run (trained, resumed or read back)."""
+  same setting and seed; for a setting that IS a fixed twin's (:func:`same_run_as`), the twin's
+  recorded score, whichever machine gave it) or the run (trained, resumed or read back)."""
   name = _setting_name(arm, lr, value)
-  recorded = _recorded_tune_score(prior, name, seed)
+  twin = same_run_as(study, arm, value, args)
+  recorded = None
+  if twin is not None and not args.fresh:  # the twin's score first: one setting, one score
+    recorded = _recorded_tune_score(
+        _read_json(_out(args, study, "_selected.json")).get(twin.name, {}),
+        _setting_name(twin, lr, None), seed)
+  if recorded is None:
+    recorded = _recorded_tune_score(prior, name, seed)
   if recorded is not None:
     return recorded
-  twin = same_run_as(study, arm, value, args)
   wd = os.path.join(args.workdir_root, args.dataset, STUDIES[study].get("runs_under", study),
                     "tune", *((twin.name, _setting_name(twin, lr, None)) if twin else
                               (arm.name, name)), f"seed{seed}")

@@ -532,6 +532,30 @@ def test_tuned_arm_reuses_its_fixed_twin_runs():
   assert natural_images.same_run_as("objectives", arms["ce_seq"], None, args) is None
 
 
+def test_tuned_arm_takes_its_twins_recorded_tuning_scores(tmp_path, monkeypatch):
+  """With the run folders gone (a new machine), aEPG tuned tau's tau-6 settings take aEPG tau 6's
+  recorded scores (one setting, one score; even over a score the arm recorded for itself) and
+  train only tau 2 and 12: 3 lrs x 2 taus x 2 seeds = 12 runs, none at tau 6."""
+  lrs = natural_images.LR_GRID
+  twin = {f"lr{lr:g}": {"100": v, "101": v + 1.0} for lr, v in zip(lrs, (30.0, 34.0, 31.0))}
+  own_stale = {"lr0.0003_tau6": {"100": 99.0}}
+  (tmp_path / "tiny_imagenet_objectives_selected.json").write_text(json.dumps({
+      "aepg_tau6_seq": {"learning_rate": 1e-3, "tune_scores": twin},
+      "aepg_seq": {"tune_scores": own_stale}}))
+  trained = []
+
+  def fake_score(cfg, wd):
+    trained.append((cfg.optim.learning_rate, cfg.loss.tau, cfg.seed))
+    return 10.0
+  monkeypatch.setattr(natural_images, "tune_score", fake_score)
+  args = _args(tmp_path, dataset="tiny_imagenet")
+  arm = {a.name: a for a in natural_images.study_arms("tiny_imagenet", "objectives")}["aepg_seq"]
+  sel = natural_images.tune("objectives", [arm], args, lambda s: None)["aepg_seq"]
+  assert len(trained) == 12 and all(tau != 6.0 for _, tau, _ in trained)
+  assert sel["tune_scores"]["lr0.0003_tau6"] == {"100": 30.0, "101": 31.0}
+  assert sel["learning_rate"] == 1e-3 and sel["loss.tau"] == 6.0  # the twin's best: 34 / 35
+
+
 # --- final runs and reports -------------------------------------------------------------------
 
 
